@@ -1,0 +1,256 @@
+"""Experiment configuration: frozen dataclasses, small Python config files, command-line overrides.
+
+A config file (``configs/*.py``) defines ``get_config() -> Config``. ``load(path, overrides)`` runs it
+and applies ``KEY=VALUE`` overrides such as ``reg.alpha=0.004`` or ``model.channels=(8,16)``. Every
+field is read somewhere and does what its comment says; an unknown key or a value of the wrong type is a
+``ValueError``/``KeyError`` naming it and listing what is valid (reference-semantics.md section 9.6).
+"""
+
+import ast
+import dataclasses
+import json
+import pathlib
+import runpy
+import typing
+from typing import Any
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class NeuronConfig:
+    """Spiking cell settings (reference-semantics.md section 2); stored with every checkpoint."""
+
+    tau: float = 0.5  # leak multiplier in (0, 1]; 1.0 gives an IF cell
+    vth: float = 1.0  # firing threshold
+    reset: str = "hard"  # "hard" (to zero) or "soft" (subtract vth)
+    surrogate: str = "triangle"  # surrogate gradient shape: triangle | sigmoid | arctan
+    width: float = 1.0  # surrogate width g
+
+    def __post_init__(self):
+        _check_choice("model.neuron.reset", self.reset, ("hard", "soft"))
+        _check_choice("model.neuron.surrogate", self.surrogate, ("triangle", "sigmoid", "arctan"))
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"model.neuron.tau must be in (0, 1], got {self.tau}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Network architecture; ``name`` resolves through ``aoi_jax.models.MODELS``."""
+
+    name: str = "small_snn"  # small_snn | vggsnn
+    channels: tuple[int, ...] = (16, 32, 64)  # small_snn: conv widths, each followed by a 2x2 avg-pool
+    num_classes: int = 10
+    neuron: NeuronConfig = NeuronConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Data set and frame settings; ``name`` resolves through ``aoi_jax.data.DATASETS``."""
+
+    name: str = "ndigits"
+    data_dir: str = "data_cache"  # where raw data live and frame caches are written
+    timesteps: int = 10  # T: equal time bins per recording
+    seed: int = 0  # generator / split seed of the data set (independent of the training seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class RegConfig:
+    """RCS regulariser (reference-semantics.md section 5)."""
+
+    alpha: float = 0.002  # weight of rcs_loss in the total loss; 0 switches RCS off
+    window: float = 0.3  # fraction of last steps averaged into the delayed target r_d
+    rcs_n: float = 0.3  # fraction of last steps that must be correct for a sample to count
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser (reference-semantics.md section 10)."""
+
+    name: str = "sgd"  # sgd (with momentum) | adamw
+    lr: float = 0.1  # peak learning rate
+    momentum: float = 0.9  # sgd momentum (adamw: b1)
+    weight_decay: float = 5e-4  # sgd: L2 added to the gradient; adamw: decoupled decay
+    schedule: str = "cosine"  # cosine (decay to 0 over all steps) | constant
+
+    def __post_init__(self):
+        _check_choice("optim.name", self.name, ("sgd", "adamw"))
+        _check_choice("optim.schedule", self.schedule, ("cosine", "constant"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Training loop."""
+
+    epochs: int = 20
+    batch_size: int = 32
+    loss: str = "mean"  # mean (CE of the time-mean logits) | tet
+    tet_lambda: float = 1e-3  # TET's MSE weight (used when loss == "tet")
+
+    def __post_init__(self):
+        _check_choice("train.loss", self.loss, ("mean", "tet"))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Cutoff evaluation (reference-semantics.md sections 6-8)."""
+
+    epsilons: tuple[float, ...] = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09)
+    bins: int = 100  # Top-K threshold grid size
+    min_support: int = 0  # Top-K: selected calibration samples a bin needs (0 = reference rule)
+    calib_dropout: float = 0.3  # dropout on spikes in the calibration pass (0 switches it off)
+    batch_size: int = 256  # evaluation batch size
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole experiment."""
+
+    seed: int = 0  # training seed: initialisation, shuffling, calibration dropout
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    reg: RegConfig = RegConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def valid_keys(cls=Config, prefix: str = "") -> list[str]:
+    """All dotted leaf keys of a config dataclass, e.g. ``['seed', 'model.name', ...]``."""
+    keys = []
+    for name, tp in _field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += valid_keys(tp, prefix + name + ".")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Converts ``value`` to type ``tp`` or raises ValueError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (elem, _) = typing.get_args(tp)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = (value,)
+        if not isinstance(value, (tuple, list)):
+            raise ValueError(f"config key {key!r} expects a tuple, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, elem) for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config key {key!r} expects a bool (True/False), got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"config key {key!r} expects an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"config key {key!r} expects a float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"config key {key!r} expects a string, got {value!r}")
+    raise TypeError(f"config key {key!r} has unsupported type {tp}")
+
+
+def _parse_literal(text: str) -> Any:
+    """Parses a command-line value: a Python literal, else the bare string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def override(cfg: Config, key: str, value: Any) -> Config:
+    """Returns ``cfg`` with the dotted ``key`` set to ``value`` (type-checked).
+
+    Raises:
+      KeyError: ``key`` is not a config key; the message lists the valid keys.
+      ValueError: ``value`` has the wrong type or an invalid choice.
+    """
+    return _set(cfg, key.split("."), value, key, type(cfg))
+
+
+def _set(obj, parts: list[str], value: Any, key: str, root) -> Any:
+    types_ = _field_types(type(obj))
+    head = parts[0]
+    if head not in types_ or (len(parts) > 1 and not dataclasses.is_dataclass(types_[head])):
+        raise KeyError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys(root))}")
+    tp = types_[head]
+    if dataclasses.is_dataclass(tp):
+        if len(parts) == 1:
+            raise KeyError(f"config key {key!r} is a group; set one of its fields: "
+                           f"{', '.join(k for k in valid_keys(root) if k.startswith(key + '.'))}")
+        return dataclasses.replace(obj, **{head: _set(getattr(obj, head), parts[1:], value, key, root)})
+    return dataclasses.replace(obj, **{head: _coerce(key, value, tp)})
+
+
+def apply_overrides(cfg: Config, overrides: typing.Iterable[str] = ()) -> Config:
+    """Applies ``KEY=VALUE`` strings in order, e.g. ``["reg.alpha=0.004", "train.epochs=2"]``."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} is not of the form KEY=VALUE")
+        cfg = override(cfg, key.strip(), _parse_literal(text.strip()))
+    return cfg
+
+
+def load(path: str | pathlib.Path, overrides: typing.Iterable[str] = ()) -> Config:
+    """Runs the config file ``path`` (its ``get_config()``), then applies ``overrides``.
+
+    Raises:
+      FileNotFoundError: no such file.  ValueError: the file defines no ``get_config`` returning a Config.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    namespace = runpy.run_path(str(path))
+    if "get_config" not in namespace:
+        raise ValueError(f"config file {str(path)!r} defines no get_config()")
+    cfg = namespace["get_config"]()
+    if not isinstance(cfg, Config):
+        raise ValueError(f"get_config() in {str(path)!r} returned {type(cfg).__name__}, expected Config")
+    return apply_overrides(cfg, overrides)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    """Plain nested dict (tuples become lists), for JSON."""
+    return json.loads(to_json(cfg))
+
+
+def to_json(cfg) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+
+
+def from_dict(d: dict[str, Any], cls=Config, prefix: str = ""):
+    """Inverse of ``to_dict``; strict: an unknown or missing key raises KeyError naming it."""
+    types_ = _field_types(cls)
+    unknown = sorted(set(d) - set(types_))
+    if unknown:
+        raise KeyError(f"unknown config key(s) {[prefix + k for k in unknown]}; "
+                       f"valid keys: {', '.join(valid_keys(cls, prefix))}")
+    missing = sorted(set(types_) - set(d))
+    if missing:
+        raise KeyError(f"config is missing key(s) {[prefix + k for k in missing]}")
+    kwargs = {}
+    for name, tp in types_.items():
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(d[name], tp, prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(prefix + name, d[name], tp)
+    return cls(**kwargs)
+
+
+__all__ = [
+    "Config", "ModelConfig", "NeuronConfig", "DataConfig", "RegConfig", "OptimConfig", "TrainConfig",
+    "EvalConfig", "load", "override", "apply_overrides", "valid_keys", "to_dict", "to_json", "from_dict",
+]
