@@ -55,6 +55,9 @@ class DataConfig:
     data_dir: str = "data_cache"  # where raw data live and frame caches are written
     timesteps: int = 10  # T: equal time bins per recording
     seed: int = 0  # generator / split seed of the data set (independent of the training seed)
+    size: tuple[int, ...] = ()  # (H, W) frame size after spatial downsampling; () keeps the sensor's
+    translate: int = 0  # training augmentation: max random integer shift in px at the native resolution
+    hflip: bool = False  # training augmentation: random horizontal flip
 
 
 @dataclasses.dataclass(frozen=True)
