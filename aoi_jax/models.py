@@ -1,0 +1,213 @@
+"""Spiking networks: NNX Conv/BatchNorm/Linear on the folded (T*N, ...) batch, cells scanned in between.
+
+reference-semantics.md sections 1 and 10. Every model maps time-major frames ``(T, N, H, W, C)`` to
+``(logits (T, N, K), layers)``, where ``layers`` is a tuple with one ``(spikes, membranes)`` pair per
+spiking layer, each ``(T, N, ...)``: the regulariser reads them from the return value, never via hooks.
+
+Calibration (reference-semantics.md section 7) runs the forward pass with inverted dropout of rate
+``dropout`` on every spiking layer's output; it draws from the explicit ``key``.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from aoi_jax import neurons
+from aoi_jax.config import ModelConfig, NeuronConfig
+
+_kaiming_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _conv(cin, cout, kernel, stride, padding, rngs):
+    return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride),
+                    padding=padding if isinstance(padding, str) else [(padding, padding)] * 2,
+                    kernel_init=_kaiming_fan_out, rngs=rngs)
+
+
+def _bn(c, rngs):
+    return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, rngs=rngs)  # PyTorch momentum 0.1
+
+
+def _avg_pool(h):
+    return nnx.avg_pool(h, (2, 2), strides=(2, 2))
+
+
+def _max_pool(h):
+    return nnx.max_pool(h, (2, 2), strides=(2, 2))
+
+
+def spiking(u, T, neuron: NeuronConfig, *, dropout=0.0, key=None):
+    """Runs the cell of ``neuron`` over time on a folded pre-activation.
+
+    Args:
+      u: pre-activation on the folded batch, (T*N, ...).  T: number of time steps.
+      neuron: cell settings.  dropout: inverted-dropout rate on the spikes (0 = none).
+      key: PRNG key, required when dropout > 0.
+    Returns:
+      (h, (spikes, membranes)): h = the (possibly dropped-out) spikes folded back to (T*N, ...);
+      spikes and membranes (T, N, ...) as returned by ``neurons.lif``.
+    Raises:
+      ValueError: dropout > 0 without a key.
+    """
+    x = u.reshape(T, u.shape[0] // T, *u.shape[1:])
+    s, m = neurons.lif(x, tau=neuron.tau, vth=neuron.vth, reset=neuron.reset,
+                       surrogate=neuron.surrogate, width=neuron.width)
+    h = s
+    if dropout > 0.0:
+        if key is None:
+            raise ValueError("dropout > 0 needs a PRNG key")
+        keep = jax.random.bernoulli(key, 1.0 - dropout, s.shape)
+        h = jnp.where(keep, s / (1.0 - dropout), 0.0)
+    return h.reshape(u.shape), (s, m)
+
+
+def _fold(x):
+    if x.ndim != 5:
+        raise ValueError(f"expected frames (T, N, H, W, C), got shape {x.shape}")
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _keys(key, n, dropout):
+    return [None] * n if dropout == 0.0 or key is None else list(jax.random.split(key, n))
+
+
+class SmallSNN(nnx.Module):
+    """A small conv SNN for 34x34 event frames (N-Digits, N-MNIST).
+
+    Each stage: Conv 3x3 -> BatchNorm -> LIF -> 2x2 average pool; then Linear on the flattened map.
+    """
+
+    def __init__(self, cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs):
+        H, W, C = input_shape
+        self.neuron = cfg.neuron
+        chans = (C, *cfg.channels)
+        self.convs = nnx.List([_conv(a, b, 3, 1, 1, rngs) for a, b in zip(chans[:-1], chans[1:])])
+        self.norms = nnx.List([_bn(b, rngs) for b in chans[1:]])
+        for _ in cfg.channels:
+            H, W = H // 2, W // 2
+        if H == 0 or W == 0:
+            raise ValueError(f"input {input_shape} too small for {len(cfg.channels)} pooling stages")
+        self.head = nnx.Linear(H * W * chans[-1], cfg.num_classes, rngs=rngs)
+
+    def __call__(self, x, *, train=False, dropout=0.0, key=None):
+        """x: (T, N, H, W, C) -> (logits (T, N, K), ((spikes, membranes), ...))."""
+        T, N = x.shape[:2]
+        h, layers = _fold(x), []
+        for conv, bn, k in zip(self.convs, self.norms, _keys(key, len(self.convs), dropout)):
+            h, sm = spiking(bn(conv(h), use_running_average=not train), T, self.neuron, dropout=dropout, key=k)
+            layers.append(sm)
+            h = _avg_pool(h)
+        logits = self.head(h.reshape(h.shape[0], -1))
+        return logits.reshape(T, N, -1), tuple(layers)
+
+
+VGG_PLAN = (64, 128, "P", 256, 256, "P", 512, 512, "P", 512, 512, "P")
+
+
+class VGGSNN(nnx.Module):
+    """The reference's VGGSNN (CIFAR10-DVS, N-Caltech101), reference-semantics.md section 10.
+
+    Conv(C->64, k8, s4, p3) then 3x3 convs 64,128,P,256,256,P,512,512,P,512,512,P (P = 2x2 average
+    pool), each conv followed by BatchNorm and LIF; Linear(512*h*w, K) on the flattened map (2x2 for
+    128x128 input, 2x3 for 180x240). ``cfg.channels`` is not used by this model.
+    """
+
+    def __init__(self, cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs):
+        H, W, C = input_shape
+        self.neuron = cfg.neuron
+        convs, norms, self.plan = [_conv(C, 64, 8, 4, 3, rngs)], [_bn(64, rngs)], []
+        H, W, cin = (H + 6 - 8) // 4 + 1, (W + 6 - 8) // 4 + 1, 64
+        for item in VGG_PLAN:
+            if item == "P":
+                H, W = H // 2, W // 2
+                self.plan.append(True)
+            else:
+                convs.append(_conv(cin, item, 3, 1, 1, rngs))
+                norms.append(_bn(item, rngs))
+                self.plan.append(False)
+                cin = item
+        if H == 0 or W == 0:
+            raise ValueError(f"input {input_shape} too small for VGGSNN")
+        self.plan = tuple(self.plan)
+        self.convs, self.norms = nnx.List(convs), nnx.List(norms)
+        self.head = nnx.Linear(H * W * cin, cfg.num_classes, rngs=rngs)
+
+    def __call__(self, x, *, train=False, dropout=0.0, key=None):
+        """x: (T, N, H, W, C) -> (logits (T, N, K), ((spikes, membranes), ...))."""
+        T, N = x.shape[:2]
+        keys = _keys(key, len(self.convs), dropout)
+        h, layers = _fold(x), []
+        h, sm = spiking(self.norms[0](self.convs[0](h), use_running_average=not train), T, self.neuron,
+                        dropout=dropout, key=keys[0])
+        layers.append(sm)
+        i = 1
+        for is_pool in self.plan:
+            if is_pool:
+                h = _avg_pool(h)
+                continue
+            h, sm = spiking(self.norms[i](self.convs[i](h), use_running_average=not train), T,
+                            self.neuron, dropout=dropout, key=keys[i])
+            layers.append(sm)
+            i += 1
+        logits = self.head(h.reshape(h.shape[0], -1))
+        return logits.reshape(T, N, -1), tuple(layers)
+
+
+class GestureSNN(nnx.Module):
+    """The reference's VGG-like DVS128 Gesture net (``VGG_Gesture``) with LIF cells.
+
+    Conv(C->64, k4, s4, valid), Conv 64->128, then four times [2x2 max pool, Conv 128->128], a last
+    max pool, each conv followed by BatchNorm and LIF; Linear(128*h*w, 512) + BatchNorm + LIF;
+    Linear(512, K). For 128x128 input the map before the first Linear is 1x1.
+    """
+
+    def __init__(self, cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs):
+        H, W, C = input_shape
+        self.neuron = cfg.neuron
+        self.convs = nnx.List([_conv(C, 64, 4, 4, "VALID", rngs), _conv(64, 128, 3, 1, 1, rngs)]
+                              + [_conv(128, 128, 3, 1, 1, rngs) for _ in range(4)])
+        self.norms = nnx.List([_bn(64, rngs), _bn(128, rngs)] + [_bn(128, rngs) for _ in range(4)])
+        H, W = H // 4 // 32, W // 4 // 32
+        if H == 0 or W == 0:
+            raise ValueError(f"input {input_shape} too small for GestureSNN (needs at least 128x128)")
+        self.fc = nnx.Linear(128 * H * W, 512, rngs=rngs)
+        self.fc_norm = _bn(512, rngs)
+        self.head = nnx.Linear(512, cfg.num_classes, rngs=rngs)
+
+    def __call__(self, x, *, train=False, dropout=0.0, key=None):
+        """x: (T, N, H, W, C) -> (logits (T, N, K), ((spikes, membranes), ...))."""
+        T, N = x.shape[:2]
+        keys = _keys(key, len(self.convs) + 1, dropout)
+        h, layers = _fold(x), []
+        for i, (conv, bn) in enumerate(zip(self.convs, self.norms)):
+            if i >= 2:
+                h = _max_pool(h)
+            h, sm = spiking(bn(conv(h), use_running_average=not train), T, self.neuron,
+                            dropout=dropout, key=keys[i])
+            layers.append(sm)
+        h = _max_pool(h)
+        h, sm = spiking(self.fc_norm(self.fc(h.reshape(h.shape[0], -1)), use_running_average=not train),
+                        T, self.neuron, dropout=dropout, key=keys[-1])
+        layers.append(sm)
+        return self.head(h).reshape(T, N, -1), tuple(layers)
+
+
+MODELS = {"small_snn": SmallSNN, "vggsnn": VGGSNN, "gesture_snn": GestureSNN}
+
+
+def build(cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs) -> nnx.Module:
+    """Builds the model named ``cfg.name`` for per-step frames of ``input_shape = (H, W, C)``.
+
+    Raises:
+      ValueError: unknown model name (the message lists the valid ones).
+    """
+    if cfg.name not in MODELS:
+        raise ValueError(f"unknown model.name {cfg.name!r}; valid: {sorted(MODELS)}")
+    return MODELS[cfg.name](cfg, tuple(input_shape), rngs=rngs)
+
+
+def with_neuron(cfg: ModelConfig, **changes) -> ModelConfig:
+    """``cfg`` with neuron fields replaced, e.g. ``with_neuron(cfg, reset="soft")``."""
+    return dataclasses.replace(cfg, neuron=dataclasses.replace(cfg.neuron, **changes))

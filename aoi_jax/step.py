@@ -1,0 +1,109 @@
+"""The regularised train step and the evaluation forward pass (reference-semantics.md sections 4, 5, 10).
+
+The NNX model is split once into ``graphdef`` (static structure), ``params`` and ``batch_stats``; the
+steps are plain ``jax.jit`` functions of those pytrees, and the model is re-merged inside the loss
+(``nnx.merge(..., copy=True)``), so there is one compiled function per config and no Python loop over
+time anywhere in training.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from aoi_jax import losses, regularisers
+from aoi_jax.config import Config, OptimConfig
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training; a pytree (orbax saves it as is)."""
+
+    step: jax.Array  # int32 scalar: optimiser steps taken
+    params: Any  # nnx.State of nnx.Param
+    batch_stats: Any  # nnx.State of nnx.BatchStat
+    opt_state: Any  # optax state
+
+
+def task_loss(logits, labels, cfg: Config):
+    """The configured task loss: ``mean_loss`` or ``tet_loss`` (lam = cfg.train.tet_lambda)."""
+    if cfg.train.loss == "tet":
+        return losses.tet_loss(logits, labels, lam=cfg.train.tet_lambda)
+    return losses.mean_loss(logits, labels)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """SGD with momentum and L2 weight decay (PyTorch's ``SGD(weight_decay=...)``), or AdamW.
+
+    Learning rate ``lr`` either constant or cosine-decayed to 0 over ``total_steps``::
+
+        sgd:   g <- g + wd * p;  m <- momentum * m + g;  p <- p - lr_t * m
+        adamw: optax.adamw(lr_t, b1=momentum, weight_decay=wd)
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    lr = optax.cosine_decay_schedule(cfg.lr, total_steps) if cfg.schedule == "cosine" \
+        else optax.constant_schedule(cfg.lr)
+    if cfg.name == "adamw":
+        return optax.adamw(lr, b1=cfg.momentum, weight_decay=cfg.weight_decay)
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.sgd(lr, momentum=cfg.momentum))
+
+
+def init_state(model: nnx.Module, optimizer: optax.GradientTransformation):
+    """Splits ``model`` once; returns ``(graphdef, TrainState)`` at step 0."""
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, batch_stats, optimizer.init(params))
+
+
+def loss_fn(params, batch_stats, batch, *, graphdef, cfg: Config):
+    """Total loss ``task_loss + alpha * rcs_loss`` on one batch, training-mode BatchNorm.
+
+    Args:
+      params, batch_stats: the model's state.  batch: {"frames": (T, N, H, W, C), "label": (N,)}.
+    Returns:
+      (loss, (new batch_stats, metrics dict with task, rcs, accuracy at T)).
+    """
+    model = nnx.merge(graphdef, params, batch_stats, copy=True)
+    logits, layers = model(batch["frames"], train=True)
+    task = task_loss(logits, batch["label"], cfg)
+    scores = jnp.stack([regularisers.rcs_scores(s, m, vth=cfg.model.neuron.vth, window=cfg.reg.window)
+                        for s, m in layers])                                  # (L, N)
+    reg = regularisers.rcs_loss(scores, logits, batch["label"], rcs_n=cfg.reg.rcs_n)
+    acc = jnp.mean(jnp.argmax(logits.sum(0), -1) == batch["label"])
+    loss = task + cfg.reg.alpha * reg
+    return loss, (nnx.state(model, nnx.BatchStat), {"loss": loss, "task": task, "rcs": reg, "accuracy": acc})
+
+
+def make_train_step(graphdef, cfg: Config, optimizer: optax.GradientTransformation):
+    """Returns the jit-compiled ``train_step(state, batch) -> (state, metrics)``."""
+
+    def train_step(state: TrainState, batch):
+        grad_fn = jax.grad(loss_fn, has_aux=True)
+        grads, (batch_stats, metrics) = grad_fn(state.params, state.batch_stats, batch,
+                                                graphdef=graphdef, cfg=cfg)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(graphdef, *, dropout: float = 0.0):
+    """Returns the jit-compiled ``eval_step(params, batch_stats, frames, key) -> (logits, spikes)``.
+
+    BatchNorm uses its running statistics. With ``dropout > 0`` every spiking layer's output is dropped
+    out (inverted scaling) with keys drawn from ``key``, as in the reference's Top-K calibration.
+
+    Returns:
+      logits: per-step logits (T, N, K).  spikes: spike counts per layer and step, summed over the batch
+      and the layer's units, (L, T).
+    """
+
+    def eval_step(params, batch_stats, frames, key):
+        model = nnx.merge(graphdef, params, batch_stats, copy=True)
+        logits, layers = model(frames, train=False, dropout=dropout, key=key)
+        counts = jnp.stack([s.reshape(s.shape[0], -1).sum(-1) for s, _ in layers])
+        return logits, counts
+
+    return jax.jit(eval_step)
