@@ -42,7 +42,7 @@ class ModelConfig:
     """Network architecture; ``name`` resolves through ``aoi_jax.models.MODELS``."""
 
     name: str = "small_snn"  # small_snn | vggsnn
-    channels: tuple[int, ...] = (16, 32, 64)  # small_snn: conv widths, each followed by a 2x2 avg-pool
+    channels: tuple[int, ...] = (16, 32, 64)  # small_snn only: conv widths, each + 2x2 avg-pool; others: ()
     num_classes: int = 10
     neuron: NeuronConfig = NeuronConfig()
 

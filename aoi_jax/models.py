@@ -3,6 +3,9 @@
 reference-semantics.md sections 1 and 10. Every model maps time-major frames ``(T, N, H, W, C)`` to
 ``(logits (T, N, K), layers)``, where ``layers`` is a tuple with one ``(spikes, membranes)`` pair per
 spiking layer, each ``(T, N, ...)``: the regulariser reads them from the return value, never via hooks.
+Each model's ``fan_out`` gives, per spiking layer, the synapses one spike of an interior unit drives in
+the next layer (k*k*C_out for a following conv, the width of a following Linear); synaptic operations are
+spikes times fan-out (reference-semantics.md section 9 item 3; border effects are ignored).
 
 Calibration (reference-semantics.md section 7) runs the forward pass with inverted dropout of rate
 ``dropout`` on every spiking layer's output; it draws from the explicit ``key``.
@@ -90,6 +93,7 @@ class SmallSNN(nnx.Module):
         if H == 0 or W == 0:
             raise ValueError(f"input {input_shape} too small for {len(cfg.channels)} pooling stages")
         self.head = nnx.Linear(H * W * chans[-1], cfg.num_classes, rngs=rngs)
+        self.fan_out = tuple(9 * c for c in cfg.channels[1:]) + (cfg.num_classes,)
 
     def __call__(self, x, *, train=False, dropout=0.0, key=None):
         """x: (T, N, H, W, C) -> (logits (T, N, K), ((spikes, membranes), ...))."""
@@ -111,7 +115,7 @@ class VGGSNN(nnx.Module):
 
     Conv(C->64, k8, s4, p3) then 3x3 convs 64,128,P,256,256,P,512,512,P,512,512,P (P = 2x2 average
     pool), each conv followed by BatchNorm and LIF; Linear(512*h*w, K) on the flattened map (2x2 for
-    128x128 input, 2x3 for 180x240). ``cfg.channels`` is not used by this model.
+    128x128 input, 2x3 for 180x240).
     """
 
     def __init__(self, cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs):
@@ -133,6 +137,7 @@ class VGGSNN(nnx.Module):
         self.plan = tuple(self.plan)
         self.convs, self.norms = nnx.List(convs), nnx.List(norms)
         self.head = nnx.Linear(H * W * cin, cfg.num_classes, rngs=rngs)
+        self.fan_out = tuple(9 * c for c in VGG_PLAN if c != "P") + (cfg.num_classes,)
 
     def __call__(self, x, *, train=False, dropout=0.0, key=None):
         """x: (T, N, H, W, C) -> (logits (T, N, K), ((spikes, membranes), ...))."""
@@ -175,6 +180,7 @@ class GestureSNN(nnx.Module):
         self.fc = nnx.Linear(128 * H * W, 512, rngs=rngs)
         self.fc_norm = _bn(512, rngs)
         self.head = nnx.Linear(512, cfg.num_classes, rngs=rngs)
+        self.fan_out = (9 * 128,) * 5 + (512, cfg.num_classes)
 
     def __call__(self, x, *, train=False, dropout=0.0, key=None):
         """x: (T, N, H, W, C) -> (logits (T, N, K), ((spikes, membranes), ...))."""
@@ -205,6 +211,11 @@ def build(cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs) -> nnx.Module:
     """
     if cfg.name not in MODELS:
         raise ValueError(f"unknown model.name {cfg.name!r}; valid: {sorted(MODELS)}")
+    if cfg.name != "small_snn" and cfg.channels:
+        raise ValueError(f"model.channels is only read by small_snn; {cfg.name} has a fixed plan, "
+                         f"set model.channels=() (got {cfg.channels})")
+    if cfg.name == "small_snn" and not cfg.channels:
+        raise ValueError("small_snn needs at least one conv width in model.channels")
     return MODELS[cfg.name](cfg, tuple(input_shape), rngs=rngs)
 
 

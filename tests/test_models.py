@@ -1,0 +1,89 @@
+"""Model shapes, the folded layout, calibration dropout and name resolution."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from aoi_jax import config, models, neurons
+
+
+def small(channels=(4, 8), **neuron):
+    cfg = config.ModelConfig(name="small_snn", channels=channels, num_classes=5,
+                             neuron=config.NeuronConfig(**neuron))
+    return models.build(cfg, (12, 12, 2), rngs=nnx.Rngs(0))
+
+
+def test_small_snn_shapes_and_layers(key):
+    model = small()
+    x = (jax.random.uniform(key, (6, 3, 12, 12, 2)) < 0.3).astype(jnp.float32)
+    logits, layers = model(x)
+    assert logits.shape == (6, 3, 5)
+    assert [s.shape for s, _ in layers] == [(6, 3, 12, 12, 4), (6, 3, 6, 6, 8)]
+    assert model.fan_out == (9 * 8, 5)
+
+
+def test_folded_batch_equals_per_sample(key):
+    """Samples are independent: running them one by one gives the same logits (eval-mode BN)."""
+    model = small()
+    x = (jax.random.uniform(key, (5, 3, 12, 12, 2)) < 0.3).astype(jnp.float32)
+    full, _ = model(x)
+    for n in range(3):
+        one, _ = model(x[:, n:n + 1])
+        np.testing.assert_allclose(one[:, 0], full[:, n], atol=1e-5)
+
+
+def test_first_layer_is_lif_of_conv_bn(key):
+    """The first layer's spikes equal neurons.lif applied to the first conv+BN of each frame."""
+    model = small(tau=0.7, reset="soft")
+    x = (jax.random.uniform(key, (4, 2, 12, 12, 2)) < 0.3).astype(jnp.float32)
+    _, layers = model(x)
+    u = jax.vmap(lambda f: model.norms[0](model.convs[0](f), use_running_average=True))(x)
+    s, m = neurons.lif(u, tau=0.7, reset="soft")
+    np.testing.assert_array_equal(layers[0][0], s)
+    np.testing.assert_allclose(layers[0][1], m, atol=1e-5)
+
+
+def test_dropout_is_seeded_and_scaled(key):
+    model = small()
+    x = (jax.random.uniform(key, (4, 2, 12, 12, 2)) < 0.5).astype(jnp.float32)
+    a, _ = model(x, dropout=0.3, key=jax.random.key(1))
+    b, _ = model(x, dropout=0.3, key=jax.random.key(1))
+    c, _ = model(x, dropout=0.3, key=jax.random.key(2))
+    d, _ = model(x)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c) and not np.allclose(a, d)
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        model(x, dropout=0.3)
+
+
+def test_inverted_dropout_keeps_mean():
+    # input 5 > vth at every step: all spikes are 1, so dropout leaves 0 or 1 / (1 - p)
+    h, (s, _) = models.spiking(jnp.full((2 * 4000, 1), 5.0), 2, config.NeuronConfig(), dropout=0.3,
+                               key=jax.random.key(0))
+    kept = np.asarray(h)
+    assert np.all(s == 1)
+    assert np.all(np.isclose(kept, 0.0) | np.isclose(kept, 1 / 0.7))
+    assert abs(kept.mean() - 1.0) < 0.05  # 8000 Bernoulli(0.7) draws: std of the mean ~ 0.007
+
+
+@pytest.mark.parametrize("name,shape,classes,flat", [
+    ("vggsnn", (128, 128, 2), 10, 512 * 2 * 2),
+    ("vggsnn", (180, 240, 2), 101, 512 * 2 * 3),
+    ("gesture_snn", (128, 128, 2), 11, 512),
+])
+def test_reference_models_shapes(name, shape, classes, flat):
+    cfg = config.ModelConfig(name=name, channels=(), num_classes=classes)
+    model = models.build(cfg, shape, rngs=nnx.Rngs(0))
+    assert model.head.in_features == flat
+    out = jax.eval_shape(lambda x: model(x), jax.ShapeDtypeStruct((2, 1, *shape), jnp.float32))
+    assert out[0].shape == (2, 1, classes)
+    assert len(out[1]) == len(model.fan_out)
+
+
+def test_unknown_model_and_unused_channels():
+    with pytest.raises(ValueError, match=r"unknown model.name 'resnet'; valid: \['gesture_snn'"):
+        models.build(config.ModelConfig(name="resnet"), (34, 34, 2), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="model.channels is only read by small_snn"):
+        models.build(config.ModelConfig(name="vggsnn"), (128, 128, 2), rngs=nnx.Rngs(0))
