@@ -29,6 +29,7 @@ class NeuronConfig:
     reset: str = "hard"  # "hard" (to zero) or "soft" (subtract vth)
     surrogate: str = "triangle"  # surrogate gradient shape: triangle | sigmoid | arctan
     width: float = 1.0  # surrogate width g
+    v0: float = 0.0  # initial membrane (IF conversion: half the threshold)
 
     def __post_init__(self):
         _check_choice("model.neuron.reset", self.reset, ("hard", "soft"))

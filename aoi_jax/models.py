@@ -55,7 +55,7 @@ def spiking(u, T, neuron: NeuronConfig, *, dropout=0.0, key=None):
       ValueError: dropout > 0 without a key.
     """
     x = u.reshape(T, u.shape[0] // T, *u.shape[1:])
-    s, m = neurons.lif(x, tau=neuron.tau, vth=neuron.vth, reset=neuron.reset,
+    s, m = neurons.lif(x, tau=neuron.tau, vth=neuron.vth, reset=neuron.reset, v0=neuron.v0,
                        surrogate=neuron.surrogate, width=neuron.width)
     h = s
     if dropout > 0.0:
@@ -66,17 +66,60 @@ def spiking(u, T, neuron: NeuronConfig, *, dropout=0.0, key=None):
     return h.reshape(u.shape), (s, m)
 
 
-def _fold(x):
-    if x.ndim != 5:
-        raise ValueError(f"expected frames (T, N, H, W, C), got shape {x.shape}")
-    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+class SpikingNet(nnx.Module):
+    """Base of the models: one ``forward`` per architecture, run multistep or one step at a time.
+
+    A subclass sets ``neuron`` and ``fan_out`` and defines ``forward(h, cell, *, train)``: the layers on
+    a folded batch ``h`` (B, H, W, C), calling ``cell(i, u)`` on the pre-activation of spiking layer i
+    and continuing with what it returns. ``__call__`` runs it on (T*N, ...) with ``cell`` scanning the
+    LIF cell over time; ``step`` runs it on one frame with ``cell`` advancing carried membranes by one
+    ``neurons.lif_step``. Both give the same spikes (a feed-forward net is exact in either order).
+    """
+
+    def __call__(self, x, *, train=False, dropout=0.0, key=None):
+        """x: (T, N, H, W, C) -> (logits (T, N, K), ((spikes, membranes), ...) each (T, N, ...))."""
+        if x.ndim != 5:
+            raise ValueError(f"expected frames (T, N, H, W, C), got shape {x.shape}")
+        T, N = x.shape[:2]
+        keys = [None] * len(self.fan_out) if dropout == 0.0 or key is None \
+            else list(jax.random.split(key, len(self.fan_out)))
+        layers = []
+
+        def cell(i, u):
+            h, sm = spiking(u, T, self.neuron, dropout=dropout, key=keys[i])
+            layers.append(sm)
+            return h
+
+        logits = self.forward(x.reshape(T * N, *x.shape[2:]), cell, train=train)
+        return logits.reshape(T, N, -1), tuple(layers)
+
+    def init_membranes(self, frame_shape):
+        """Initial carried membranes for ``step``: one (N, ...) array per spiking layer, filled with v0.
+
+        Args:
+          frame_shape: (N, H, W, C) of one input frame.
+        """
+        shapes = jax.eval_shape(lambda: self(jnp.zeros((1, *frame_shape)))[1])
+        return tuple(jnp.full(m.shape[1:], self.neuron.v0, m.dtype) for _, m in shapes)
+
+    def step(self, membranes, frame):
+        """One time step (evaluation mode): ``(membranes, frame (N, H, W, C)) -> (membranes, logits (N, K),
+        spikes)``, where ``spikes`` holds each layer's spike count per sample, (L, N)."""
+        n = self.neuron
+        new, counts = [], []
+
+        def cell(i, u):
+            v, s, _ = neurons.lif_step(membranes[i], u, tau=n.tau, vth=n.vth, reset=n.reset,
+                                       surrogate=n.surrogate, width=n.width)
+            new.append(v)
+            counts.append(s.reshape(s.shape[0], -1).sum(-1))
+            return s
+
+        logits = self.forward(frame, cell, train=False)
+        return tuple(new), logits, jnp.stack(counts)
 
 
-def _keys(key, n, dropout):
-    return [None] * n if dropout == 0.0 or key is None else list(jax.random.split(key, n))
-
-
-class SmallSNN(nnx.Module):
+class SmallSNN(SpikingNet):
     """A small conv SNN for 34x34 event frames (N-Digits, N-MNIST).
 
     Each stage: Conv 3x3 -> BatchNorm -> LIF -> 2x2 average pool; then Linear on the flattened map.
@@ -95,22 +138,16 @@ class SmallSNN(nnx.Module):
         self.head = nnx.Linear(H * W * chans[-1], cfg.num_classes, rngs=rngs)
         self.fan_out = tuple(9 * c for c in cfg.channels[1:]) + (cfg.num_classes,)
 
-    def __call__(self, x, *, train=False, dropout=0.0, key=None):
-        """x: (T, N, H, W, C) -> (logits (T, N, K), ((spikes, membranes), ...))."""
-        T, N = x.shape[:2]
-        h, layers = _fold(x), []
-        for conv, bn, k in zip(self.convs, self.norms, _keys(key, len(self.convs), dropout)):
-            h, sm = spiking(bn(conv(h), use_running_average=not train), T, self.neuron, dropout=dropout, key=k)
-            layers.append(sm)
-            h = _avg_pool(h)
-        logits = self.head(h.reshape(h.shape[0], -1))
-        return logits.reshape(T, N, -1), tuple(layers)
+    def forward(self, h, cell, *, train):
+        for i, (conv, bn) in enumerate(zip(self.convs, self.norms)):
+            h = _avg_pool(cell(i, bn(conv(h), use_running_average=not train)))
+        return self.head(h.reshape(h.shape[0], -1))
 
 
 VGG_PLAN = (64, 128, "P", 256, 256, "P", 512, 512, "P", 512, 512, "P")
 
 
-class VGGSNN(nnx.Module):
+class VGGSNN(SpikingNet):
     """The reference's VGGSNN (CIFAR10-DVS, N-Caltech101), reference-semantics.md section 10.
 
     Conv(C->64, k8, s4, p3) then 3x3 convs 64,128,P,256,256,P,512,512,P,512,512,P (P = 2x2 average
@@ -121,46 +158,34 @@ class VGGSNN(nnx.Module):
     def __init__(self, cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs):
         H, W, C = input_shape
         self.neuron = cfg.neuron
-        convs, norms, self.plan = [_conv(C, 64, 8, 4, 3, rngs)], [_bn(64, rngs)], []
+        convs, norms = [_conv(C, 64, 8, 4, 3, rngs)], [_bn(64, rngs)]
         H, W, cin = (H + 6 - 8) // 4 + 1, (W + 6 - 8) // 4 + 1, 64
         for item in VGG_PLAN:
             if item == "P":
                 H, W = H // 2, W // 2
-                self.plan.append(True)
             else:
                 convs.append(_conv(cin, item, 3, 1, 1, rngs))
                 norms.append(_bn(item, rngs))
-                self.plan.append(False)
                 cin = item
         if H == 0 or W == 0:
             raise ValueError(f"input {input_shape} too small for VGGSNN")
-        self.plan = tuple(self.plan)
         self.convs, self.norms = nnx.List(convs), nnx.List(norms)
         self.head = nnx.Linear(H * W * cin, cfg.num_classes, rngs=rngs)
         self.fan_out = tuple(9 * c for c in VGG_PLAN if c != "P") + (cfg.num_classes,)
 
-    def __call__(self, x, *, train=False, dropout=0.0, key=None):
-        """x: (T, N, H, W, C) -> (logits (T, N, K), ((spikes, membranes), ...))."""
-        T, N = x.shape[:2]
-        keys = _keys(key, len(self.convs), dropout)
-        h, layers = _fold(x), []
-        h, sm = spiking(self.norms[0](self.convs[0](h), use_running_average=not train), T, self.neuron,
-                        dropout=dropout, key=keys[0])
-        layers.append(sm)
+    def forward(self, h, cell, *, train):
+        h = cell(0, self.norms[0](self.convs[0](h), use_running_average=not train))
         i = 1
-        for is_pool in self.plan:
-            if is_pool:
+        for item in VGG_PLAN:
+            if item == "P":
                 h = _avg_pool(h)
-                continue
-            h, sm = spiking(self.norms[i](self.convs[i](h), use_running_average=not train), T,
-                            self.neuron, dropout=dropout, key=keys[i])
-            layers.append(sm)
-            i += 1
-        logits = self.head(h.reshape(h.shape[0], -1))
-        return logits.reshape(T, N, -1), tuple(layers)
+            else:
+                h = cell(i, self.norms[i](self.convs[i](h), use_running_average=not train))
+                i += 1
+        return self.head(h.reshape(h.shape[0], -1))
 
 
-class GestureSNN(nnx.Module):
+class GestureSNN(SpikingNet):
     """The reference's VGG-like DVS128 Gesture net (``VGG_Gesture``) with LIF cells.
 
     Conv(C->64, k4, s4, valid), Conv 64->128, then four times [2x2 max pool, Conv 128->128], a last
@@ -182,22 +207,14 @@ class GestureSNN(nnx.Module):
         self.head = nnx.Linear(512, cfg.num_classes, rngs=rngs)
         self.fan_out = (9 * 128,) * 5 + (512, cfg.num_classes)
 
-    def __call__(self, x, *, train=False, dropout=0.0, key=None):
-        """x: (T, N, H, W, C) -> (logits (T, N, K), ((spikes, membranes), ...))."""
-        T, N = x.shape[:2]
-        keys = _keys(key, len(self.convs) + 1, dropout)
-        h, layers = _fold(x), []
+    def forward(self, h, cell, *, train):
         for i, (conv, bn) in enumerate(zip(self.convs, self.norms)):
             if i >= 2:
                 h = _max_pool(h)
-            h, sm = spiking(bn(conv(h), use_running_average=not train), T, self.neuron,
-                            dropout=dropout, key=keys[i])
-            layers.append(sm)
+            h = cell(i, bn(conv(h), use_running_average=not train))
         h = _max_pool(h)
-        h, sm = spiking(self.fc_norm(self.fc(h.reshape(h.shape[0], -1)), use_running_average=not train),
-                        T, self.neuron, dropout=dropout, key=keys[-1])
-        layers.append(sm)
-        return self.head(h).reshape(T, N, -1), tuple(layers)
+        h = cell(len(self.convs), self.fc_norm(self.fc(h.reshape(h.shape[0], -1)), use_running_average=not train))
+        return self.head(h)
 
 
 MODELS = {"small_snn": SmallSNN, "vggsnn": VGGSNN, "gesture_snn": GestureSNN}

@@ -87,3 +87,25 @@ def test_unknown_model_and_unused_channels():
         models.build(config.ModelConfig(name="resnet"), (34, 34, 2), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="model.channels is only read by small_snn"):
         models.build(config.ModelConfig(name="vggsnn"), (128, 128, 2), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("name,shape,neuron", [
+    ("small_snn", (12, 12, 2), {}),
+    ("small_snn", (12, 12, 2), {"tau": 1.0, "reset": "soft", "v0": 0.5}),
+    ("gesture_snn", (128, 128, 2), {}),
+])
+def test_step_by_step_equals_multistep(name, shape, neuron, key):
+    """reference-semantics.md section 2: single-step inference gives exactly the multistep spikes."""
+    cfg = config.ModelConfig(name=name, channels=(4, 8) if name == "small_snn" else (), num_classes=5,
+                             neuron=config.NeuronConfig(**neuron))
+    model = models.build(cfg, shape, rngs=nnx.Rngs(0))
+    x = (jax.random.uniform(key, (5, 2, *shape)) < 0.3).astype(jnp.float32) * 2.0
+    logits, layers = model(x)
+    v = model.init_membranes(x.shape[1:])
+    assert all(np.all(np.asarray(m) == cfg.neuron.v0) for m in v)
+    step = jax.jit(lambda v, f: model.step(v, f))
+    for t in range(5):
+        v, logit_t, counts = step(v, x[t])
+        np.testing.assert_allclose(logit_t, logits[t], atol=1e-5)
+        want = np.stack([np.asarray(s[t]).reshape(2, -1).sum(-1) for s, _ in layers])
+        np.testing.assert_array_equal(counts, want)
