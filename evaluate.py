@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from aoi_jax import anytime, checkpoint, cutoff, data, step
+from aoi_jax import anytime, checkpoint, cutoff, data, parallel, step
 from aoi_jax import config as config_lib
 
 matplotlib.use("Agg")
@@ -37,44 +37,64 @@ log = logging.getLogger("aoi_jax")
 REPORT_EPSILONS = (0.0, 0.01, 0.05)
 
 
-def collect(eval_step, state, frameset, batch_size, key, desc):
+def padded_batches(frameset, batch_size, mesh, desc):
+    """Test-order batches, each padded to a multiple of the mesh size and sharded.
+
+    Padding repeats the last sample, so it exits the anytime loop with it. Yields (batch, n_valid): the
+    rows past n_valid are padding.
+    """
+    n_dev = mesh.devices.size
+    n_batches = data.num_batches(len(frameset.labels), batch_size, drop_last=False)
+    for batch in tqdm(data.batches(frameset, batch_size), total=n_batches, desc=desc, leave=False,
+                      dynamic_ncols=True):
+        n = len(batch["label"])
+        pad = -n % n_dev
+        if pad:
+            batch = {"frames": np.pad(batch["frames"], [(0, 0), (0, pad)] + [(0, 0)] * 3, mode="edge"),
+                     "label": np.pad(batch["label"], (0, pad), mode="edge")}
+        yield parallel.shard_batch(batch, mesh), n
+
+
+def collect(eval_step, state, frameset, batch_size, key, mesh, desc="eval"):
     """Per-step logits (T, N, K), labels (N,) and spike totals per layer and step (L, T) of a split."""
     logits, labels, spikes = [], [], 0.0
-    n_batches = data.num_batches(len(frameset.labels), batch_size, drop_last=False)
-    for i, batch in enumerate(tqdm(data.batches(frameset, batch_size), total=n_batches, desc=desc,
-                                   leave=False, dynamic_ncols=True)):
+    for i, (batch, n) in enumerate(padded_batches(frameset, batch_size, mesh, desc)):
         out, counts = eval_step(state.params, state.batch_stats, batch["frames"], jax.random.fold_in(key, i))
-        logits.append(np.asarray(out))
-        labels.append(batch["label"])
-        spikes = spikes + np.asarray(counts)
+        logits.append(np.asarray(out)[:, :n])
+        labels.append(np.asarray(batch["label"])[:n])
+        spikes = spikes + np.asarray(counts)[:, :, :n].sum(-1)
     return np.concatenate(logits, axis=1), np.concatenate(labels), spikes
 
 
-def anytime_check(graphdef, state, frameset, beta, batch_size):
-    """Runs the step-by-step early-exit loop on the test split; returns predictions, timesteps and the
-    fraction of time steps actually computed."""
+def accuracy(eval_step, state, frameset, batch_size, mesh) -> float:
+    """Accuracy at T (argmax of the summed logits) over a split."""
+    logits, labels, _ = collect(eval_step, state, frameset, batch_size, jax.random.key(0), mesh, "test")
+    return float(np.mean(logits.sum(0).argmax(-1) == labels))
+
+
+def anytime_check(graphdef, state, frameset, beta, batch_size, mesh):
+    """Runs the step-by-step early-exit loop on a split; returns predictions, exit timesteps and the
+    fraction of (sample, step) frames actually computed (a batch runs until its last sample exits)."""
     run = jax.jit(anytime.run_topk)
     preds, steps, computed, total = [], [], 0, 0
-    n_batches = data.num_batches(len(frameset.labels), batch_size, drop_last=False)
-    for batch in tqdm(data.batches(frameset, batch_size), total=n_batches, desc="anytime", leave=False,
-                      dynamic_ncols=True):
+    for batch, n in padded_batches(frameset, batch_size, mesh, "anytime"):
         res = run(graphdef, state.params, state.batch_stats, batch["frames"], beta)
-        preds.append(np.asarray(res.predictions))
-        steps.append(np.asarray(res.timesteps))
-        T, n = batch["frames"].shape[:2]
+        preds.append(np.asarray(res.predictions)[:n])
+        steps.append(np.asarray(res.timesteps)[:n])
         computed += int(res.steps_computed) * n
-        total += T * n
+        total += batch["frames"].shape[0] * n
     return np.concatenate(preds), np.concatenate(steps), computed / total
 
 
 def evaluate(graphdef, state, cfg: config_lib.Config, fan_out, train_set, test_set, out_dir: pathlib.Path,
-             key) -> dict:
+             key, mesh=None) -> dict:
     """Calibrates on ``train_set``, scores every rule on ``test_set``, writes the report and figures."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    mesh = parallel.data_mesh() if mesh is None else mesh
     calib_step = step.make_eval_step(graphdef, dropout=cfg.eval.calib_dropout)
     test_step = step.make_eval_step(graphdef)
-    logits_c, labels_c, _ = collect(calib_step, state, train_set, cfg.eval.batch_size, key, "calibration")
-    logits_t, labels_t, spikes = collect(test_step, state, test_set, cfg.eval.batch_size, key, "test")
+    logits_c, labels_c, _ = collect(calib_step, state, train_set, cfg.eval.batch_size, key, mesh, "calibration")
+    logits_t, labels_t, spikes = collect(test_step, state, test_set, cfg.eval.batch_size, key, mesh, "test")
 
     cum_c, cum_t = cutoff.cumulative(jnp.asarray(logits_c)), cutoff.cumulative(jnp.asarray(logits_t))
     epsilons = jnp.asarray(cfg.eval.epsilons, jnp.float32)
@@ -82,7 +102,7 @@ def evaluate(graphdef, state, cfg: config_lib.Config, fan_out, train_set, test_s
                                          bins=cfg.eval.bins, min_support=cfg.eval.min_support))
     beta0 = cutoff.calibrate_topk(cum_c, jnp.asarray(labels_c), epsilon=0.0, bins=cfg.eval.bins,
                                   min_support=cfg.eval.min_support)
-    pred_a, steps_a, frac = anytime_check(graphdef, state, test_set, beta0, cfg.eval.batch_size)
+    pred_a, steps_a, frac = anytime_check(graphdef, state, test_set, beta0, cfg.eval.batch_size, mesh)
     pred_m, steps_m = cutoff.apply_topk(cum_t, beta0)
 
     n_test = len(labels_t)

@@ -22,7 +22,7 @@ from flax import nnx
 from tqdm import tqdm
 
 import evaluate
-from aoi_jax import checkpoint, data, models, step
+from aoi_jax import checkpoint, data, models, parallel, step
 from aoi_jax import config as config_lib
 from aoi_jax.data import augment
 
@@ -64,7 +64,8 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: pathlib.Path, *, run_eva
     workdir.mkdir(parents=True, exist_ok=True)
     setup_logging(workdir)
     check_workdir_config(workdir, cfg)
-    log.info("devices: %s", jax.devices())
+    mesh = parallel.data_mesh()
+    log.info("devices: %s (data parallel over %d)", jax.devices(), mesh.devices.size)
 
     t0 = time.time()
     train_set, test_set = data.load(cfg.data)
@@ -88,6 +89,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: pathlib.Path, *, run_eva
     if checkpoint.latest_step(ckpt_dir) is not None:
         graphdef, state, _, _ = checkpoint.restore(ckpt_dir)
         log.info("resumed from %s at step %d", ckpt_dir, int(state.step))
+    state = parallel.replicate(state, mesh)
     train_step = step.make_train_step(graphdef, cfg, optimizer)
     eval_step = step.make_eval_step(graphdef)
 
@@ -102,14 +104,14 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: pathlib.Path, *, run_eva
         for batch in bar:
             frames = augment.augment(batch["frames"], rng, translate=cfg.data.translate,
                                      hflip=cfg.data.hflip, native_size=train_set.sensor_hw)
-            state, metrics = train_step(state, {"frames": frames, "label": batch["label"]})
+            state, metrics = train_step(state, parallel.shard_batch({"frames": frames, "label": batch["label"]}, mesh))
             history.append(metrics)
             if len(history) % 10 == 0:
                 bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
         bar.close()
         metrics = {k: float(np.mean([m[k] for m in jax.device_get(history)])) for k in history[0]}
         train_seconds = time.time() - t_epoch
-        test_acc = accuracy(eval_step, state, test_set, cfg.eval.batch_size)
+        test_acc = evaluate.accuracy(eval_step, state, test_set, cfg.eval.batch_size, mesh)
         record = {"epoch": epoch + 1, "step": int(state.step), **{f"train_{k}": v for k, v in metrics.items()},
                   "test_accuracy": test_acc, "images_per_s": steps_per_epoch * cfg.train.batch_size / train_seconds,
                   "epoch_seconds": time.time() - t_epoch}
@@ -122,16 +124,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: pathlib.Path, *, run_eva
     log.info("training done in %.1f s", time.time() - t0)
     if not run_eval:
         return {}
-    return evaluate.evaluate(graphdef, state, cfg, model.fan_out, train_set, test_set, workdir, calib_key)
-
-
-def accuracy(eval_step, state, frameset, batch_size) -> float:
-    """Test accuracy at T (cumulative logits at the last step)."""
-    correct = 0
-    for batch in data.batches(frameset, batch_size):
-        logits, _ = eval_step(state.params, state.batch_stats, batch["frames"], jax.random.key(0))
-        correct += int((np.asarray(logits).sum(0).argmax(-1) == batch["label"]).sum())
-    return correct / len(frameset.labels)
+    return evaluate.evaluate(graphdef, state, cfg, model.fan_out, train_set, test_set, workdir, calib_key, mesh)
 
 
 def main(argv=None):

@@ -96,14 +96,14 @@ def make_eval_step(graphdef, *, dropout: float = 0.0):
     out (inverted scaling) with keys drawn from ``key``, as in the reference's Top-K calibration.
 
     Returns:
-      logits: per-step logits (T, N, K).  spikes: spike counts per layer and step, summed over the batch
-      and the layer's units, (L, T).
+      logits: per-step logits (T, N, K).  spikes: spike counts per layer, step and sample, summed over
+      the layer's units, (L, T, N).
     """
 
     def eval_step(params, batch_stats, frames, key):
         model = nnx.merge(graphdef, params, batch_stats, copy=True)
         logits, layers = model(frames, train=False, dropout=dropout, key=key)
-        counts = jnp.stack([s.reshape(s.shape[0], -1).sum(-1) for s, _ in layers])
+        counts = jnp.stack([s.reshape(*s.shape[:2], -1).sum(-1) for s, _ in layers])
         return logits, counts
 
     return jax.jit(eval_step)

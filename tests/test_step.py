@@ -98,5 +98,5 @@ def test_eval_step_spike_counts(key):
     logits, counts = step.make_eval_step(graphdef)(state.params, state.batch_stats, batch["frames"], key)
     model = nnx.merge(graphdef, state.params, state.batch_stats)
     _, layers = model(batch["frames"])
-    assert logits.shape == (4, 12, 3) and counts.shape == (2, 4)
-    np.testing.assert_allclose(counts[1], np.asarray(layers[1][0]).reshape(4, -1).sum(-1))
+    assert logits.shape == (4, 12, 3) and counts.shape == (2, 4, 12)
+    np.testing.assert_allclose(counts[1], np.asarray(layers[1][0]).reshape(4, 12, -1).sum(-1))

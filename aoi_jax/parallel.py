@@ -1,0 +1,59 @@
+"""Data parallelism with ``jax.sharding``: the batch is split over a ``data`` mesh axis, the parameters
+and optimiser state are replicated, and ``jax.jit`` inserts the cross-device reductions (gradients,
+BatchNorm statistics), so a step computes exactly what it computes on one device.
+
+Across hosts the same code runs under JAX's multi-process runtime (``jax.distributed.initialize``): each
+process builds the same global batch order (same seed) and contributes its own slice of every batch.
+"""
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+
+def initialize_distributed() -> bool:
+    """Calls ``jax.distributed.initialize()`` when launched as one of several processes.
+
+    A multi-process launch is recognised by ``JAX_COORDINATOR_ADDRESS`` (with ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID``), or by ``AOI_JAX_DISTRIBUTED=1`` on platforms where JAX finds the cluster itself
+    (TPU pod slices, SLURM). Returns whether it initialised.
+    """
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("AOI_JAX_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def data_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D mesh with axis ``data`` over ``devices`` (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+
+
+def replicate(tree, mesh):
+    """Places every array of ``tree`` on every device of ``mesh``."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(batch: dict, mesh) -> dict:
+    """Splits a global batch over the ``data`` axis: frames (T, B, ...) along B, labels (B,) along B.
+
+    Each process passes the same global batch; it contributes the rows of its own devices.
+
+    Raises:
+      ValueError: the batch size is not a multiple of the number of devices.
+    """
+    n_dev = mesh.devices.size
+    B = batch["label"].shape[0]
+    if B % n_dev:
+        raise ValueError(f"batch size {B} is not a multiple of the {n_dev} devices of the data mesh; "
+                         f"choose train.batch_size / eval.batch_size divisible by {n_dev}")
+    specs = {"frames": P(None, "data"), "label": P("data")}
+    out = {}
+    for name, spec in specs.items():
+        sharding = NamedSharding(mesh, spec)
+        value = np.asarray(batch[name])
+        out[name] = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
+    return out
