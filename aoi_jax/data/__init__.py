@@ -4,10 +4,10 @@
 ``FrameSet``s; ``load(data_cfg)`` resolves it and raises listing the valid names.
 """
 
-from aoi_jax.data import events
+from aoi_jax.data import events, ndigits
 from aoi_jax.data.events import FrameSet, batches, check_events, integrate, num_batches
 
-DATASETS = {}
+DATASETS = {"ndigits": ndigits.load_splits}
 
 
 def load(data_cfg) -> tuple[FrameSet, FrameSet]:
@@ -21,4 +21,4 @@ def load(data_cfg) -> tuple[FrameSet, FrameSet]:
     return DATASETS[data_cfg.name](data_cfg)
 
 
-__all__ = ["events", "FrameSet", "batches", "check_events", "integrate", "num_batches", "DATASETS", "load"]
+__all__ = ["events", "ndigits", "FrameSet", "batches", "check_events", "integrate", "num_batches", "DATASETS", "load"]

@@ -1,0 +1,218 @@
+"""N-Digits: the generator (against a per-pixel reference), its cache, the fixed split, the registry."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import scipy.ndimage
+import tonic
+
+from aoi_jax import data
+from aoi_jax.config import DataConfig
+from aoi_jax.data import events, ndigits
+
+P = ndigits.NDigitsParams()
+
+
+@pytest.fixture(scope="module")
+def few():
+    """Samples 0, 5 and 11 (labels 0, 5, 1) with the default parameters, seed 0."""
+    return ndigits.generate([0, 5, 11], seed=0)
+
+
+def test_events_are_valid_tonic_arrays(few):
+    ev, offsets, labels = few
+    assert ev.dtype == tonic.io.events_struct and offsets.tolist()[0] == 0 and offsets[-1] == len(ev)
+    np.testing.assert_array_equal(labels, [0, 5, 1])
+    for i, e in enumerate(ndigits.split_events(ev, offsets)):
+        events.check_events(e, (34, 34, 2), f"sample {i}")          # inside 34x34, t >= 0 and sorted
+        assert e["t"][-1] <= P.duration_us == 300_000
+        assert 0.3 < e["p"].mean() < 0.7                             # both polarities, roughly balanced
+        assert 1000 < len(e) < 5000
+
+
+def test_generate_is_seeded_and_per_sample(few):
+    ev, offsets, _ = few
+    again = ndigits.generate([0, 5, 11], seed=0)[0]
+    np.testing.assert_array_equal(again, ev)
+    alone, off5, lab5 = ndigits.generate([5], seed=0)                 # independent of the other samples
+    np.testing.assert_array_equal(alone, ev[offsets[1]:offsets[2]])
+    assert lab5.tolist() == [5] and off5.tolist() == [0, len(alone)]
+    other = ndigits.generate([5], seed=1)[0]
+    assert len(other) != len(alone) or not np.array_equal(other, alone)
+    with pytest.raises(ValueError, match=r"indices must be a 1-D sequence in \[0, 1797\)"):
+        ndigits.generate([1797])
+
+
+def test_progress_reaches_total():
+    calls = []
+    ndigits.generate([1, 2, 3], params=dataclasses.replace(P, saccade_ms=5.0), chunk=2,
+                     progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (3, 3) and all(a <= b for (a, _), (b, _) in zip(calls, calls[1:]))
+
+
+def test_saccade_path_triangle_at_rest_on_vertices():
+    path = ndigits.saccade_path(P)                                   # (301, 2) at 0, 1, ..., 300 ms
+    assert path.shape == (301, 2)
+    r = P.saccade_px / np.sqrt(3)
+    verts = path[[0, 100, 200, 300]]
+    np.testing.assert_allclose(np.linalg.norm(verts, axis=1), r)
+    np.testing.assert_allclose(verts[0], verts[3], atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(verts[1] - verts[0]), P.saccade_px)
+    np.testing.assert_allclose(path[1] - path[0], 0, atol=2e-3)     # raised cosine: slow at the vertices
+    assert np.linalg.norm(path, axis=1).max() <= r + 1e-12
+
+
+@pytest.mark.parametrize("shift", [(0.0, 0.0), (0.3, -1.7), (-1.5, 0.75)])
+def test_render_is_bilinear_upscale_shifted(shift, rng):
+    img = rng.uniform(0, 1, (2, 8, 8)).astype(np.float32)
+    got = ndigits._render(img, P, shift)
+    x0 = (34 - 28) / 2
+    yy, xx = np.meshgrid(np.arange(34.0), np.arange(34.0), indexing="ij")
+    coords = [((yy - x0 - shift[1]) + 0.5) * 8 / 28 - 0.5, ((xx - x0 - shift[0]) + 0.5) * 8 / 28 - 0.5]
+    for b in range(2):
+        digit = scipy.ndimage.map_coordinates(np.pad(img[b].astype(np.float64), 1), [c + 1 for c in coords],
+                                              order=1, mode="constant", cval=0.0)
+        want = np.log(P.background + (1 - P.background) * digit)
+        np.testing.assert_allclose(got[b], want, atol=1e-5)
+
+
+def dvs_reference(params, seed, index):
+    """Per pixel, per step, per crossing Python loop; greedy refractory filter, no noise."""
+    images, _ = ndigits.digits()
+    img = images[index:index + 1] / 16.0
+    c_on, c_off = ndigits._thresholds(params, seed)
+    path = ndigits.saccade_path(params)
+    Ls = [ndigits._render(img, params, s)[0] for s in path]
+    u = np.random.default_rng([seed, 1, index]).uniform(-1.0, 1.0, (34, 34)).astype(np.float32)
+    ref = Ls[0] - np.where(u > 0, u * c_on, u * c_off)
+    out = []
+    dt = params.dt_us
+    for y in range(34):
+        for x in range(34):
+            last, lref = -np.inf, ref[y, x]
+            for k in range(1, len(path)):
+                lp, lk = float(Ls[k - 1][y, x]), float(Ls[k][y, x])
+                d = Ls[k][y, x] - lref
+                on = d > 0
+                C = c_on[y, x] if on else c_off[y, x]
+                n = int(np.floor(abs(d) / C))
+                sgn = 1.0 if on else -1.0
+                for j in range(1, n + 1):
+                    level = float(lref) + sgn * j * float(C)
+                    t = (k - 1) * dt + min(max((level - lp) / (lk - lp), 0.0), 1.0) * dt
+                    if t - last >= params.refractory_us:
+                        out.append((int(np.floor(t)), x, y, on))
+                        last = t
+                lref = lref + np.float32(sgn * n * C)
+    return sorted(out)
+
+
+@pytest.mark.parametrize("refractory_us", [0.0, 2500.0])
+def test_dvs_matches_per_pixel_reference(refractory_us):
+    # 6 ms saccades: fast enough for several crossings per 1 ms step, so the refractory period bites
+    params = dataclasses.replace(P, saccade_ms=6.0, noise_hz=0.0, refractory_us=refractory_us)
+    ev = ndigits.generate([7], params=params, seed=3)[0]
+    got = sorted(zip(ev["t"].tolist(), ev["x"].tolist(), ev["y"].tolist(), ev["p"].tolist()))
+    want = dvs_reference(params, 3, 7)
+    assert len(want) > 500
+    assert got == want
+
+
+def test_several_events_per_step_and_noise():
+    fast = dataclasses.replace(P, saccade_ms=6.0, noise_hz=0.0, refractory_us=0.0)
+    ev = ndigits.generate([7], params=fast)[0]
+    pix_step = (ev["t"] // fast.dt_us) * 34 * 34 + ev["y"] * 34 + ev["x"]
+    assert np.bincount(pix_step).max() >= 3
+    quiet = dataclasses.replace(P, saccade_ms=6.0, saccade_px=0.0, noise_hz=1000.0)   # no motion: noise only
+    ev = ndigits.generate([7], params=quiet)[0]
+    expected = 1000.0 * 34 * 34 * quiet.duration_us * 1e-6
+    assert abs(len(ev) - expected) < 5 * np.sqrt(expected) and 0.4 < ev["p"].mean() < 0.6
+
+
+@pytest.fixture
+def small_digits(monkeypatch):
+    """The first 60 digits only, so that whole-set loads stay fast."""
+    images, labels = ndigits.digits()
+    monkeypatch.setattr(ndigits, "digits", lambda: (images[:60], labels[:60]))
+
+
+def forbid(monkeypatch, *names):
+    def boom(*args, **kwargs):
+        raise AssertionError("the cache should have been used")
+    for name in names:
+        monkeypatch.setattr(ndigits, name, boom)
+
+
+def test_cache_reused_and_keyed(tmp_path, small_digits, monkeypatch):
+    cfg = DataConfig(data_dir=str(tmp_path), timesteps=4, seed=0)
+    train, test = ndigits.load_splits(cfg)
+    files = sorted(p.name for p in (tmp_path / "ndigits").iterdir())
+    key = ndigits.cache_key(P, 0)
+    assert files == [f"events_s0_{key}.npz", f"frames_T4_{key}.npy"]
+    assert len(train) + len(test) == 60 and train.frames.dtype == np.uint8
+    assert train.frames.shape == (len(train), 4, 34, 34, 2) and test.frames.shape == (len(test), 4, 34, 34, 2)
+
+    ev, offsets, labels = ndigits.generate(np.arange(60))               # the frames are integrate's
+    want = np.stack([events.integrate(e, 4, (34, 34, 2), 0, P.duration_us)
+                     for e in ndigits.split_events(ev, offsets)]).transpose(0, 1, 3, 4, 2)
+    idx_train, _ = ndigits.split_indices(labels, 0.2, 0)
+    np.testing.assert_array_equal(train.frames, want[idx_train])
+    assert want.sum() == len(ev)                                        # every event counted
+
+    with monkeypatch.context() as m:
+        forbid(m, "generate", "load_events")
+        train2, test2 = ndigits.load_splits(cfg)
+    np.testing.assert_array_equal(train2.frames, train.frames)
+    np.testing.assert_array_equal(test2.labels, test.labels)
+
+    with monkeypatch.context() as m:                                    # new T: from cached events
+        forbid(m, "generate")
+        ndigits.load_splits(dataclasses.replace(cfg, timesteps=7))
+    cached_ev, cached_off, _ = ndigits.load_events(tmp_path)
+    np.testing.assert_array_equal(cached_ev, ev)
+    np.testing.assert_array_equal(cached_off, offsets)
+
+    ndigits.load_splits(dataclasses.replace(cfg, seed=1))
+    ndigits.load_splits(cfg, params=dataclasses.replace(P, threshold=0.15))
+    names = sorted(p.name for p in (tmp_path / "ndigits").iterdir())
+    assert len([n for n in names if n.startswith("events_")]) == 3 and not any(".tmp" in n for n in names)
+    assert len({ndigits.cache_key(P, 0), ndigits.cache_key(P, 1),
+                ndigits.cache_key(dataclasses.replace(P, threshold=0.15), 0)}) == 3
+
+
+def test_split_stratified_disjoint_fixed():
+    _, labels = ndigits.digits()
+    train, test = ndigits.split_indices(labels, 0.2, seed=0)
+    assert len(np.intersect1d(train, test)) == 0 and len(train) + len(test) == len(labels) == 1797
+    assert (np.diff(train) > 0).all() and (np.diff(test) > 0).all()
+    for c in range(10):
+        assert (labels[test] == c).sum() == round(0.2 * (labels == c).sum())
+    again = ndigits.split_indices(labels, 0.2, seed=0)
+    np.testing.assert_array_equal(again[1], test)
+    assert not np.array_equal(ndigits.split_indices(labels, 0.2, seed=1)[1], test)
+
+
+def test_registry_and_config_checks(tmp_path, small_digits):
+    with pytest.raises(ValueError, match=r"unknown data set 'mnist'; valid names: \[.*'ndigits'.*\]"):
+        data.load(DataConfig(name="mnist"))
+    with pytest.raises(ValueError, match=r"N-Digits frames are \(34, 34\); data.size = \(16, 16\)"):
+        data.load(DataConfig(data_dir=str(tmp_path), size=(16, 16)))
+    train, test = data.load(DataConfig(data_dir=str(tmp_path), timesteps=3))
+    assert train.num_classes == 10 and train.sensor_hw == (34, 34) and len(train) + len(test) == 60
+    with pytest.raises(ValueError, match="not a multiple of dt_us"):
+        ndigits.NDigitsParams(saccade_ms=0.3)
+
+
+def test_full_set_split_sizes_and_learnable(tmp_path):
+    """All 1797 samples: generation, cache, split sizes; logistic regression on summed frames."""
+    import threadpoolctl
+    from sklearn.linear_model import LogisticRegression
+
+    train, test = ndigits.load_splits(DataConfig(data_dir=str(tmp_path), timesteps=5))
+    assert (len(train), len(test)) == (1438, 359) and train.frames.shape[1:] == (5, 34, 34, 2)
+    xtr = train.frames.sum(1).reshape(len(train), -1) / 10.0
+    xte = test.frames.sum(1).reshape(len(test), -1) / 10.0
+    with threadpoolctl.threadpool_limits(1):                          # 2 shared cores: no BLAS spin-waits
+        acc = LogisticRegression(max_iter=1000).fit(xtr, train.labels).score(xte, test.labels)
+    assert acc > 0.9
