@@ -42,6 +42,7 @@ def parse_args(argv=None):
 
 def setup_logging(workdir: pathlib.Path):
     log.setLevel(logging.INFO)
+    log.propagate = False                      # orbax/absl configure the root logger; print once
     log.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(workdir / "train.log")):
