@@ -42,10 +42,23 @@ class NeuronConfig:
 class ModelConfig:
     """Network architecture; ``name`` resolves through ``aoi_jax.models.MODELS``."""
 
-    name: str = "small_snn"  # small_snn | vggsnn
+    name: str = "small_snn"  # small_snn | vggsnn | gesture_snn | resnet18 | resnet20 | vgg16
     channels: tuple[int, ...] = (16, 32, 64)  # small_snn only: conv widths, each + 2x2 avg-pool; others: ()
     num_classes: int = 10
     neuron: NeuronConfig = NeuronConfig()
+    # lif: spiking cells of ``neuron`` (direct training) | qcfs: ANN with QCFS activations and a learnt
+    # threshold lam per layer | if: the converted SNN, IF cells of threshold lam (aoi_jax/convert.py);
+    # qcfs and if need neuron = IF in units of lam: tau=1, vth=1, reset="soft" (v0: start, 0.5 = lam / 2)
+    activation: str = "lif"
+    levels: int = 4  # QCFS quantisation steps L (activation == "qcfs"; 4 in the reference, also 8)
+    tebn_steps: int = 0  # TEBN: BatchNorm followed by a learnt scale p_t for each of this many steps T; 0 = off
+
+    def __post_init__(self):
+        _check_choice("model.activation", self.activation, ("lif", "qcfs", "if"))
+        if self.levels < 1:
+            raise ValueError(f"model.levels must be >= 1, got {self.levels}")
+        if self.tebn_steps < 0:
+            raise ValueError(f"model.tebn_steps must be >= 0, got {self.tebn_steps}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +72,7 @@ class DataConfig:
     size: tuple[int, ...] = ()  # (H, W) frame size after spatial downsampling; () keeps the sensor's
     translate: int = 0  # training augmentation: max random integer shift in px at the native resolution
     hflip: bool = False  # training augmentation: random horizontal flip
+    cutout: int = 0  # CIFAR training augmentation: side in px of one random square zeroed (Cutout); 0 = off
 
 
 @dataclasses.dataclass(frozen=True)

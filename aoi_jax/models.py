@@ -9,6 +9,12 @@ spikes times fan-out (reference-semantics.md section 9 item 3; border effects ar
 
 Calibration (reference-semantics.md section 7) runs the forward pass with inverted dropout of rate
 ``dropout`` on every spiking layer's output; it draws from the explicit ``key``.
+
+``ModelConfig.activation`` picks what sits at each spiking layer of the same architecture (one forward):
+``"lif"`` the cells of ``ModelConfig.neuron`` (direct training); ``"qcfs"`` the QCFS activation of an ANN
+with a learnt threshold ``lam_l`` per layer (``aoi_jax.qcfs``); ``"if"`` the converted SNN, IF cells of
+threshold ``lam_l`` emitting ``lam_l`` per spike (``aoi_jax.convert``). ``ModelConfig.tebn_steps > 0``
+follows every conv BatchNorm by TEBN's per-timestep scale (``TEBatchNorm``).
 """
 
 import dataclasses
@@ -17,20 +23,58 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from aoi_jax import neurons
+from aoi_jax import neurons, qcfs
 from aoi_jax.config import ModelConfig, NeuronConfig
 
 _kaiming_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _conv(cin, cout, kernel, stride, padding, rngs):
+def _conv(cin, cout, kernel, stride, padding, rngs, *, use_bias=True):
     return nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride),
                     padding=padding if isinstance(padding, str) else [(padding, padding)] * 2,
-                    kernel_init=_kaiming_fan_out, rngs=rngs)
+                    use_bias=use_bias, kernel_init=_kaiming_fan_out, rngs=rngs)
 
 
-def _bn(c, rngs):
-    return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, rngs=rngs)  # PyTorch momentum 0.1
+class TEBatchNorm(nnx.BatchNorm):
+    """BatchNorm followed by TEBN's learnt per-timestep scale (reference-semantics.md section 4).
+
+    The reference's ``TEBNLayer``: BatchNorm3d over (N, C, T, H, W), i.e. statistics per channel over
+    (N, T, H, W), then ``y_t * p_t`` with one scalar ``p_t`` per time step, initialised to 1::
+
+        y   = gamma * (u - mean) / sqrt(var + eps) + beta      # mean, var over (T*N, H, W): all steps
+        out = p_t * y_t
+
+    On the folded (T*N, ...) batch plain BatchNorm already takes its statistics over time, so only the
+    scale is new. ``__call__`` is ``nnx.BatchNorm``'s; the models apply ``scale_time`` after it.
+    """
+
+    def __init__(self, num_features, timesteps, *, rngs: nnx.Rngs):
+        super().__init__(num_features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+        self.time_scale = nnx.Param(jnp.ones((timesteps,), jnp.float32))
+
+    def scale_time(self, y, *, T=None, t=None):
+        """``p_t * y``: on a folded batch (T*N, ...) given ``T``, or on one step's (N, ...) given ``t``.
+
+        Raises:
+          ValueError: neither or both of T and t given, or T differs from the number of scales.
+        """
+        p = self.time_scale[...]
+        if (T is None) == (t is None):
+            raise ValueError("TEBN scales each time step by p_t: give T (folded batch) or t (one step)")
+        if t is not None:
+            return y * p[t]
+        if T != p.shape[0]:
+            raise ValueError(f"TEBN has {p.shape[0]} per-timestep scales (model.tebn_steps) but the input "
+                             f"has T = {T} steps")
+        x = y.reshape(T, y.shape[0] // T, *y.shape[1:])
+        return (x * p.reshape(T, *(1,) * (x.ndim - 1))).reshape(y.shape)
+
+
+def _bn(c, rngs, tebn_steps=0):
+    """BatchNorm (PyTorch momentum 0.1), or ``TEBatchNorm`` when ``tebn_steps > 0``."""
+    if tebn_steps:
+        return TEBatchNorm(c, tebn_steps, rngs=rngs)
+    return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, rngs=rngs)
 
 
 def _avg_pool(h):
@@ -57,27 +101,71 @@ def spiking(u, T, neuron: NeuronConfig, *, dropout=0.0, key=None):
     x = u.reshape(T, u.shape[0] // T, *u.shape[1:])
     s, m = neurons.lif(x, tau=neuron.tau, vth=neuron.vth, reset=neuron.reset, v0=neuron.v0,
                        surrogate=neuron.surrogate, width=neuron.width)
-    h = s
-    if dropout > 0.0:
-        if key is None:
-            raise ValueError("dropout > 0 needs a PRNG key")
-        keep = jax.random.bernoulli(key, 1.0 - dropout, s.shape)
-        h = jnp.where(keep, s / (1.0 - dropout), 0.0)
-    return h.reshape(u.shape), (s, m)
+    return _dropout(s, dropout, key).reshape(u.shape), (s, m)
+
+
+def _dropout(h, rate, key):
+    """Inverted dropout: each entry kept with probability 1 - rate and scaled by 1 / (1 - rate)."""
+    if rate == 0.0:
+        return h
+    if key is None:
+        raise ValueError("dropout > 0 needs a PRNG key")
+    keep = jax.random.bernoulli(key, 1.0 - rate, h.shape)
+    return jnp.where(keep, h / (1.0 - rate), 0.0)
 
 
 class SpikingNet(nnx.Module):
     """Base of the models: one ``forward`` per architecture, run multistep or one step at a time.
 
-    A subclass sets ``neuron`` and ``fan_out`` and defines ``forward(h, cell, *, train)``: the layers on
-    a folded batch ``h`` (B, H, W, C), calling ``cell(i, u)`` on the pre-activation of spiking layer i
-    and continuing with what it returns. ``__call__`` runs it on (T*N, ...) with ``cell`` scanning the
-    LIF cell over time; ``step`` runs it on one frame with ``cell`` advancing carried membranes by one
-    ``neurons.lif_step``. Both give the same spikes (a feed-forward net is exact in either order).
+    A subclass calls ``_setup(cfg, fan_out)`` and defines ``forward(h, cell, norm)``: the layers on a
+    folded batch ``h`` (B, H, W, C), calling ``cell(i, u)`` on the pre-activation of spiking layer i and
+    ``norm(bn, u)`` for each BatchNorm, continuing with what they return. ``__call__`` runs it on
+    (T*N, ...) with ``cell`` scanning the cell over time; ``step`` runs it on one frame with ``cell``
+    advancing carried membranes by one ``neurons.lif_step``. Both give the same spikes (a feed-forward net
+    is exact in either order).
+
+    The layer at spiking layer i, by ``activation`` (``lam_i = thresholds[i]``, the learnt QCFS threshold)::
+
+        lif:   s = lif(u; neuron)                                   output s
+        qcfs:  y = qcfs(u, lam_i, levels)                           output y   (an ANN; no time dynamics)
+        if:    s = lif(u / lam_i; tau=1, vth=1, soft, v0)           output lam_i * s
+
+    The ``if`` cell is the IF neuron of threshold ``lam_i`` and initial membrane ``v0 * lam_i`` (v0 = 0.5:
+    half the threshold), soft reset, emitting ``lam_i`` per spike, computed in units of ``lam_i``: dividing
+    ``h_t = v_t + x_t``, ``s_t = 1[h_t > lam]``, ``m_t = h_t - lam s_t`` by ``lam > 0`` gives the same
+    recursion for ``h / lam``, ``v / lam``, ``x / lam`` with threshold 1, so the spikes are identical and
+    the membranes returned (and carried by ``step``) are ``m_t / lam``: one ``NeuronConfig`` serves every
+    layer, and RCS reads the membranes with ``vth = 1``.
     """
 
+    CONVERTIBLE = True  # only linear pooling (average), so a QCFS / IF form exists
+
+    def _setup(self, cfg: ModelConfig, fan_out):
+        """Stores the activation settings and, for qcfs / if, the per-layer thresholds (initial 8.0)."""
+        self.neuron = cfg.neuron
+        self.activation = cfg.activation
+        self.levels = cfg.levels
+        self.fan_out = tuple(fan_out)
+        if cfg.activation != "lif" and not self.CONVERTIBLE:
+            raise ValueError(f"{type(self).__name__} uses max pooling, which has no IF equivalent: "
+                             f"model.activation must be 'lif', got {cfg.activation!r}")
+        self.thresholds = None if cfg.activation == "lif" else \
+            nnx.Param(jnp.full((len(self.fan_out),), qcfs.LAM_INIT, jnp.float32))
+
+    def _norm(self, train, *, T=None, t=None):
+        """``norm(bn, u)``: BatchNorm (batch statistics when training, else running averages), then TEBN's
+        per-timestep scale for a ``TEBatchNorm`` (folded over ``T`` steps, or at step ``t``)."""
+        def norm(bn, u):
+            y = bn(u, use_running_average=not train)
+            return bn.scale_time(y, T=T, t=t) if isinstance(bn, TEBatchNorm) else y
+        return norm
+
     def __call__(self, x, *, train=False, dropout=0.0, key=None):
-        """x: (T, N, H, W, C) -> (logits (T, N, K), ((spikes, membranes), ...) each (T, N, ...))."""
+        """x: (T, N, H, W, C) -> (logits (T, N, K), layers), one entry of ``layers`` per spiking layer.
+
+        ``layers[i]`` is ``(spikes, membranes)``, each (T, N, ...), for ``lif`` and ``if`` (``if``
+        membranes in units of the layer's threshold); for ``qcfs`` it is ``(activations, pre-activations)``.
+        """
         if x.ndim != 5:
             raise ValueError(f"expected frames (T, N, H, W, C), got shape {x.shape}")
         T, N = x.shape[:2]
@@ -86,12 +174,26 @@ class SpikingNet(nnx.Module):
         layers = []
 
         def cell(i, u):
-            h, sm = spiking(u, T, self.neuron, dropout=dropout, key=keys[i])
+            if self.activation == "qcfs":
+                y = qcfs.qcfs(u, self.thresholds[i], self.levels)
+                layers.append(tuple(a.reshape(T, N, *a.shape[1:]) for a in (y, u)))
+                return _dropout(y, dropout, keys[i])
+            if self.activation == "lif":
+                h, sm = spiking(u, T, self.neuron, dropout=dropout, key=keys[i])
+                layers.append(sm)
+                return h
+            lam = self.thresholds[i]
+            h, sm = spiking(u / lam, T, self.neuron, dropout=dropout, key=keys[i])
             layers.append(sm)
-            return h
+            return h * lam
 
-        logits = self.forward(x.reshape(T * N, *x.shape[2:]), cell, train=train)
+        logits = self.forward(x.reshape(T * N, *x.shape[2:]), cell, self._norm(train, T=T))
         return logits.reshape(T, N, -1), tuple(layers)
+
+    def _check_spiking(self, what):
+        if self.activation == "qcfs":
+            raise ValueError(f"{what} needs a spiking model; this is a QCFS ANN (activation 'qcfs'): "
+                             "convert it first with aoi_jax.convert")
 
     def init_membranes(self, frame_shape):
         """Initial carried membranes for ``step``: one (N, ...) array per spiking layer, filled with v0.
@@ -99,23 +201,33 @@ class SpikingNet(nnx.Module):
         Args:
           frame_shape: (N, H, W, C) of one input frame.
         """
-        shapes = jax.eval_shape(lambda: self(jnp.zeros((1, *frame_shape)))[1])
-        return tuple(jnp.full(m.shape[1:], self.neuron.v0, m.dtype) for _, m in shapes)
+        self._check_spiking("init_membranes")
+        shapes = []
 
-    def step(self, membranes, frame):
+        def cell(i, u):
+            shapes.append(u)
+            return u
+
+        jax.eval_shape(lambda: self.forward(jnp.zeros(frame_shape), cell, self._norm(False, t=0)))
+        return tuple(jnp.full(u.shape, self.neuron.v0, u.dtype) for u in shapes)
+
+    def step(self, membranes, frame, t=None):
         """One time step (evaluation mode): ``(membranes, frame (N, H, W, C)) -> (membranes, logits (N, K),
-        spikes)``, where ``spikes`` holds each layer's spike count per sample, (L, N)."""
+        spikes)``, where ``spikes`` holds each layer's spike count per sample, (L, N). ``t`` (0-based) is
+        needed only by TEBN models, whose BatchNorm scale depends on the step."""
+        self._check_spiking("step")
         n = self.neuron
         new, counts = [], []
 
         def cell(i, u):
-            v, s, _ = neurons.lif_step(membranes[i], u, tau=n.tau, vth=n.vth, reset=n.reset,
-                                       surrogate=n.surrogate, width=n.width)
+            lam = self.thresholds[i] if self.activation == "if" else None
+            v, s, _ = neurons.lif_step(membranes[i], u if lam is None else u / lam, tau=n.tau, vth=n.vth,
+                                       reset=n.reset, surrogate=n.surrogate, width=n.width)
             new.append(v)
             counts.append(s.reshape(s.shape[0], -1).sum(-1))
-            return s
+            return s if lam is None else s * lam
 
-        logits = self.forward(frame, cell, train=False)
+        logits = self.forward(frame, cell, self._norm(False, t=t))
         return tuple(new), logits, jnp.stack(counts)
 
 
@@ -127,20 +239,19 @@ class SmallSNN(SpikingNet):
 
     def __init__(self, cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs):
         H, W, C = input_shape
-        self.neuron = cfg.neuron
         chans = (C, *cfg.channels)
         self.convs = nnx.List([_conv(a, b, 3, 1, 1, rngs) for a, b in zip(chans[:-1], chans[1:])])
-        self.norms = nnx.List([_bn(b, rngs) for b in chans[1:]])
+        self.norms = nnx.List([_bn(b, rngs, cfg.tebn_steps) for b in chans[1:]])
         for _ in cfg.channels:
             H, W = H // 2, W // 2
         if H == 0 or W == 0:
             raise ValueError(f"input {input_shape} too small for {len(cfg.channels)} pooling stages")
         self.head = nnx.Linear(H * W * chans[-1], cfg.num_classes, rngs=rngs)
-        self.fan_out = tuple(9 * c for c in cfg.channels[1:]) + (cfg.num_classes,)
+        self._setup(cfg, tuple(9 * c for c in cfg.channels[1:]) + (cfg.num_classes,))
 
-    def forward(self, h, cell, *, train):
+    def forward(self, h, cell, norm):
         for i, (conv, bn) in enumerate(zip(self.convs, self.norms)):
-            h = _avg_pool(cell(i, bn(conv(h), use_running_average=not train)))
+            h = _avg_pool(cell(i, norm(bn, conv(h))))
         return self.head(h.reshape(h.shape[0], -1))
 
 
@@ -157,30 +268,29 @@ class VGGSNN(SpikingNet):
 
     def __init__(self, cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs):
         H, W, C = input_shape
-        self.neuron = cfg.neuron
-        convs, norms = [_conv(C, 64, 8, 4, 3, rngs)], [_bn(64, rngs)]
+        convs, norms = [_conv(C, 64, 8, 4, 3, rngs)], [_bn(64, rngs, cfg.tebn_steps)]
         H, W, cin = (H + 6 - 8) // 4 + 1, (W + 6 - 8) // 4 + 1, 64
         for item in VGG_PLAN:
             if item == "P":
                 H, W = H // 2, W // 2
             else:
                 convs.append(_conv(cin, item, 3, 1, 1, rngs))
-                norms.append(_bn(item, rngs))
+                norms.append(_bn(item, rngs, cfg.tebn_steps))
                 cin = item
         if H == 0 or W == 0:
             raise ValueError(f"input {input_shape} too small for VGGSNN")
         self.convs, self.norms = nnx.List(convs), nnx.List(norms)
         self.head = nnx.Linear(H * W * cin, cfg.num_classes, rngs=rngs)
-        self.fan_out = tuple(9 * c for c in VGG_PLAN if c != "P") + (cfg.num_classes,)
+        self._setup(cfg, tuple(9 * c for c in VGG_PLAN if c != "P") + (cfg.num_classes,))
 
-    def forward(self, h, cell, *, train):
-        h = cell(0, self.norms[0](self.convs[0](h), use_running_average=not train))
+    def forward(self, h, cell, norm):
+        h = cell(0, norm(self.norms[0], self.convs[0](h)))
         i = 1
         for item in VGG_PLAN:
             if item == "P":
                 h = _avg_pool(h)
             else:
-                h = cell(i, self.norms[i](self.convs[i](h), use_running_average=not train))
+                h = cell(i, norm(self.norms[i], self.convs[i](h)))
                 i += 1
         return self.head(h.reshape(h.shape[0], -1))
 
@@ -190,41 +300,163 @@ class GestureSNN(SpikingNet):
 
     Conv(C->64, k4, s4, valid), Conv 64->128, then four times [2x2 max pool, Conv 128->128], a last
     max pool, each conv followed by BatchNorm and LIF; Linear(128*h*w, 512) + BatchNorm + LIF;
-    Linear(512, K). For 128x128 input the map before the first Linear is 1x1.
+    Linear(512, K). For 128x128 input the map before the first Linear is 1x1. Its max pooling has no IF
+    equivalent, so it has no QCFS / IF form.
     """
+
+    CONVERTIBLE = False
 
     def __init__(self, cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs):
         H, W, C = input_shape
-        self.neuron = cfg.neuron
+        tebn = cfg.tebn_steps
         self.convs = nnx.List([_conv(C, 64, 4, 4, "VALID", rngs), _conv(64, 128, 3, 1, 1, rngs)]
                               + [_conv(128, 128, 3, 1, 1, rngs) for _ in range(4)])
-        self.norms = nnx.List([_bn(64, rngs), _bn(128, rngs)] + [_bn(128, rngs) for _ in range(4)])
+        self.norms = nnx.List([_bn(64, rngs, tebn)] + [_bn(128, rngs, tebn) for _ in range(5)])
         H, W = H // 4 // 32, W // 4 // 32
         if H == 0 or W == 0:
             raise ValueError(f"input {input_shape} too small for GestureSNN (needs at least 128x128)")
         self.fc = nnx.Linear(128 * H * W, 512, rngs=rngs)
-        self.fc_norm = _bn(512, rngs)
+        self.fc_norm = _bn(512, rngs)  # a BatchNorm1d in the reference: TEBN leaves it plain
         self.head = nnx.Linear(512, cfg.num_classes, rngs=rngs)
-        self.fan_out = (9 * 128,) * 5 + (512, cfg.num_classes)
+        self._setup(cfg, (9 * 128,) * 5 + (512, cfg.num_classes))
 
-    def forward(self, h, cell, *, train):
+    def forward(self, h, cell, norm):
         for i, (conv, bn) in enumerate(zip(self.convs, self.norms)):
             if i >= 2:
                 h = _max_pool(h)
-            h = cell(i, bn(conv(h), use_running_average=not train))
+            h = cell(i, norm(bn, conv(h)))
         h = _max_pool(h)
-        h = cell(len(self.convs), self.fc_norm(self.fc(h.reshape(h.shape[0], -1)), use_running_average=not train))
+        h = cell(len(self.convs), norm(self.fc_norm, self.fc(h.reshape(h.shape[0], -1))))
         return self.head(h)
 
 
-MODELS = {"small_snn": SmallSNN, "vggsnn": VGGSNN, "gesture_snn": GestureSNN}
+class BasicBlock(nnx.Module):
+    """ResNet basic block (the reference's ``BasicBlock``), two spiking layers::
+
+        o = cell(i,     norm(bn1, conv3x3_s(h)))
+        o = cell(i + 1, norm(bn2, conv3x3(o)) + shortcut(h))
+
+    shortcut = identity, or conv1x1_s + BatchNorm when the stride or the width changes; convs without bias.
+    """
+
+    def __init__(self, cin, cout, stride, tebn_steps, *, rngs: nnx.Rngs):
+        self.conv1 = _conv(cin, cout, 3, stride, 1, rngs, use_bias=False)
+        self.bn1 = _bn(cout, rngs, tebn_steps)
+        self.conv2 = _conv(cout, cout, 3, 1, 1, rngs, use_bias=False)
+        self.bn2 = _bn(cout, rngs, tebn_steps)
+        self.projection = stride != 1 or cin != cout
+        if self.projection:
+            self.short_conv = _conv(cin, cout, 1, stride, 0, rngs, use_bias=False)
+            self.short_bn = _bn(cout, rngs, tebn_steps)
+
+    def __call__(self, h, i, cell, norm):
+        o = cell(i, norm(self.bn1, self.conv1(h)))
+        short = norm(self.short_bn, self.short_conv(h)) if self.projection else h
+        return cell(i + 1, norm(self.bn2, self.conv2(o)) + short)
+
+
+class ResNet(SpikingNet):
+    """CIFAR ResNets of the reference (``models/ResNet.py``): ResNet-18 and ResNet-20.
+
+    Stem Conv 3x3 (C -> w0, no bias) + BatchNorm + cell, no max pool; stages of ``BasicBlock``s, the
+    first block of each stage after the first with stride 2; global average pool; Linear(w_last, K).
+    ResNet-18: widths 64, 128, 256, 512, two blocks each (17 spiking layers). ResNet-20: widths 16, 32,
+    64, three blocks each (19 spiking layers). Fan-out of a block's input: 9 w (its conv1) plus 1 for an
+    identity shortcut or w for a projection; of the last layer: K.
+    """
+
+    STAGES: tuple[tuple[int, int], ...] = ()  # (width, blocks) per stage
+
+    def __init__(self, cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs):
+        w0 = self.STAGES[0][0]
+        self.stem = _conv(input_shape[-1], w0, 3, 1, 1, rngs, use_bias=False)
+        self.stem_bn = _bn(w0, rngs, cfg.tebn_steps)
+        blocks, cin = [], w0
+        for s, (width, n) in enumerate(self.STAGES):
+            for b in range(n):
+                blocks.append(BasicBlock(cin, width, 2 if s > 0 and b == 0 else 1, cfg.tebn_steps, rngs=rngs))
+                cin = width
+        self.blocks = nnx.List(blocks)
+        self.head = nnx.Linear(cin, cfg.num_classes, rngs=rngs)
+        fan_out = []
+        for blk in self.blocks:  # the layer feeding each block, then the block's inner layer
+            cout = blk.conv1.out_features
+            fan_out += [9 * cout + (cout if blk.projection else 1), 9 * cout]
+        self._setup(cfg, fan_out + [cfg.num_classes])
+
+    def forward(self, h, cell, norm):
+        h = cell(0, norm(self.stem_bn, self.stem(h)))
+        for b, block in enumerate(self.blocks):
+            h = block(h, 2 * b + 1, cell, norm)
+        return self.head(h.mean(axis=(1, 2)))
+
+
+class ResNet18(ResNet):
+    __doc__ = ResNet.__doc__
+    STAGES = ((64, 2), (128, 2), (256, 2), (512, 2))
+
+
+class ResNet20(ResNet):
+    __doc__ = ResNet.__doc__
+    STAGES = ((16, 3), (32, 3), (64, 3))
+
+
+VGG16_PLAN = (64, 64, "P", 128, 128, "P", 256, 256, 256, "P", 512, 512, 512, "P", 512, 512, 512, "P")
+
+
+class VGG16(SpikingNet):
+    """The reference's CIFAR VGG-16 (``models/VGG.py``, dropout 0) with average pooling.
+
+    Conv 3x3 (with bias) + BatchNorm + cell for 64,64,P,128,128,P,256x3,P,512x3,P,512x3,P (P = 2x2
+    average pool); then Linear(512*h*w, 4096) + cell, Linear(4096, 4096) + cell, Linear(4096, K)
+    (h = w = 1 for 32x32 input): 15 spiking layers.
+    """
+
+    def __init__(self, cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs):
+        H, W, cin = input_shape
+        convs, norms = [], []
+        for item in VGG16_PLAN:
+            if item == "P":
+                H, W = H // 2, W // 2
+            else:
+                convs.append(_conv(cin, item, 3, 1, 1, rngs))
+                norms.append(_bn(item, rngs, cfg.tebn_steps))
+                cin = item
+        if H == 0 or W == 0:
+            raise ValueError(f"input {input_shape} too small for VGG-16 (needs at least 32x32)")
+        self.convs, self.norms = nnx.List(convs), nnx.List(norms)
+        self.fc1 = nnx.Linear(H * W * cin, 4096, rngs=rngs)
+        self.fc2 = nnx.Linear(4096, 4096, rngs=rngs)
+        self.head = nnx.Linear(4096, cfg.num_classes, rngs=rngs)
+        widths = [c for c in VGG16_PLAN if c != "P"]
+        self._setup(cfg, [9 * c for c in widths[1:]] + [4096, 4096, cfg.num_classes])
+
+    def forward(self, h, cell, norm):
+        i = 0
+        for item in VGG16_PLAN:
+            if item == "P":
+                h = _avg_pool(h)
+            else:
+                h = cell(i, norm(self.norms[i], self.convs[i](h)))
+                i += 1
+        h = cell(i, self.fc1(h.reshape(h.shape[0], -1)))
+        h = cell(i + 1, self.fc2(h))
+        return self.head(h)
+
+
+MODELS = {"small_snn": SmallSNN, "vggsnn": VGGSNN, "gesture_snn": GestureSNN, "resnet18": ResNet18,
+          "resnet20": ResNet20, "vgg16": VGG16}
+
+IF_NEURON = {"tau": 1.0, "vth": 1.0, "reset": "soft"}  # activation qcfs / if: the IF cell in units of lam
 
 
 def build(cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs) -> nnx.Module:
     """Builds the model named ``cfg.name`` for per-step frames of ``input_shape = (H, W, C)``.
 
     Raises:
-      ValueError: unknown model name (the message lists the valid ones).
+      ValueError: unknown model name (the message lists the valid ones); ``channels`` set for a fixed
+        plan or empty for small_snn; activation qcfs / if with a neuron other than ``IF_NEURON`` or on
+        a model with max pooling; TEBN with activation other than lif.
     """
     if cfg.name not in MODELS:
         raise ValueError(f"unknown model.name {cfg.name!r}; valid: {sorted(MODELS)}")
@@ -233,6 +465,14 @@ def build(cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs) -> nnx.Module:
                          f"set model.channels=() (got {cfg.channels})")
     if cfg.name == "small_snn" and not cfg.channels:
         raise ValueError("small_snn needs at least one conv width in model.channels")
+    if cfg.activation != "lif":
+        wrong = {k: getattr(cfg.neuron, k) for k, v in IF_NEURON.items() if getattr(cfg.neuron, k) != v}
+        if wrong:
+            raise ValueError(f"model.activation {cfg.activation!r} converts to IF cells in units of the "
+                             f"layer threshold: model.neuron needs {IF_NEURON}, got {wrong}")
+        if cfg.tebn_steps:
+            raise ValueError(f"model.tebn_steps is for directly trained SNNs (activation 'lif'), "
+                             f"got activation {cfg.activation!r}")
     return MODELS[cfg.name](cfg, tuple(input_shape), rngs=rngs)
 
 

@@ -15,6 +15,21 @@ def _num_last(T, fraction):
     return T if k == 0 else k
 
 
+def _max_by_argmax(x, axis=None):
+    """``jnp.max(x, axis)`` whose gradient flows to the (first) maximal entry only.
+
+    ``jnp.max`` differentiates as ``1[x == max] / count(x == max)``; under ``jax.jit`` XLA may fuse the
+    recomputed operand differently from the forward pass, so that no entry equals the max and the gradient
+    is 0/0 = NaN (it happened in QCFS training, and a NaN times alpha = 0 is still NaN). A gather at the
+    argmax has no such division; it routes the gradient like torch's ``max(dim)``.
+    """
+    if axis is None:
+        flat = x.reshape(-1)
+        return flat[jnp.argmax(flat)]
+    idx = jnp.expand_dims(jnp.argmax(x, axis=axis), axis)
+    return jnp.take_along_axis(x, idx, axis=axis).squeeze(axis)
+
+
 def rcs_scores(spikes, membranes, vth=1.0, window=0.3):
     """Per-sample RCS score of one spiking layer::
 
@@ -57,7 +72,7 @@ def rcs_ann_scores(preactivations):
       scores, (N,).
     """
     xp = jax.nn.relu(preactivations.reshape(preactivations.shape[0], -1))
-    return jnp.max(xp) / jnp.sqrt(jnp.mean(xp * xp, axis=-1) + 1e-5)
+    return _max_by_argmax(xp) / jnp.sqrt(jnp.mean(xp * xp, axis=-1) + 1e-5)
 
 
 def correct_late_mask(logits, labels, rcs_n=0.3):
@@ -98,4 +113,4 @@ def rcs_loss(scores, logits, labels, rcs_n=0.3):
         raise ValueError(f"expected scores (L, N), logits (T, N, K), labels (N,), got {scores.shape}, "
                          f"{logits.shape}, {labels.shape}")
     mask = correct_late_mask(logits, labels, rcs_n)
-    return jnp.mean(jnp.max(scores * mask[None, :], axis=1))
+    return jnp.mean(_max_by_argmax(scores * mask[None, :], axis=1))

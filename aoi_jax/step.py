@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from aoi_jax import losses, regularisers
+from aoi_jax import losses, qcfs, regularisers
 from aoi_jax.config import Config, OptimConfig
 
 
@@ -107,3 +107,45 @@ def make_eval_step(graphdef, *, dropout: float = 0.0):
         return logits, counts
 
     return jax.jit(eval_step)
+
+
+def ann_loss_fn(params, batch_stats, batch, *, graphdef, cfg: Config):
+    """QCFS ANN loss ``CE + alpha * rcs_ann`` on one batch, training-mode BatchNorm.
+
+    reference-semantics.md sections 3 and 5 (ANN form): the ANN sees one static frame per sample; its
+    logits are one time step, so the task loss (``task_loss``; "mean" is plain cross-entropy) and RCS's
+    correctness mask read the ANN's own prediction::
+
+        loss = CE(o, y) + alpha * rcs_loss([rcs_ann_scores(x_l) for each QCFS layer l], o (1, N, K), y)
+
+    Args:
+      params, batch_stats: the model's state (``ModelConfig.activation == "qcfs"``).
+      batch: {"frames": (1, N, H, W, C), "label": (N,)}.
+    Returns:
+      (loss, (new batch_stats, metrics dict with loss, task, rcs, accuracy)).
+    Raises:
+      ValueError: frames with more than one time step.
+    """
+    if batch["frames"].shape[0] != 1:
+        raise ValueError(f"the ANN sees one static frame: frames must be (1, N, H, W, C), got "
+                         f"{batch['frames'].shape}")
+    model = nnx.merge(graphdef, params, batch_stats, copy=True)
+    logits, layers = model(batch["frames"], train=True)                      # (1, N, K); (y, x) per layer
+    task = task_loss(logits, batch["label"], cfg)
+    reg = qcfs.ann_rcs_loss([x[0] for _, x in layers], logits, batch["label"], rcs_n=cfg.reg.rcs_n)
+    acc = jnp.mean(jnp.argmax(logits[0], -1) == batch["label"])
+    loss = task + cfg.reg.alpha * reg
+    return loss, (nnx.state(model, nnx.BatchStat), {"loss": loss, "task": task, "rcs": reg, "accuracy": acc})
+
+
+def make_ann_train_step(graphdef, cfg: Config, optimizer: optax.GradientTransformation):
+    """Returns the jit-compiled QCFS ANN ``train_step(state, batch) -> (state, metrics)`` (``ann_loss_fn``)."""
+
+    def train_step(state: TrainState, batch):
+        grads, (batch_stats, metrics) = jax.grad(ann_loss_fn, has_aux=True)(
+            state.params, state.batch_stats, batch, graphdef=graphdef, cfg=cfg)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
+
+    return jax.jit(train_step, donate_argnums=0)

@@ -1,0 +1,74 @@
+"""QCFS activation and the ANN form of RCS, for ANN-to-SNN conversion (reference-semantics.md sections 3, 5).
+
+A QCFS network is one of the ``aoi_jax.models`` with ``ModelConfig.activation == "qcfs"``: every spiking
+layer's cell is replaced by ``qcfs(u, lam_l, levels)`` with a learnable threshold ``lam_l`` per layer
+(``model.thresholds``, initialised to ``LAM_INIT``). ``aoi_jax.convert`` turns the trained network into
+an SNN of IF neurons with the same weights and thresholds.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from aoi_jax import regularisers
+
+LAM_INIT = 8.0  # initial per-layer threshold lam (the reference's vthr)
+
+
+@jax.custom_jvp
+def floor_ste(a):
+    """``floor(a)`` with a straight-through gradient: ``d floor(a) / d a = 1`` (the reference's GradFloor)."""
+    return jnp.floor(a)
+
+
+@floor_ste.defjvp
+def _floor_ste_jvp(primals, tangents):
+    (a,), (da,) = primals, tangents
+    return jnp.floor(a), da
+
+
+def qcfs(x, lam, levels=4):
+    """Quantisation-clip-floor-shift activation with threshold ``lam`` and ``L = levels`` steps.
+
+    reference-semantics.md section 3 (the reference's ``QCFSConstrs``), floor straight-through::
+
+        z = relu(x) / lam
+        q = floor(L z + 0.5) / L
+        y = lam * clip(q, 0, 1)
+
+    Gradients (clip passes the gradient where 0 <= q <= 1, both ends included, as torch.clamp does)::
+
+        dy/dx   = 1[x > 0]                 if q <= 1,   else 0
+        dy/dlam = q - relu(x) / lam        if q <= 1,   else 1
+
+    Args:
+      x: pre-activation, any shape.  lam: threshold, a scalar (> 0).  levels: L >= 1, a Python int.
+    Returns:
+      y, same shape as ``x``: one of the L + 1 values ``lam * k / L``, k = 0..L.
+    Raises:
+      ValueError: levels < 1.
+    """
+    if levels < 1:
+        raise ValueError(f"QCFS levels must be >= 1, got {levels}")
+    q = floor_ste(jax.nn.relu(x) / lam * levels + 0.5) / levels
+    q = jnp.where(q <= 1.0, q, jax.lax.stop_gradient(jnp.minimum(q, 1.0)))   # q >= 0 always
+    return lam * q
+
+
+def ann_rcs_loss(preactivations, logits, labels, rcs_n=0.3):
+    """The ANN form of RCS over a QCFS network's layers (reference-semantics.md section 5)::
+
+        scores[l] = rcs_ann_scores(x_l)                 x_l: pre-activation of QCFS layer l, (N, ...)
+        loss      = rcs_loss(scores (L, N), logits (1, N, K), labels)
+
+    Args:
+      preactivations: sequence of the L layers' pre-activations, each (N, ...).
+      logits: the ANN's logits as one time step, (1, N, K).  labels: (N,).  rcs_n: as in ``rcs_loss``.
+    Returns:
+      scalar loss.
+    Raises:
+      ValueError: logits do not have a single time step, or shapes do not match.
+    """
+    if logits.ndim != 3 or logits.shape[0] != 1:
+        raise ValueError(f"ANN logits must have one time step, (1, N, K), got {logits.shape}")
+    scores = jnp.stack([regularisers.rcs_ann_scores(x) for x in preactivations])
+    return regularisers.rcs_loss(scores, logits, labels, rcs_n=rcs_n)
