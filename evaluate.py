@@ -117,6 +117,8 @@ def evaluate(graphdef, state, cfg: config_lib.Config, fan_out, train_set, test_s
                          "mean_timestep": result["rules"][rule]["mean_timestep"].tolist()}
                   for rule in result["rules"]},
         "topk_beta": result["topk_beta"].tolist(),
+        "spikecp_qhat": result["spikecp_qhat"].tolist(),
+        "entropy_threshold": result["entropy_threshold"].tolist(),
         "anytime": {"epsilon": 0.0, "accuracy": float(np.mean(pred_a == labels_t)),
                     "mean_timestep": float(steps_a.mean()), "fraction_of_steps_computed": frac,
                     "agrees_with_apply_topk": bool(np.array_equal(pred_a, np.asarray(pred_m))
