@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from aoi_jax import anytime, checkpoint, cutoff, data, parallel, step
+from aoi_jax import anytime, checkpoint, convert, cutoff, data, parallel, step
 from aoi_jax import config as config_lib
 
 matplotlib.use("Agg")
@@ -213,8 +213,13 @@ def main(argv=None):
         cfg = config_lib.override(cfg, "eval.calib_dropout", args.calib_dropout)
     if args.min_support is not None:
         cfg = config_lib.override(cfg, "eval.min_support", args.min_support)
-    log.info("restored %s step %d (%s, neuron %s)", ckpt_dir, int(state.step), cfg.model.name,
-             dataclasses.asdict(cfg.model.neuron))
+    if cfg.model.activation == "qcfs":                                   # a QCFS ANN: evaluate its SNN
+        snn_model, graphdef, params, batch_stats = convert.convert(cfg.model, input_shape, state.params,
+                                                                   state.batch_stats)
+        state = step.TrainState(state.step, params, batch_stats, ())
+        cfg = config_lib.override(cfg, "model.activation", snn_model.activation)
+    log.info("restored %s step %d (%s, %s, neuron %s)", ckpt_dir, int(state.step), cfg.model.name,
+             cfg.model.activation, dataclasses.asdict(cfg.model.neuron))
     train_set, test_set = data.load(cfg.data)
     if tuple(train_set.frames.shape[2:]) != tuple(input_shape):
         raise ValueError(f"data frames {train_set.frames.shape[2:]} do not match the checkpoint's input shape "

@@ -5,11 +5,13 @@
 
 Writes into the workdir: ``config.json``, ``train.log``, ``metrics.jsonl`` (one line per epoch),
 ``checkpoints/`` (an orbax checkpoint per epoch, the newest two kept) and, at the end, what
-``evaluate.py`` writes (``report.json`` and the figures). A workdir that already holds checkpoints of the
+``evaluate.py`` writes (``report.json`` and the figures). A config with ``model.activation = "qcfs"``
+trains a QCFS ANN on one static frame per sample and evaluates the SNN of IF neurons it converts to. A workdir that already holds checkpoints of the
 same config resumes from the newest one; a different config there is an error.
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import pathlib
@@ -22,9 +24,8 @@ from flax import nnx
 from tqdm import tqdm
 
 import evaluate
-from aoi_jax import checkpoint, data, models, parallel, step
+from aoi_jax import checkpoint, convert, data, models, parallel, step
 from aoi_jax import config as config_lib
-from aoi_jax.data import augment
 
 log = logging.getLogger("aoi_jax")
 
@@ -78,6 +79,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: pathlib.Path, *, run_eva
         raise ValueError(f"model.num_classes = {cfg.model.num_classes} but data set {cfg.data.name!r} has "
                          f"{train_set.num_classes} classes")
 
+    ann = cfg.model.activation == "qcfs"        # a QCFS ANN: trained on one static frame, then converted
     steps_per_epoch = data.num_batches(len(train_set.labels), cfg.train.batch_size, drop_last=True)
     init_key, calib_key = jax.random.split(jax.random.key(cfg.seed))
     model = models.build(cfg.model, input_shape, rngs=nnx.Rngs(init_key))
@@ -103,8 +105,8 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: pathlib.Path, *, run_eva
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    leave=False, dynamic_ncols=True)
         for batch in bar:
-            frames = augment.augment(batch["frames"], rng, translate=cfg.data.translate,
-                                     hflip=cfg.data.hflip, native_size=train_set.sensor_hw)
+            frames = data.augment_batch(batch["frames"][:1] if ann else batch["frames"], rng, cfg.data,
+                                        train_set.sensor_hw)
             state, metrics = train_step(state, parallel.shard_batch({"frames": frames, "label": batch["label"]}, mesh))
             history.append(metrics)
             if len(history) % 10 == 0:
@@ -112,7 +114,8 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: pathlib.Path, *, run_eva
         bar.close()
         metrics = {k: float(np.mean([m[k] for m in jax.device_get(history)])) for k in history[0]}
         train_seconds = time.time() - t_epoch
-        test_acc = evaluate.accuracy(eval_step, state, test_set, cfg.eval.batch_size, mesh)
+        test_acc = evaluate.accuracy(eval_step, state, first_step(test_set) if ann else test_set,
+                                     cfg.eval.batch_size, mesh)
         record = {"epoch": epoch + 1, "step": int(state.step), **{f"train_{k}": v for k, v in metrics.items()},
                   "test_accuracy": test_acc, "images_per_s": steps_per_epoch * cfg.train.batch_size / train_seconds,
                   "epoch_seconds": time.time() - t_epoch}
@@ -125,7 +128,24 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: pathlib.Path, *, run_eva
     log.info("training done in %.1f s", time.time() - t0)
     if not run_eval:
         return {}
-    return evaluate.evaluate(graphdef, state, cfg, model.fan_out, train_set, test_set, workdir, calib_key, mesh)
+    if ann:
+        graphdef, state, cfg = convert_ann(graphdef, state, cfg, input_shape)
+    fan_out = nnx.merge(graphdef, state.params, state.batch_stats).fan_out
+    return evaluate.evaluate(graphdef, state, cfg, fan_out, train_set, test_set, workdir, calib_key, mesh)
+
+
+def first_step(frameset):
+    """The frame set with only its first time step (N, 1, H, W, C): a QCFS ANN's static input."""
+    return dataclasses.replace(frameset, frames=frameset.frames[:, :1])
+
+
+def convert_ann(graphdef, state, cfg, input_shape):
+    """The QCFS ANN converted to IF neurons (``convert.convert``), as (graphdef, state, cfg) of the SNN."""
+    snn_model, graphdef, params, batch_stats = convert.convert(cfg.model, input_shape, state.params,
+                                                               state.batch_stats)
+    log.info("converted the QCFS ANN to IF neurons; thresholds %s",
+             np.round(np.asarray(params["thresholds"][...]), 3).tolist())
+    return graphdef, step.TrainState(state.step, params, batch_stats, ()), dataclasses.replace(cfg, model=snn_model)
 
 
 def main(argv=None):

@@ -45,7 +45,7 @@ def run_topk(graphdef, params, batch_stats, frames, beta) -> AnytimeResult:
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
     membranes = model.init_membranes(frames.shape[1:])
     n_layers = len(membranes)
-    K = jax.eval_shape(lambda v, f: model.step(v, f)[1], membranes, frames[0]).shape[-1]
+    K = jax.eval_shape(lambda v, f: model.step(v, f, jnp.int32(0))[1], membranes, frames[0]).shape[-1]
 
     def cond(carry):
         t, _, _, done, _, _, _ = carry
@@ -53,7 +53,7 @@ def run_topk(graphdef, params, batch_stats, frames, beta) -> AnytimeResult:
 
     def body(carry):
         t, v, cum, done, pred, exit_t, spikes = carry
-        v, logits, counts = model.step(v, jax.lax.dynamic_index_in_dim(frames, t, keepdims=False))
+        v, logits, counts = model.step(v, jax.lax.dynamic_index_in_dim(frames, t, keepdims=False), t)
         cum = cum + logits
         gap = cutoff.topk_gap(cum[None])[0]
         leave = ~done & ((gap > beta[t]) | (t == T - 1))

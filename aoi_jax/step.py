@@ -76,12 +76,16 @@ def loss_fn(params, batch_stats, batch, *, graphdef, cfg: Config):
 
 
 def make_train_step(graphdef, cfg: Config, optimizer: optax.GradientTransformation):
-    """Returns the jit-compiled ``train_step(state, batch) -> (state, metrics)``."""
+    """Returns the jit-compiled ``train_step(state, batch) -> (state, metrics)``.
+
+    The loss is ``loss_fn`` for spiking models and ``ann_loss_fn`` for a QCFS ANN
+    (``cfg.model.activation == "qcfs"``, batches of one static frame).
+    """
+    objective = ann_loss_fn if cfg.model.activation == "qcfs" else loss_fn
 
     def train_step(state: TrainState, batch):
-        grad_fn = jax.grad(loss_fn, has_aux=True)
-        grads, (batch_stats, metrics) = grad_fn(state.params, state.batch_stats, batch,
-                                                graphdef=graphdef, cfg=cfg)
+        grads, (batch_stats, metrics) = jax.grad(objective, has_aux=True)(
+            state.params, state.batch_stats, batch, graphdef=graphdef, cfg=cfg)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
@@ -136,16 +140,3 @@ def ann_loss_fn(params, batch_stats, batch, *, graphdef, cfg: Config):
     acc = jnp.mean(jnp.argmax(logits[0], -1) == batch["label"])
     loss = task + cfg.reg.alpha * reg
     return loss, (nnx.state(model, nnx.BatchStat), {"loss": loss, "task": task, "rcs": reg, "accuracy": acc})
-
-
-def make_ann_train_step(graphdef, cfg: Config, optimizer: optax.GradientTransformation):
-    """Returns the jit-compiled QCFS ANN ``train_step(state, batch) -> (state, metrics)`` (``ann_loss_fn``)."""
-
-    def train_step(state: TrainState, batch):
-        grads, (batch_stats, metrics) = jax.grad(ann_loss_fn, has_aux=True)(
-            state.params, state.batch_stats, batch, graphdef=graphdef, cfg=cfg)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
-
-    return jax.jit(train_step, donate_argnums=0)

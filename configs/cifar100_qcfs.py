@@ -1,7 +1,7 @@
 """CIFAR-100, ANN-to-SNN conversion: configs/cifar10_qcfs.py with CIFAR-100 (fine labels, its own
 normalisation) and 100 classes.
 
-python -m scripts.convert_qcfs --config configs/cifar100_qcfs.py --data-dir DIR_WITH_cifar-100-python \
+python train.py --config configs/cifar100_qcfs.py --data-dir DIR_WITH_cifar-100-python \
     --workdir runs/cifar100_qcfs
 """
 

@@ -4,7 +4,7 @@ random crop (padding 4), horizontal flip and Cutout 16 (AutoAugment is not imple
 alpha = 0.002; the converted IF SNN is evaluated at T = 4 (raise data.timesteps for more steps).
 Variants: --set model.name=vgg16 / model.name=resnet20, --set model.levels=8, --set reg.alpha=0.
 
-python -m scripts.convert_qcfs --config configs/cifar10_qcfs.py --data-dir DIR_WITH_cifar-10-batches-py \
+python train.py --config configs/cifar10_qcfs.py --data-dir DIR_WITH_cifar-10-batches-py \
     --workdir runs/cifar10_qcfs
 """
 

@@ -2,7 +2,7 @@
 (small conv net, L = 4, learnt thresholds from 8.0), converted to IF neurons and evaluated over T = 8 steps
 with the cutoff. RCS in its ANN form, alpha = 0.002 (alpha = 0 for the baseline).
 
-python -m scripts.convert_qcfs --config configs/ndigits_qcfs.py --workdir runs/ndigits_qcfs [--set reg.alpha=0]
+python train.py --config configs/ndigits_qcfs.py --workdir runs/ndigits_qcfs [--set reg.alpha=0]
 """
 
 from aoi_jax import config as c

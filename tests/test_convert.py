@@ -107,7 +107,7 @@ def trained_ann():
     cfg = config.Config(model=mcfg, reg=config.RegConfig(alpha=0.002), optim=config.OptimConfig(lr=0.05))
     opt = step.make_optimizer(cfg.optim, 120)
     graphdef, state = step.init_state(models.build(mcfg, (16, 16, 2), rngs=nnx.Rngs(0)), opt)
-    train = step.make_ann_train_step(graphdef, cfg, opt)
+    train = step.make_train_step(graphdef, cfg, opt)
     for _ in range(120):
         idx = rng.integers(0, len(y), 64)
         state, metrics = train(state, {"frames": jnp.asarray(x[idx])[None], "label": jnp.asarray(y[idx])})

@@ -150,8 +150,8 @@ def test_frameset_validation(rng):
         events.FrameSet(frames, np.array([0, -1, 1, 3]), 10)
     with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):
         events.FrameSet(frames, np.array([0, 1, 2]), 10)
-    with pytest.raises(ValueError, match=r"\(N, T, H, W, 2\) array, got shape \(4, 3, 2, 5, 7\)"):
-        events.FrameSet(frames.transpose(0, 1, 4, 2, 3), np.arange(4), 10)
+    with pytest.raises(ValueError, match=r"\(N, T, H, W, C\) array, got shape \(4, 5, 7, 2\)"):
+        events.FrameSet(frames[:, 0], np.arange(4), 10)
     with pytest.raises(ValueError, match="labels must be integers"):
         events.FrameSet(frames, np.zeros(4), 10)
     with pytest.raises(ValueError, match="num_classes must be >= 1"):

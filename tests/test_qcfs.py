@@ -108,7 +108,7 @@ def test_ann_train_step_loss_and_update(key):
     ce = optax.softmax_cross_entropy_with_integer_labels(logits[0], batch["label"]).mean()
     rcs = rcs_ann_reference([u[0] for _, u in layers], logits, np.asarray(batch["label"]))
     lam0 = np.asarray(state.params["thresholds"][...])
-    new, metrics = step.make_ann_train_step(graphdef, cfg, opt)(state, batch)
+    new, metrics = step.make_train_step(graphdef, cfg, opt)(state, batch)
     np.testing.assert_allclose(metrics["rcs"], rcs, rtol=1e-5)
     np.testing.assert_allclose(metrics["loss"], ce + 0.5 * rcs, rtol=1e-5)
     assert int(new.step) == 1 and not np.allclose(new.params["thresholds"][...], lam0)   # lam is learnt

@@ -1,13 +1,18 @@
-"""Data sets of event frames: event checks and integration, frame sets and batching, a name registry.
+"""Data sets as frames: event checks and integration, static images, frame sets and batching, a registry.
 
 ``DATASETS`` maps ``DataConfig.name`` to a ``load_splits(data_cfg) -> (train, test)`` function returning two
 ``FrameSet``s; ``load(data_cfg)`` resolves it and raises listing the valid names.
 """
 
-from aoi_jax.data import events, ndigits
+from aoi_jax.data import augment, cifar, events, ndigits, static
 from aoi_jax.data.events import FrameSet, batches, check_events, integrate, num_batches
 
-DATASETS = {"ndigits": ndigits.load_splits}
+DATASETS = {
+    "ndigits": ndigits.load_splits,            # built-in event data set (34x34, 10 classes)
+    "ndigits_summed": static.ndigits_summed,   # N-Digits as static images, for QCFS conversion
+    "cifar10": cifar.load_splits,              # python-pickle batches from data_dir
+    "cifar100": cifar.load_splits,
+}
 
 
 def load(data_cfg) -> tuple[FrameSet, FrameSet]:
@@ -21,4 +26,12 @@ def load(data_cfg) -> tuple[FrameSet, FrameSet]:
     return DATASETS[data_cfg.name](data_cfg)
 
 
-__all__ = ["events", "ndigits", "FrameSet", "batches", "check_events", "integrate", "num_batches", "DATASETS", "load"]
+def augment_batch(frames, rng, data_cfg, sensor_hw):
+    """The training augmentation of data set ``data_cfg.name`` on a (T, B, H, W, C) batch: CIFAR's
+    (``cifar.augment``: black fill, cutout) or the event frames' (``augment.augment``: zero fill)."""
+    if data_cfg.name in cifar.SPECS:
+        return cifar.augment(frames, rng, data_cfg)
+    return augment.augment(frames, rng, data_cfg, sensor_hw)
+
+
+__all__ = ["augment", "augment_batch", "cifar", "events", "ndigits", "static", "FrameSet", "batches", "check_events", "integrate", "num_batches", "DATASETS", "load"]

@@ -21,7 +21,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from aoi_jax.data import augment as augment_lib
 from aoi_jax.data import static
+from aoi_jax.data.events import FrameSet
 
 class Spec(NamedTuple):
     folder: str  # inside data_dir
@@ -96,7 +98,7 @@ def normalise(images: np.ndarray, name: str) -> np.ndarray:
     return (images.astype(np.float32) / 255.0 - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
 
 
-def load_splits(data_cfg) -> tuple[static.ImageSet, static.ImageSet]:
+def load_splits(data_cfg) -> tuple[FrameSet, FrameSet]:
     """(train, test) of ``data_cfg.name`` ("cifar10" | "cifar100") from ``data_cfg.data_dir``.
 
     Frames are the normalised images repeated ``data_cfg.timesteps`` times, (N, T, 32, 32, 3) float32
@@ -110,50 +112,25 @@ def load_splits(data_cfg) -> tuple[static.ImageSet, static.ImageSet]:
         raise ValueError(f"CIFAR images are 32x32; data.size = {tuple(data_cfg.size)} is not supported")
     (x_tr, y_tr), (x_te, y_te) = load_raw(data_cfg.data_dir, data_cfg.name)
     k = _spec(data_cfg.name).num_classes
-    return tuple(static.ImageSet(static.repeat(normalise(x, data_cfg.name), data_cfg.timesteps), y, k, (32, 32))
+    return tuple(FrameSet(static.repeat(normalise(x, data_cfg.name), data_cfg.timesteps), y, k, (32, 32))
                  for x, y in ((x_tr, y_tr), (x_te, y_te)))
 
 
 def augment(frames: np.ndarray, rng: np.random.Generator, data_cfg) -> np.ndarray:
     """The reference's CIFAR training augmentation on a normalised batch, the same for every time step.
 
-    Per sample, drawn from ``rng`` in this order (P = data.translate, S = data.cutout)::
+    ``aoi_jax.data.augment.augment`` with black fill (the reference pads before Normalize), in its order::
 
-        crop:   pad P px of black on each side, take the 32x32 window at top i ~ U{0..2P}, left j ~ U{0..2P}
+        crop:   pad P = data.translate px of black, take the 32x32 window at top, left ~ U{0..2P}
         flip:   mirror left-right with probability 1/2                       (if data.hflip)
-        cutout: centre (y, x) ~ U{0..H-1} x U{0..W-1}; zero rows clip(y - S//2, 0, H) .. clip(y + S//2, 0, H),
-                columns likewise (the reference's Cutout: up to S x S, cut at the border)   (if S > 0)
+        cutout: a square of side S = data.cutout zeroed, cut at the border   (if S > 0)
 
     Args:
       frames: (T, B, H, W, C) normalised images (a batch of ``data.batches``).
       rng: the generator; the result is a function of its state.  data_cfg: a DataConfig of a CIFAR set.
-    Returns:
-      augmented frames, same shape, float32.
     """
-    T, B, H, W, C = frames.shape
-    P, S = int(data_cfg.translate), int(data_cfg.cutout)
-    x = np.array(frames, dtype=np.float32)
-    if P > 0:
-        black = normalise(np.zeros(3, np.uint8), data_cfg.name)
-        padded = np.broadcast_to(black, (T, B, H + 2 * P, W + 2 * P, C)).copy()
-        padded[:, :, P:P + H, P:P + W] = x
-        top, left = rng.integers(0, 2 * P + 1, B), rng.integers(0, 2 * P + 1, B)
-        rows = top[:, None] + np.arange(H)                               # (B, H)
-        cols = left[:, None] + np.arange(W)                              # (B, W)
-        b = np.arange(B)[:, None, None]
-        x = padded[:, b, rows[:, :, None], cols[:, None, :]]             # (T, B, H, W, C)
-    if data_cfg.hflip:
-        flip = rng.random(B) < 0.5
-        x[:, flip] = x[:, flip, :, ::-1]
-    if S > 0:
-        cy, cx = rng.integers(0, H, B), rng.integers(0, W, B)
-        y1, y2 = np.clip(cy - S // 2, 0, H), np.clip(cy + S // 2, 0, H)
-        x1, x2 = np.clip(cx - S // 2, 0, W), np.clip(cx + S // 2, 0, W)
-        r, c = np.arange(H), np.arange(W)
-        hole = ((r[None, :, None] >= y1[:, None, None]) & (r[None, :, None] < y2[:, None, None])
-                & (c[None, None, :] >= x1[:, None, None]) & (c[None, None, :] < x2[:, None, None]))   # (B, H, W)
-        x = np.where(hole[None, :, :, :, None], 0.0, x).astype(np.float32)
-    return x
+    black = normalise(np.zeros(3, np.uint8), data_cfg.name)
+    return augment_lib.augment(frames, rng, data_cfg, frames.shape[2:4], fill=black)
 
 
 __all__ = ["Spec", "SPECS", "read_batch", "load_raw", "normalise", "load_splits", "augment"]

@@ -158,14 +158,15 @@ class FrameSet:
     """Count frames of a split, one recording per row.
 
     Attributes:
-      frames: (N, T, H, W, 2) channels-last counts; float32 or a compact integer count dtype (uint8, ...);
+      frames: (N, T, H, W, C) channels-last: event counts (C = 2 polarities) or static images repeated
+        over T (C = 1 or 3); float32 or a compact integer count dtype (uint8, ...);
         may be a ``np.memmap``. ``batches`` converts to float32.
       labels: (N,) class indices in [0, num_classes), stored as int32.
       num_classes: K >= 1.
       sensor_hw: (H, W) of the native sensor the frames come from (differs from the frame size after
         spatial downsampling); defaults to the frames' (H, W).
     Raises (in ``__post_init__``):
-      ValueError naming the problem: frames not 5-D with 2 channels last, non-numeric frames, labels not
+      ValueError naming the problem: frames not 5-D with channels last, non-numeric frames, labels not
         (N,) integers, a label outside [0, num_classes), num_classes < 1.
     """
 
@@ -176,8 +177,8 @@ class FrameSet:
 
     def __post_init__(self):
         f = self.frames
-        if not isinstance(f, np.ndarray) or f.ndim != 5 or f.shape[-1] != 2:
-            raise ValueError(f"FrameSet.frames must be an (N, T, H, W, 2) array, got shape "
+        if not isinstance(f, np.ndarray) or f.ndim != 5 or f.shape[-1] < 1:
+            raise ValueError(f"FrameSet.frames must be an (N, T, H, W, C) array, got shape "
                              f"{getattr(f, 'shape', None)}")
         if f.dtype != np.float32 and f.dtype.kind not in "iu":
             raise ValueError(f"FrameSet.frames must be float32 or integer counts, got dtype {f.dtype}")
@@ -218,7 +219,7 @@ def batches(frameset: FrameSet, batch_size: int, *, rng: np.random.Generator | N
     than ``batch_size`` unless ``drop_last``.
 
     Yields:
-      ``{"frames": float32 (T, B, H, W, 2), "label": int32 (B,)}``.
+      ``{"frames": float32 (T, B, H, W, C), "label": int32 (B,)}``.
     """
     n = len(frameset.labels)
     nb = num_batches(n, batch_size, drop_last)
