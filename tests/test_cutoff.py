@@ -1,0 +1,433 @@
+"""Cutoff evaluation against direct numpy transcriptions of reference-semantics.md sections 6-8.
+
+The transcriptions are plain loops in float64, except where the reference computes in float32 and a strict
+comparison depends on the last bit: the Top-K gap and its threshold grid (``beta_m = m * delta``) are formed in
+float32 as the reference's torch code forms them, so integer-valued logits (many ties, gaps landing exactly on
+grid points) are compared bit for bit.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aoi_jax import cutoff
+
+
+# ----------------------------------------------------------------------------- transcriptions of the spec
+def cumulative_reference(logits):
+    out, running = [], np.zeros(logits.shape[1:], np.float32)
+    for o_t in logits:
+        running = running + o_t                                    # float32, one step at a time
+        out.append(running)
+    return np.stack(out)
+
+
+def correct_reference(cum, labels):
+    T, N, _ = cum.shape
+    return np.array([[int(np.argmax(cum[t, n])) == labels[n] for n in range(N)] for t in range(T)])
+
+
+def accuracy_reference(cum, labels):
+    c = correct_reference(cum, labels)
+    return np.array([np.mean(c[t]) for t in range(cum.shape[0])])
+
+
+def settled_reference(cum, labels):
+    c = correct_reference(cum, labels).astype(np.float64)
+    for t in range(cum.shape[0] - 1, 0, -1):                       # backward running product
+        c[t - 1] = c[t] * c[t - 1]
+    return c
+
+
+def oct_reference(cum, labels):
+    T, N, _ = cum.shape
+    c = settled_reference(cum, labels)
+    c[T - 1] = 1.0
+    g = [min(t for t in range(T) if c[t, n] == 1) for n in range(N)]
+    hits = [int(np.argmax(cum[g[n], n])) == labels[n] for n in range(N)]
+    return np.mean(hits), np.array(g) + 1
+
+
+def gap_reference(cum):
+    T, N, _ = cum.shape
+    gap = np.zeros((T, N), np.float32)
+    for t in range(T):
+        for n in range(N):
+            top = sorted(cum[t, n].tolist(), reverse=True)
+            gap[t, n] = np.float32(top[0]) - np.float32(top[1])    # float32, as torch.topk values subtract
+    return gap
+
+
+def calibrate_topk_reference(cum, labels, epsilon, bins=100, min_support=0):
+    T = cum.shape[0]
+    gap, settled = gap_reference(cum), settled_reference(cum, labels)
+    delta = np.float32(gap.max()) / np.float32(bins)
+    grid = [np.float32(m) * delta for m in range(bins)]
+    beta = np.zeros(T, np.float32)
+    for t in range(T):
+        for m in range(bins):
+            sel = gap[t] > grid[m]
+            support = sel.sum()
+            conf = (sel * settled[t]).sum() / support if support > 0 else math.nan
+            if m == bins - 1 or (conf >= 1.0 - float(np.float32(epsilon)) and support >= min_support):
+                beta[t] = grid[m]
+                break
+    return beta
+
+
+def exit_reference(fire, cum):
+    """First t with fire[t][n] (else T - 1): (argmax cum[t, n], t + 1) per sample."""
+    T, N, _ = cum.shape
+    pred, steps = np.zeros(N, int), np.zeros(N, int)
+    for n in range(N):
+        t = next((t for t in range(T) if fire[t][n]), T - 1)
+        pred[n], steps[n] = int(np.argmax(cum[t, n])), t + 1
+    return pred, steps
+
+
+def apply_topk_reference(cum, beta):
+    gap = gap_reference(cum)
+    return exit_reference([[gap[t, n] > beta[t] for n in range(cum.shape[1])] for t in range(cum.shape[0])], cum)
+
+
+def softmax_reference(y):
+    e = np.exp(y.astype(np.float64) - y.max())
+    return e / e.sum()
+
+
+def confidence_reference(cum, epsilon):
+    T, N, _ = cum.shape
+    return exit_reference([[softmax_reference(cum[t, n]).max() > 1 - epsilon for n in range(N)] for t in range(T)],
+                          cum)
+
+
+def entropy_value_reference(y):
+    p = softmax_reference(y)
+    return -sum(q * math.log(q) for q in p if q > 0)
+
+
+def entropy_reference(cum, threshold):
+    T, N, _ = cum.shape
+    return exit_reference([[entropy_value_reference(cum[t, n]) < threshold for n in range(N)] for t in range(T)],
+                          cum)
+
+
+def calibrate_spikecp_reference(cum, labels, epsilon):
+    T, n, _ = cum.shape
+    k = math.ceil((n + 1) * (1 - float(np.float32(epsilon))))
+    qhat = np.zeros(T)
+    for t in range(T):
+        scores = sorted(-math.log(softmax_reference(cum[t, i])[labels[i]]) for i in range(n))
+        qhat[t] = math.inf if k > n else (-math.inf if k < 1 else scores[k - 1])
+    return qhat
+
+
+def spikecp_reference(cum, qhat):
+    T, N, K = cum.shape
+    fire = [[None] * N for _ in range(T)]
+    for t in range(T):
+        for n in range(N):
+            p = softmax_reference(cum[t, n])
+            fire[t][n] = sum(-math.log(p[k]) <= qhat[t] for k in range(K)) <= 1      # |C_t| <= 1
+    return exit_reference(fire, cum)
+
+
+# ----------------------------------------------------------------------------- data
+def integer_cum(rng, T, N, K):
+    """Integer-valued per-step logits: ties in argmax and in the gap, gaps exactly on grid points."""
+    labels = rng.integers(0, K, N)
+    logits = rng.integers(-2, 3, (T, N, K)).astype(np.float32)
+    logits[:, np.arange(N), labels] += rng.integers(0, 2, (T, N))
+    return np.cumsum(logits, 0, dtype=np.float32), labels
+
+
+def normal_cum(rng, T, N, K):
+    labels = rng.integers(0, K, N)
+    logits = rng.normal(size=(T, N, K)).astype(np.float32)
+    logits[:, np.arange(N), labels] += 0.7
+    return np.cumsum(logits, 0, dtype=np.float32), labels
+
+
+DATA = {"integer": integer_cum, "normal": normal_cum}
+SHAPES = [(1, 40, 3), (4, 60, 2), (10, 120, 10), (3, 30, 101)]        # (T, N, K): T = 1, K = 2, K = 101
+EPSILONS = (0.0, 0.05, 0.1, 0.25)
+
+calibrate_topk = jax.jit(cutoff.calibrate_topk, static_argnames="bins")
+apply_topk = jax.jit(cutoff.apply_topk)
+calibrate_spikecp = jax.jit(cutoff.calibrate_spikecp)
+spikecp_cutoff = jax.jit(cutoff.spikecp_cutoff)
+confidence_cutoff = jax.jit(cutoff.confidence_cutoff)
+entropy_cutoff = jax.jit(cutoff.entropy_cutoff)
+
+
+def assert_exits(got, want):
+    np.testing.assert_array_equal(got[0], want[0])               # predictions
+    np.testing.assert_array_equal(got[1], want[1])               # 1-based timesteps
+    assert got[0].dtype == jnp.int32 and got[1].dtype == jnp.int32
+
+
+# ----------------------------------------------------------------------------- section 6
+def test_cumulative_is_the_sequential_float32_sum(rng):
+    logits = rng.normal(size=(10, 30, 4)).astype(np.float32)
+    got = jax.jit(cutoff.cumulative)(logits)
+    # bit-equal to adding one step at a time, as the anytime loop does
+    np.testing.assert_array_equal(got, cumulative_reference(logits))
+    np.testing.assert_allclose(got, np.cumsum(logits.astype(np.float64), 0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", DATA)
+@pytest.mark.parametrize("T,N,K", SHAPES)
+def test_accuracy_and_oct_match_reference(kind, T, N, K, rng):
+    cum, labels = DATA[kind](rng, T, N, K)
+    acc = jax.jit(cutoff.accuracy_per_timestep)(cum, labels)
+    np.testing.assert_allclose(acc, accuracy_reference(cum, labels), rtol=1e-6)
+    oct_acc, steps = jax.jit(cutoff.oct)(cum, labels)
+    ref_acc, ref_steps = oct_reference(cum, labels)
+    np.testing.assert_array_equal(steps, ref_steps)
+    np.testing.assert_allclose(oct_acc, ref_acc, rtol=1e-6)
+    np.testing.assert_allclose(oct_acc, acc[-1], rtol=1e-6)       # OCT accuracy is the accuracy at T
+
+
+def test_oct_hand_computed():
+    # labels all 0; each sample predicts class 0 (correct) or 1 (wrong) per step
+    pattern = np.array([[1, 1, 1],                                 # always correct          -> g = 0
+                        [0, 1, 1],                                 # correct from t = 1      -> g = 1
+                        [1, 0, 1],                                 # correct again at t = 2  -> g = 2
+                        [1, 1, 0]]).T                              # wrong at T: forced      -> g = 2
+    cum = np.stack([pattern, 1 - pattern], -1).astype(np.float32)  # (T=3, N=4, K=2)
+    acc, steps = cutoff.oct(cum, np.zeros(4, np.int32))
+    np.testing.assert_array_equal(steps, [1, 2, 3, 3])
+    assert float(acc) == 0.75
+
+
+# ----------------------------------------------------------------------------- section 7
+@pytest.mark.parametrize("kind", DATA)
+@pytest.mark.parametrize("T,N,K", SHAPES)
+def test_topk_gap_matches_reference(kind, T, N, K, rng):
+    cum, _ = DATA[kind](rng, T, N, K)
+    np.testing.assert_array_equal(jax.jit(cutoff.topk_gap)(cum), gap_reference(cum))
+
+
+@pytest.mark.parametrize("kind", DATA)
+@pytest.mark.parametrize("T,N,K", SHAPES)
+def test_calibrate_and_apply_topk_match_reference(kind, T, N, K, rng):
+    cum, labels = DATA[kind](rng, T, N, K)
+    test_cum, _ = DATA[kind](rng, T, N, K)
+    for epsilon in EPSILONS:
+        for min_support in (0, 5):
+            beta = calibrate_topk(cum, labels, epsilon, bins=100, min_support=min_support)
+            np.testing.assert_array_equal(beta, calibrate_topk_reference(cum, labels, epsilon, 100, min_support))
+        assert_exits(apply_topk(test_cum, beta), apply_topk_reference(test_cum, np.asarray(beta)))
+
+
+def test_calibrate_topk_empty_bins_fall_back_to_the_last_grid_point():
+    # t = 0: every gap is 1 and half the samples are wrong; t = 1: one huge gap sets delta = 100 / 10 = 10.
+    # At t = 0 the bins beta_m >= 1 select nobody (conf 0/0 = NaN, never qualifies) and the bin beta_0 = 0 has
+    # conf 1/2, so only the forced last row is left; at t = 1 the bin beta_0 = 0 already has conf 1.
+    cum = np.zeros((2, 4, 2), np.float32)
+    cum[0, :, 0] = 1.0
+    cum[1, :, 0] = [100.0, 1.0, 1.0, 1.0]
+    labels = np.array([0, 0, 1, 1], np.int32)
+    cum[1, 2:] = cum[1, 2:, ::-1]                                  # the wrong ones become right at t = 1
+    beta = calibrate_topk(cum, labels, 0.0, bins=10)
+    np.testing.assert_array_equal(beta, calibrate_topk_reference(cum, labels, 0.0, 10))
+    np.testing.assert_array_equal(beta, [90.0, 0.0])
+
+
+def test_min_support_changes_the_threshold():
+    # T = 1, K = 2, gaps 10 (right), 5 (wrong), 2 (right), 1 (wrong); delta = 0.1.
+    # beta < 5 always selects a wrong sample; 5 <= beta < 10 selects only the gap-10 sample: conf 1, support 1.
+    gaps = np.array([10.0, 5.0, 2.0, 1.0], np.float32)
+    cum = np.stack([gaps, np.zeros(4, np.float32)], -1)[None]
+    labels = np.array([0, 1, 0, 1], np.int32)
+    reference_rule = calibrate_topk(cum, labels, 0.0, bins=100)
+    assert float(reference_rule[0]) == np.float32(50) * (np.float32(10.0) / np.float32(100))   # beta_50 = 5
+    fixed = calibrate_topk(cum, labels, 0.0, bins=100, min_support=2)
+    assert float(fixed[0]) == np.float32(99) * (np.float32(10.0) / np.float32(100))           # forced last row
+    lenient = calibrate_topk(cum, labels, 0.5, bins=100, min_support=2)
+    assert float(lenient[0]) == 0.0                                # conf 2/4 >= 0.5 with support 4 at beta_0
+    for beta, eps, ms in ((reference_rule, 0.0, 0), (fixed, 0.0, 2), (lenient, 0.5, 2)):
+        np.testing.assert_array_equal(beta, calibrate_topk_reference(cum, labels, eps, 100, ms))
+
+
+@pytest.mark.parametrize("bins", [1, 7, 100, 1000])
+def test_grid_count_equals_searching_the_grid(bins, rng):
+    # gaps on grid points (integers), a tiny maximum (delta = 2e-37 / bins is subnormal; XLA:CPU flushes
+    # subnormals to zero, so delta may be 0 there and every grid point 0), all gaps 0
+    cases = [np.abs(rng.normal(size=(3, 400))) * 5, rng.integers(0, 8, (3, 400)), rng.integers(0, 8, (3, 400)) * 7.0,
+             rng.integers(0, 3, (3, 400)) * 1e-37, np.zeros((3, 400))]
+    count = jax.jit(cutoff._grid_count, static_argnums=2)
+    for gap in cases:
+        gap = np.float32(gap)
+        delta = jax.jit(lambda g: jnp.max(g) / jax.lax.optimization_barrier(jnp.float32(bins)))(gap)
+        grid = np.float32(np.arange(bins)) * np.float32(delta)
+        want = np.sum(grid[None, None, :] < gap[..., None], axis=-1)
+        np.testing.assert_array_equal(count(gap, delta, bins), want)
+
+
+def test_beta_is_non_increasing_in_epsilon_and_non_decreasing_in_min_support(rng):
+    # The spec implies it although conf is not monotone in beta: conf >= 1 - eps for a smaller eps implies it for
+    # a larger one, so the qualifying bins of a stricter eps are a subset and their first one comes no earlier;
+    # the support condition does not depend on eps and only removes bins (the forced last row is in every set).
+    cum, labels = integer_cum(rng, 10, 300, 10)
+    epsilons = jnp.linspace(0.0, 0.5, 26)
+    betas = jax.vmap(lambda e: cutoff.calibrate_topk(cum, labels, e, bins=50))(epsilons)    # (E, T)
+    assert np.all(np.diff(np.asarray(betas), axis=0) <= 0)
+    supports = jnp.array([0, 1, 3, 10, 30, 100])
+    by_support = jax.vmap(lambda s: cutoff.calibrate_topk(cum, labels, 0.05, bins=50, min_support=s))(supports)
+    assert np.all(np.diff(np.asarray(by_support), axis=0) >= 0)
+
+
+def test_apply_topk_hand_computed():
+    cum = np.array([[[3, 0, 0], [1, 0, 0], [1, 1, 0], [2, 0, 0]],       # gaps 3, 1, 0, 2
+                    [[3, 0, 0], [0, 2, 0.5], [1, 1, 0], [2, 0, 0]],     # gaps 3, 1.5, 0, 2
+                    [[3, 0, 0], [0, 2, 0.5], [0, 0.5, 0.5], [2, 0, 0]]], np.float32)
+    beta = np.array([2.0, 1.0, 0.5], np.float32)
+    pred, steps = cutoff.apply_topk(cum, beta)
+    # n0: 3 > 2 at t = 0.  n1: 1.5 > 1 at t = 1.  n2: never, exits at T with a tie -> first index.
+    # n3: gap 2 is not > 2 at t = 0 (strict), 2 > 1 at t = 1.
+    np.testing.assert_array_equal(steps, [1, 2, 3, 2])
+    np.testing.assert_array_equal(pred, [0, 1, 1, 0])
+
+
+# ----------------------------------------------------------------------------- section 8
+@pytest.mark.parametrize("kind", DATA)
+@pytest.mark.parametrize("T,N,K", SHAPES)
+def test_confidence_and_entropy_match_reference(kind, T, N, K, rng):
+    cum, _ = DATA[kind](rng, T, N, K)
+    for epsilon in EPSILONS:
+        assert_exits(confidence_cutoff(cum, epsilon), confidence_reference(cum, epsilon))
+        threshold = float(cutoff.entropy_threshold(epsilon, K))
+        assert_exits(entropy_cutoff(cum, threshold), entropy_reference(cum, threshold))
+    H = np.array([[entropy_value_reference(cum[t, n]) for n in range(N)] for t in range(T)])
+    np.testing.assert_allclose(jax.jit(cutoff.entropy)(cum), H, rtol=1e-4, atol=1e-5)
+
+
+def test_entropy_threshold_is_fano_bound_and_exits_no_later_than_confidence(rng):
+    cum, _ = normal_cum(rng, 10, 400, 10)
+    for epsilon in (0.01, 0.05, 0.2):
+        h = -epsilon * math.log(epsilon) - (1 - epsilon) * math.log(1 - epsilon) + epsilon * math.log(9)
+        np.testing.assert_allclose(cutoff.entropy_threshold(epsilon, 10), h, rtol=1e-6)
+        _, conf_steps = confidence_cutoff(cum, epsilon)
+        _, ent_steps = entropy_cutoff(cum, cutoff.entropy_threshold(epsilon, 10))
+        assert np.all(ent_steps <= conf_steps)
+    assert float(cutoff.entropy_threshold(0.0, 10)) == 0.0
+
+
+@pytest.mark.parametrize("T,N,K", SHAPES)
+def test_spikecp_matches_reference(T, N, K, rng):
+    # Continuous logits only: with integer logits a test score can equal a calibration score in the reals,
+    # and then the rounding of either side decides ``<=``.
+    cum, labels = normal_cum(rng, T, N, K)
+    test_cum, _ = normal_cum(rng, T, N, K)
+    for epsilon in EPSILONS + (0.5,):
+        qhat = calibrate_spikecp(cum, labels, epsilon)
+        want = calibrate_spikecp_reference(cum, labels, epsilon)
+        np.testing.assert_allclose(qhat, want, rtol=1e-5)
+        assert_exits(spikecp_cutoff(test_cum, qhat), spikecp_reference(test_cum, want))
+
+
+def test_spikecp_epsilon_zero_never_exits_early(rng):
+    cum, labels = normal_cum(rng, 5, 50, 4)
+    qhat = calibrate_spikecp(cum, labels, 0.0)                     # k = n + 1 > n: +inf, every set is full
+    assert np.all(np.isinf(qhat))
+    np.testing.assert_array_equal(spikecp_cutoff(cum, qhat)[1], 5)
+
+
+@pytest.mark.parametrize("values", ["integer", "signed"])
+def test_radix_select_equals_sorting(values, rng):
+    if values == "integer":
+        x = rng.integers(0, 4, (3, 500)).astype(np.float32)       # heavy ties
+    else:
+        x = (rng.normal(size=(3, 500)) * 10.0 ** rng.integers(-30, 30, (3, 500))).astype(np.float32)
+        x[:, :4] = [np.inf, -np.inf, 0.0, 1e-45]                    # extremes and a subnormal
+    ks = np.array([1, 2, 250, 499, 500, 17], np.int32)
+    want = np.sort(x, axis=1)[:, ks - 1].T
+    np.testing.assert_array_equal(jax.jit(cutoff._radix_select)(x, ks), want)
+    # vmap over the rank alone takes the batched rule (one selection for all ranks), vmap over both the plain one
+    np.testing.assert_array_equal(jax.vmap(cutoff._kth_smallest, in_axes=(None, 0))(x, ks), want)
+    xs = np.stack([x, -x])
+    both = jax.vmap(cutoff._kth_smallest)(xs, ks[:2])
+    np.testing.assert_array_equal(both, [np.sort(xs[i], axis=1)[:, ks[i] - 1] for i in range(2)])
+
+
+# ----------------------------------------------------------------------------- sweep
+@pytest.mark.parametrize("kind", DATA)
+def test_sweep_equals_per_epsilon_calls(kind, rng):
+    cum_c, y_c = DATA[kind](rng, 6, 80, 5)
+    cum_t, y_t = DATA[kind](rng, 6, 90, 5)
+    epsilons = np.array([0.0, 0.02, 0.1, 0.3], np.float32)
+    res = cutoff.sweep(cum_c, y_c, cum_t, y_t, epsilons, bins=20, min_support=2)
+    for i, e in enumerate(epsilons):                                 # eager per-epsilon calls
+        beta = cutoff.calibrate_topk(cum_c, y_c, e, bins=20, min_support=2)
+        qhat = cutoff.calibrate_spikecp(cum_c, y_c, e)
+        np.testing.assert_array_equal(res["topk_beta"][i], beta)
+        np.testing.assert_array_equal(res["spikecp_qhat"][i], qhat)
+        threshold = cutoff.entropy_threshold(e, 5)
+        np.testing.assert_array_equal(res["entropy_threshold"][i], threshold)
+        for rule, (pred, steps) in {"topk": cutoff.apply_topk(cum_t, beta),
+                                    "confidence": cutoff.confidence_cutoff(cum_t, e),
+                                    "entropy": cutoff.entropy_cutoff(cum_t, threshold),
+                                    "spikecp": cutoff.spikecp_cutoff(cum_t, qhat)}.items():
+            np.testing.assert_allclose(res["rules"][rule]["accuracy"][i], np.mean(pred == y_t), rtol=1e-6)
+            np.testing.assert_allclose(res["rules"][rule]["mean_timestep"][i], np.mean(steps), rtol=1e-6)
+    np.testing.assert_array_equal(res["fixed_t_accuracy"], cutoff.accuracy_per_timestep(cum_t, y_t))
+    oct_acc, oct_steps = cutoff.oct(cum_t, y_t)
+    assert float(res["oct_accuracy"]) == float(oct_acc)
+    np.testing.assert_allclose(res["oct_timestep"], np.mean(oct_steps), rtol=1e-6)
+    assert set(res["rules"]) == set(cutoff.RULES)
+
+
+def test_sweep_takes_explicit_entropy_thresholds(rng):
+    cum, y = normal_cum(rng, 4, 50, 3)
+    thresholds = np.array([0.1, 0.5], np.float32)
+    res = cutoff.sweep(cum, y, cum, y, np.array([0.0, 0.1], np.float32), bins=10, entropy_thresholds=thresholds)
+    for i, h in enumerate(thresholds):
+        _, steps = cutoff.entropy_cutoff(cum, h)
+        np.testing.assert_allclose(res["rules"]["entropy"]["mean_timestep"][i], np.mean(steps), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- errors
+CUM = np.zeros((3, 4, 5), np.float32)
+LABELS = np.zeros(4, np.int32)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: cutoff.cumulative(np.zeros((3, 4))), r"logits must be per-step logits \(T, N, K\), got shape \(3, 4\)"),
+    (lambda: cutoff.accuracy_per_timestep(CUM[0], LABELS), r"cum must be cumulative logits \(T, N, K\)"),
+    (lambda: cutoff.oct(CUM, LABELS[None]), r"labels must have shape \(N,\) = \(4,\) .* got \(1, 4\)"),
+    (lambda: cutoff.oct(CUM, np.zeros(5, np.int32)), r"labels must have shape \(N,\) = \(4,\)"),
+    (lambda: cutoff.oct(CUM, np.zeros(4, np.float32)), r"labels must be integer class indices"),
+    (lambda: cutoff.topk_gap(CUM[..., :1]), r"K >= 2 classes, got cum \(3, 4, 1\)"),
+    (lambda: cutoff.apply_topk(CUM, np.zeros(4)), r"beta must have shape \(T,\) = \(3,\) .* got \(4,\)"),
+    (lambda: cutoff.calibrate_topk(CUM, LABELS, np.zeros(2)), r"epsilon must be a scalar, got shape \(2,\)"),
+    (lambda: cutoff.calibrate_topk(CUM, LABELS, bins=0), r"bins must be a positive int, got 0"),
+    (lambda: cutoff.calibrate_topk(CUM, LABELS, min_support=np.ones(2)), r"min_support must be a scalar"),
+    (lambda: cutoff.confidence_cutoff(CUM, np.zeros(3)), r"epsilon must be a scalar, got shape \(3,\)"),
+    (lambda: cutoff.entropy_cutoff(CUM, np.zeros(3)), r"threshold must be a scalar"),
+    (lambda: cutoff.entropy_threshold(0.1, 1), r"num_classes must be >= 2, got 1"),
+    (lambda: cutoff.calibrate_spikecp(CUM, LABELS, np.zeros(1)), r"epsilon must be a scalar, got shape \(1,\)"),
+    (lambda: cutoff.spikecp_cutoff(CUM, np.zeros(2)), r"qhat must have shape \(T,\) = \(3,\) .* got \(2,\)"),
+    (lambda: cutoff.sweep(CUM, LABELS, CUM, LABELS, np.zeros((2, 2))),
+     r"epsilons must have shape \(E,\), got \(2, 2\)"),
+    (lambda: cutoff.sweep(CUM, LABELS, CUM[..., :4], LABELS, np.zeros(2)),
+     r"must share T and K, got \(3, 4, 5\) and \(3, 4, 4\)"),
+    (lambda: cutoff.sweep(CUM, LABELS, CUM[:, :2], LABELS, np.zeros(2)),
+     r"labels_test must have shape \(N,\) = \(2,\)"),
+    (lambda: cutoff.sweep(CUM, LABELS, CUM, LABELS, np.zeros(2), entropy_thresholds=np.zeros(3)),
+     r"entropy_thresholds must have shape \(E,\) = \(2,\), got \(3,\)"),
+])
+def test_bad_inputs_raise(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_checks_run_at_trace_time_under_jit():
+    with pytest.raises(ValueError, match=r"beta must have shape \(T,\)"):
+        jax.jit(cutoff.apply_topk)(CUM, np.zeros(5, np.float32))
+    with pytest.raises(ValueError, match=r"epsilon must be a scalar"):
+        jax.jit(functools.partial(cutoff.calibrate_topk, bins=10))(CUM, LABELS, np.zeros(2, np.float32))
