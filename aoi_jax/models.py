@@ -258,6 +258,33 @@ class SmallSNN(SpikingNet):
 VGG_PLAN = (64, 128, "P", 256, 256, "P", 512, 512, "P", 512, 512, "P")
 
 
+def _vgg_stack(plan, in_shape, convs, norms, rngs, tebn_steps):
+    """Appends Conv 3x3 (padding 1) + BatchNorm to ``convs``/``norms`` for each width of ``plan``; "P" is
+    a 2x2 pool. Returns the (H, W, C) after the plan, starting from ``in_shape``."""
+    H, W, cin = in_shape
+    for item in plan:
+        if item == "P":
+            H, W = H // 2, W // 2
+        else:
+            convs.append(_conv(cin, item, 3, 1, 1, rngs))
+            norms.append(_bn(item, rngs, tebn_steps))
+            cin = item
+    return H, W, cin
+
+
+def _run_vgg(plan, h, convs, norms, cell, norm, *, first):
+    """Runs ``plan`` on ``h``: conv -> norm -> cell per width (spiking layers ``first``, ``first + 1``, ...),
+    2x2 average pool per "P". Returns (h, index of the next spiking layer)."""
+    i = first
+    for item in plan:
+        if item == "P":
+            h = _avg_pool(h)
+        else:
+            h = cell(i, norm(norms[i], convs[i](h)))
+            i += 1
+    return h, i
+
+
 class VGGSNN(SpikingNet):
     """The reference's VGGSNN (CIFAR10-DVS, N-Caltech101), reference-semantics.md section 10.
 
@@ -269,14 +296,8 @@ class VGGSNN(SpikingNet):
     def __init__(self, cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs):
         H, W, C = input_shape
         convs, norms = [_conv(C, 64, 8, 4, 3, rngs)], [_bn(64, rngs, cfg.tebn_steps)]
-        H, W, cin = (H + 6 - 8) // 4 + 1, (W + 6 - 8) // 4 + 1, 64
-        for item in VGG_PLAN:
-            if item == "P":
-                H, W = H // 2, W // 2
-            else:
-                convs.append(_conv(cin, item, 3, 1, 1, rngs))
-                norms.append(_bn(item, rngs, cfg.tebn_steps))
-                cin = item
+        H, W, cin = _vgg_stack(VGG_PLAN, ((H + 6 - 8) // 4 + 1, (W + 6 - 8) // 4 + 1, 64), convs, norms, rngs,
+                               cfg.tebn_steps)
         if H == 0 or W == 0:
             raise ValueError(f"input {input_shape} too small for VGGSNN")
         self.convs, self.norms = nnx.List(convs), nnx.List(norms)
@@ -285,13 +306,7 @@ class VGGSNN(SpikingNet):
 
     def forward(self, h, cell, norm):
         h = cell(0, norm(self.norms[0], self.convs[0](h)))
-        i = 1
-        for item in VGG_PLAN:
-            if item == "P":
-                h = _avg_pool(h)
-            else:
-                h = cell(i, norm(self.norms[i], self.convs[i](h)))
-                i += 1
+        h, _ = _run_vgg(VGG_PLAN, h, self.convs, self.norms, cell, norm, first=1)
         return self.head(h.reshape(h.shape[0], -1))
 
 
@@ -413,15 +428,8 @@ class VGG16(SpikingNet):
     """
 
     def __init__(self, cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs):
-        H, W, cin = input_shape
         convs, norms = [], []
-        for item in VGG16_PLAN:
-            if item == "P":
-                H, W = H // 2, W // 2
-            else:
-                convs.append(_conv(cin, item, 3, 1, 1, rngs))
-                norms.append(_bn(item, rngs, cfg.tebn_steps))
-                cin = item
+        H, W, cin = _vgg_stack(VGG16_PLAN, input_shape, convs, norms, rngs, cfg.tebn_steps)
         if H == 0 or W == 0:
             raise ValueError(f"input {input_shape} too small for VGG-16 (needs at least 32x32)")
         self.convs, self.norms = nnx.List(convs), nnx.List(norms)
@@ -432,13 +440,7 @@ class VGG16(SpikingNet):
         self._setup(cfg, [9 * c for c in widths[1:]] + [4096, 4096, cfg.num_classes])
 
     def forward(self, h, cell, norm):
-        i = 0
-        for item in VGG16_PLAN:
-            if item == "P":
-                h = _avg_pool(h)
-            else:
-                h = cell(i, norm(self.norms[i], self.convs[i](h)))
-                i += 1
+        h, i = _run_vgg(VGG16_PLAN, h, self.convs, self.norms, cell, norm, first=0)
         h = cell(i, self.fc1(h.reshape(h.shape[0], -1)))
         h = cell(i + 1, self.fc2(h))
         return self.head(h)
