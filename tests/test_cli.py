@@ -56,3 +56,19 @@ def test_rerun_resumes_and_other_config_is_refused(run, capsys):
     assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 1
     with pytest.raises(ValueError, match="holds a run of a different config"):
         train.main(args + ["--set", "reg.alpha=0.01", "--no-eval"])
+
+
+def test_train_nmnist_on_fake_folder(tmp_path):
+    """issue 4: train.py --config configs/nmnist.py --data-dir <tiny fake folder> runs end to end."""
+    from fake_event_data import write_fake_nmnist
+
+    write_fake_nmnist(tmp_path / "data", n_per_class=3)
+    workdir = tmp_path / "run"
+    config = str(pathlib.Path(CONFIG).with_name("nmnist.py"))
+    with pytest.warns(UserWarning, match="recordings"):          # the fake folder is far from complete
+        train.main(["--config", config, "--data-dir", str(tmp_path / "data"), "--workdir", str(workdir),
+                    "--set", "train.epochs=1", "--set", "train.batch_size=8", "--set", "model.channels=(4,)",
+                    "--set", "eval.bins=10"])
+    report = json.loads((workdir / "report.json").read_text())
+    assert report["n_test"] == 30 and report["n_calibration"] == 30
+    assert report["anytime"]["agrees_with_apply_topk"]

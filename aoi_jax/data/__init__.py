@@ -4,7 +4,7 @@
 ``FrameSet``s; ``load(data_cfg)`` resolves it and raises listing the valid names.
 """
 
-from aoi_jax.data import augment, cifar, events, ndigits, static
+from aoi_jax.data import augment, cifar, cifar10_dvs, dvs_gesture, events, ncaltech101, ndigits, nmnist, static
 from aoi_jax.data.events import FrameSet, batches, check_events, integrate, num_batches
 
 DATASETS = {
@@ -12,6 +12,10 @@ DATASETS = {
     "ndigits_summed": static.ndigits_summed,   # N-Digits as static images, for QCFS conversion
     "cifar10": cifar.load_splits,              # python-pickle batches from data_dir
     "cifar100": cifar.load_splits,
+    "nmnist": nmnist.load_splits,              # tonic's N-MNIST folder, 34x34, official split
+    "dvs_gesture": dvs_gesture.load_splits,    # tonic's DVSGesture folder, 128x128, 11 classes
+    "cifar10_dvs": cifar10_dvs.load_splits,    # tonic's CIFAR10DVS folder (.aedat4), 9000/1000 split
+    "ncaltech101": ncaltech101.load_splits,    # tonic's NCALTECH101 folder, 180x240 canvas, 101 classes
 }
 
 
@@ -34,4 +38,5 @@ def augment_batch(frames, rng, data_cfg, sensor_hw):
     return augment.augment(frames, rng, data_cfg, sensor_hw)
 
 
-__all__ = ["augment", "augment_batch", "cifar", "events", "ndigits", "static", "FrameSet", "batches", "check_events", "integrate", "num_batches", "DATASETS", "load"]
+__all__ = ["augment", "augment_batch", "cifar", "cifar10_dvs", "dvs_gesture", "events", "ncaltech101", "ndigits",
+           "nmnist", "static", "FrameSet", "batches", "check_events", "integrate", "num_batches", "DATASETS", "load"]
