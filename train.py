@@ -2,12 +2,20 @@
 
     python train.py --config configs/ndigits.py --workdir runs/ndigits [--set reg.alpha=0.004 ...]
                     [--data-dir DIR]
+    python train.py --config configs/ndigits.py --workdir runs/abl --sweep reg.alpha=0,0.001,0.002,0.004 \
+                    --sweep seed=0,1,2          # 12 members trained together in one compiled program
 
 Writes into the workdir: ``config.json``, ``train.log``, ``metrics.jsonl`` (one line per epoch),
 ``checkpoints/`` (an orbax checkpoint per epoch, the newest two kept) and, at the end, what
 ``evaluate.py`` writes (``report.json`` and the figures). A config with ``model.activation = "qcfs"``
 trains a QCFS ANN on one static frame per sample and evaluates the SNN of IF neurons it converts to. A workdir that already holds checkpoints of the
 same config resumes from the newest one; a different config there is an error.
+
+With ``--sweep`` (keys of ``aoi_jax.ablation.SWEEP_KEYS``) every combination is a member, trained together
+(``aoi_jax.ablation``): ``members/<name>/`` holds what a single run writes, and the workdir gets
+``summary.json`` and ``summary.png`` (accuracy and Top-K mean exit timestep against the first swept key
+other than seed, mean and spread over seeds). Members are split over the devices (``member_mesh``): on a
+CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` gives two host devices.
 """
 
 import argparse
@@ -19,13 +27,17 @@ import sys
 import time
 
 import jax
+import matplotlib
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
 import evaluate
-from aoi_jax import checkpoint, convert, data, models, parallel, step
+from aoi_jax import ablation, checkpoint, convert, data, models, parallel, step
 from aoi_jax import config as config_lib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 
 log = logging.getLogger("aoi_jax")
 
@@ -38,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--workdir", required=True, help="folder for checkpoints, metrics and the report")
     p.add_argument("--data-dir", help="shorthand for --set data.data_dir=DIR")
     p.add_argument("--no-eval", action="store_true", help="skip the final cutoff evaluation")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="train every combination of these values together, e.g. reg.alpha=0,0.002 "
+                        f"(repeatable; keys: {', '.join(ablation.SWEEP_KEYS)})")
     return p.parse_args(argv)
 
 
@@ -98,16 +113,12 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: pathlib.Path, *, run_eva
 
     first_epoch = int(state.step) // steps_per_epoch
     for epoch in range(first_epoch, cfg.train.epochs):
-        rng = np.random.default_rng([cfg.seed, epoch])
         t_epoch = time.time()
         history = []
-        batches = data.batches(train_set, cfg.train.batch_size, rng=rng, drop_last=True)
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(ablation.run_batches(train_set, cfg, epoch), total=steps_per_epoch,
+                   desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True)
         for batch in bar:
-            frames = data.augment_batch(batch["frames"][:1] if ann else batch["frames"], rng, cfg.data,
-                                        train_set.sensor_hw)
-            state, metrics = train_step(state, parallel.shard_batch({"frames": frames, "label": batch["label"]}, mesh))
+            state, metrics = train_step(state, parallel.shard_batch(batch, mesh))
             history.append(metrics)
             if len(history) % 10 == 0:
                 bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
@@ -134,6 +145,135 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: pathlib.Path, *, run_eva
     return evaluate.evaluate(graphdef, state, cfg, fan_out, train_set, test_set, workdir, calib_key, mesh)
 
 
+def train_sweep_and_evaluate(cfg: config_lib.Config, sweep: dict, workdir: pathlib.Path, *,
+                             run_eval: bool = True, strategy: str = "auto") -> dict:
+    """Trains every member of ``sweep`` (``ablation.members``) together, then evaluates each.
+
+    Writes ``members/<name>/`` (config.json, metrics.jsonl, checkpoints/, report.json, figures, as a single
+    run) and ``summary.json`` + ``summary.png``; returns the summary. Resumes when every member holds a
+    checkpoint of the same step.
+    """
+    member_list = ablation.members(cfg, sweep)
+    base = ablation.shared_config(member_list)
+    if jax.process_count() > 1:
+        raise ValueError("--sweep runs in one process (members are split over its devices); "
+                         f"this is process {jax.process_index()} of {jax.process_count()}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    setup_logging(workdir)
+    dirs = [workdir / "members" / m.name for m in member_list]
+    for m, d in zip(member_list, dirs):
+        d.mkdir(parents=True, exist_ok=True)
+        check_workdir_config(d, m.cfg)
+    M = len(member_list)
+    mesh, eval_mesh = ablation.member_mesh(M), parallel.data_mesh()
+    log.info("sweep %s: %d members (%s) over %d device(s), strategy %s", dict(sweep), M,
+             ", ".join(m.name for m in member_list), mesh.devices.size, strategy)
+
+    t0 = time.time()
+    train_set, test_set = data.load(base.data)
+    input_shape = train_set.frames.shape[2:]
+    if train_set.num_classes != base.model.num_classes:
+        raise ValueError(f"model.num_classes = {base.model.num_classes} but data set {base.data.name!r} has "
+                         f"{train_set.num_classes} classes")
+    ann = base.model.activation == "qcfs"
+    steps_per_epoch = data.num_batches(len(train_set.labels), base.train.batch_size, drop_last=True)
+    optimizer = step.make_optimizer(base.optim, base.train.epochs * steps_per_epoch)
+    graphdef, states = ablation.init_members(member_list, input_shape, optimizer)
+    found = [checkpoint.latest_step(d / "checkpoints") for d in dirs]
+    if any(f is not None for f in found):
+        if len(set(found)) != 1:
+            raise ValueError(f"cannot resume the sweep in {workdir}: members hold checkpoints of different "
+                             f"steps {dict(zip((m.name for m in member_list), found))}")
+        states = ablation.stack([checkpoint.restore(d / "checkpoints")[1] for d in dirs])
+        log.info("resumed %d members at step %d", M, found[0])
+    states = ablation.place(states, mesh)
+    scalars = ablation.place(ablation.scalars(member_list), mesh)
+    multi_step = ablation.make_multi_step(graphdef, base, optimizer, mesh=mesh, strategy=strategy)
+    eval_step = step.make_eval_step(graphdef)
+    test_eval = first_step(test_set) if ann else test_set
+
+    first_epoch = int(states.step[0]) // steps_per_epoch
+    for epoch in range(first_epoch, base.train.epochs):
+        t_epoch = time.time()
+        history = []
+        bar = tqdm(ablation.member_batches(train_set, member_list, epoch), total=steps_per_epoch,
+                   desc=f"epoch {epoch + 1}/{base.train.epochs} ({M} members)", leave=False, dynamic_ncols=True)
+        for batch in bar:
+            states, metrics = multi_step(states, ablation.place(batch, mesh), scalars)
+            history.append(metrics)
+        bar.close()
+        means = {k: np.mean([h[k] for h in jax.device_get(history)], axis=0) for k in history[0]}   # (M,)
+        train_seconds = time.time() - t_epoch
+        members_now = ablation.unstack(jax.device_get(states), M)
+        for i, (m, d) in enumerate(zip(member_list, dirs)):
+            state_m = parallel.replicate(members_now[i], eval_mesh)
+            test_acc = evaluate.accuracy(eval_step, state_m, test_eval, base.eval.batch_size, eval_mesh)
+            record = {"epoch": epoch + 1, "step": int(members_now[i].step),
+                      **{f"train_{k}": float(v[i]) for k, v in means.items()}, "test_accuracy": test_acc,
+                      "images_per_s": steps_per_epoch * base.train.batch_size / train_seconds,
+                      "epoch_seconds": time.time() - t_epoch}
+            with open(d / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info("epoch %3d  %-28s loss %.4f (task %.4f, rcs %.3f)  train acc %.4f  test acc %.4f", epoch + 1,
+                     m.name, record["train_loss"], record["train_task"], record["train_rcs"],
+                     record["train_accuracy"], test_acc)
+            checkpoint.save(d / "checkpoints", state_m, m.cfg, input_shape)
+        log.info("epoch %3d: %.0f member-images/s", epoch + 1, M * record["images_per_s"])
+    log.info("training done in %.1f s", time.time() - t0)
+    if not run_eval:
+        return {}
+    reports = []
+    for m, d, state_m in zip(member_list, dirs, ablation.unstack(jax.device_get(states), M)):
+        g, st, c = graphdef, parallel.replicate(state_m, eval_mesh), m.cfg
+        if ann:
+            g, st, c = convert_ann(g, st, c, input_shape)
+        log.info("evaluating member %s", m.name)
+        fan_out = nnx.merge(g, st.params, st.batch_stats).fan_out
+        reports.append(evaluate.evaluate(g, st, c, fan_out, train_set, test_set, d,
+                                         ablation.calibration_key(m.cfg.seed), eval_mesh))
+    summary = {"sweep": {k: list(v) for k, v in sweep.items()}, **ablation.summarise(member_list, reports)}
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_summary(summary, workdir / "summary.png")
+    log.info("wrote %s and %s", workdir / "summary.json", workdir / "summary.png")
+    return summary
+
+
+def plot_summary(summary: dict, path: pathlib.Path):
+    """Accuracy and Top-K mean exit timestep against the first swept key other than seed (one line per
+    setting of the others), mean over seeds with min-max bars."""
+    keys = [k for k in summary["sweep"] if k != "seed"]
+    x_key = keys[0] if keys else None
+    lines = {}
+    for g in summary["groups"]:
+        rest = tuple((k, v) for k, v in g["settings"].items() if k != x_key)
+        lines.setdefault(rest, []).append(g)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for rest, groups in lines.items():
+        xs = [g["settings"][x_key] if x_key else 0 for g in groups]
+        label = ", ".join(f"{k}={v}" for k, v in rest) or None
+        for ax, field, what in ((axes[0], "accuracy_at_T", "accuracy at T"),
+                                (axes[0], "topk_accuracy", "Top-K accuracy"),
+                                (axes[1], "topk_mean_timestep", "Top-K mean exit timestep")):
+            mean = np.asarray([g[field]["mean"] for g in groups])
+            err = np.asarray([[g[field]["mean"] - g[field]["min"], g[field]["max"] - g[field]["mean"]]
+                              for g in groups]).T
+            scale = 100 if "accuracy" in field else 1
+            ax.errorbar(xs, mean * scale, yerr=err * scale, fmt="o-", capsize=3,
+                        label=f"{what}" + (f" ({label})" if label else ""))
+    eps = summary["members"][0]["topk_epsilon"]
+    for ax, ylabel in ((axes[0], "test accuracy (%)"), (axes[1], f"mean exit timestep (Top-K, epsilon {eps})")):
+        ax.set_xticks(sorted({g["settings"][x_key] for g in summary["groups"]}) if x_key else [0])
+        ax.set_xlabel(x_key or "(seeds only)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    seeds = summary["sweep"].get("seed", [])
+    fig.suptitle(f"sweep: mean over {max(len(seeds), 1)} seed(s), bars min-max")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def first_step(frameset):
     """The frame set with only its first time step (N, 1, H, W, C): a QCFS ANN's static input."""
     return dataclasses.replace(frameset, frames=frameset.frames[:, :1])
@@ -150,10 +290,15 @@ def convert_ann(graphdef, state, cfg, input_shape):
 
 def main(argv=None):
     args = parse_args(argv)
+    parallel.initialize_distributed()
     cfg = config_lib.load(args.config, overrides=args.set)
     if args.data_dir:
         cfg = config_lib.override(cfg, "data.data_dir", args.data_dir)
-    train_and_evaluate(cfg, pathlib.Path(args.workdir), run_eval=not args.no_eval)
+    if args.sweep:
+        train_sweep_and_evaluate(cfg, ablation.parse_sweep(args.sweep), pathlib.Path(args.workdir),
+                                 run_eval=not args.no_eval)
+    else:
+        train_and_evaluate(cfg, pathlib.Path(args.workdir), run_eval=not args.no_eval)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,9 @@ class ModelConfig:
     activation: str = "lif"
     levels: int = 4  # QCFS quantisation steps L (activation == "qcfs"; 4 in the reference, also 8)
     tebn_steps: int = 0  # TEBN: BatchNorm followed by a learnt scale p_t for each of this many steps T; 0 = off
+    # rematerialise in training: keep only each spiking layer's output for the backward pass and recompute
+    # its conv, BatchNorm and cell there (less activation memory, about one more forward pass of compute)
+    remat: bool = False
 
     def __post_init__(self):
         _check_choice("model.activation", self.activation, ("lif", "qcfs", "if"))

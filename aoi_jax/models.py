@@ -22,6 +22,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from aoi_jax import neurons, qcfs
 from aoi_jax.config import ModelConfig, NeuronConfig
@@ -114,6 +115,39 @@ def _dropout(h, rate, key):
     return jnp.where(keep, h / (1.0 - rate), 0.0)
 
 
+REMAT_POLICY = jax.checkpoint_policies.save_only_these_names("spiking_layer_output")
+
+
+def _multistep(model, h, *, T, train, dropout, key):
+    """``SpikingNet.__call__`` on the folded batch h (T*N, H, W, C) -> (logits (T*N, K), layers).
+
+    Each spiking layer's output is named ``spiking_layer_output``; with ``ModelConfig.remat`` the call
+    runs under ``nnx.remat(policy=REMAT_POLICY)``, so the backward pass keeps only those outputs (and
+    what the caller keeps of ``layers``) and recomputes convs, BatchNorms and cells from them.
+    """
+    N = h.shape[0] // T
+    keys = [None] * len(model.fan_out) if dropout == 0.0 or key is None \
+        else list(jax.random.split(key, len(model.fan_out)))
+    layers = []
+
+    def cell(i, u):
+        if model.activation == "qcfs":
+            y = qcfs.qcfs(u, model.thresholds[i], model.levels)
+            layers.append(tuple(a.reshape(T, N, *a.shape[1:]) for a in (y, u)))
+            return checkpoint_name(_dropout(y, dropout, keys[i]), "spiking_layer_output")
+        if model.activation == "lif":
+            out, sm = spiking(u, T, model.neuron, dropout=dropout, key=keys[i])
+            layers.append(sm)
+            return checkpoint_name(out, "spiking_layer_output")
+        lam = model.thresholds[i]
+        out, sm = spiking(u / lam, T, model.neuron, dropout=dropout, key=keys[i])
+        layers.append(sm)
+        return checkpoint_name(out * lam, "spiking_layer_output")
+
+    logits = model.forward(h, cell, model._norm(train, T=T))
+    return logits, tuple(layers)
+
+
 class SpikingNet(nnx.Module):
     """Base of the models: one ``forward`` per architecture, run multistep or one step at a time.
 
@@ -146,6 +180,7 @@ class SpikingNet(nnx.Module):
         self.activation = cfg.activation
         self.levels = cfg.levels
         self.fan_out = tuple(fan_out)
+        self.remat = cfg.remat
         if cfg.activation != "lif" and not self.CONVERTIBLE:
             raise ValueError(f"{type(self).__name__} uses max pooling, which has no IF equivalent: "
                              f"model.activation must be 'lif', got {cfg.activation!r}")
@@ -169,26 +204,13 @@ class SpikingNet(nnx.Module):
         if x.ndim != 5:
             raise ValueError(f"expected frames (T, N, H, W, C), got shape {x.shape}")
         T, N = x.shape[:2]
-        keys = [None] * len(self.fan_out) if dropout == 0.0 or key is None \
-            else list(jax.random.split(key, len(self.fan_out)))
-        layers = []
+        def run(model, h):
+            return _multistep(model, h, T=T, train=train, dropout=dropout, key=key)
 
-        def cell(i, u):
-            if self.activation == "qcfs":
-                y = qcfs.qcfs(u, self.thresholds[i], self.levels)
-                layers.append(tuple(a.reshape(T, N, *a.shape[1:]) for a in (y, u)))
-                return _dropout(y, dropout, keys[i])
-            if self.activation == "lif":
-                h, sm = spiking(u, T, self.neuron, dropout=dropout, key=keys[i])
-                layers.append(sm)
-                return h
-            lam = self.thresholds[i]
-            h, sm = spiking(u / lam, T, self.neuron, dropout=dropout, key=keys[i])
-            layers.append(sm)
-            return h * lam
-
-        logits = self.forward(x.reshape(T * N, *x.shape[2:]), cell, self._norm(train, T=T))
-        return logits.reshape(T, N, -1), tuple(layers)
+        if self.remat:
+            run = nnx.remat(run, policy=REMAT_POLICY)
+        logits, layers = run(self, x.reshape(T * N, *x.shape[2:]))
+        return logits.reshape(T, N, -1), layers
 
     def _check_spiking(self, what):
         if self.activation == "qcfs":

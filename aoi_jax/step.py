@@ -17,6 +17,9 @@ from aoi_jax import losses, qcfs, regularisers
 from aoi_jax.config import Config, OptimConfig
 
 
+TRACEABLE = ("reg.alpha", "train.tet_lambda")  # config scalars the loss may take as traced arrays
+
+
 class TrainState(NamedTuple):
     """Everything that changes during training; a pytree (orbax saves it as is)."""
 
@@ -26,10 +29,24 @@ class TrainState(NamedTuple):
     opt_state: Any  # optax state
 
 
-def task_loss(logits, labels, cfg: Config):
-    """The configured task loss: ``mean_loss`` or ``tet_loss`` (lam = cfg.train.tet_lambda)."""
+def scalar(cfg: Config, key: str, scalars=None):
+    """The loss weight ``key`` (one of ``TRACEABLE``): ``scalars[key]`` when given, else the config's value.
+
+    ``scalars`` lets one compiled step serve several values of a weight (``aoi_jax.ablation`` passes one
+    traced scalar per member); without it the value is the Python float of the config, as before.
+    """
+    if key not in TRACEABLE:
+        raise KeyError(f"{key!r} is not a traceable loss weight; valid: {list(TRACEABLE)}")
+    if scalars is not None and key in scalars:
+        return scalars[key]
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def task_loss(logits, labels, cfg: Config, scalars=None):
+    """The configured task loss: ``mean_loss`` or ``tet_loss`` (lam = ``scalar(cfg, "train.tet_lambda")``)."""
     if cfg.train.loss == "tet":
-        return losses.tet_loss(logits, labels, lam=cfg.train.tet_lambda)
+        return losses.tet_loss(logits, labels, lam=scalar(cfg, "train.tet_lambda", scalars))
     return losses.mean_loss(logits, labels)
 
 
@@ -56,41 +73,63 @@ def init_state(model: nnx.Module, optimizer: optax.GradientTransformation):
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, batch_stats, optimizer.init(params))
 
 
-def loss_fn(params, batch_stats, batch, *, graphdef, cfg: Config):
+def loss_fn(params, batch_stats, batch, *, graphdef, cfg: Config, scalars=None):
     """Total loss ``task_loss + alpha * rcs_loss`` on one batch, training-mode BatchNorm.
 
     Args:
       params, batch_stats: the model's state.  batch: {"frames": (T, N, H, W, C), "label": (N,)}.
+      scalars: optional {key: scalar} for keys of ``TRACEABLE`` (alpha, TET's lambda), else the config's.
     Returns:
       (loss, (new batch_stats, metrics dict with task, rcs, accuracy at T)).
     """
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
     logits, layers = model(batch["frames"], train=True)
-    task = task_loss(logits, batch["label"], cfg)
+    task = task_loss(logits, batch["label"], cfg, scalars)
     scores = jnp.stack([regularisers.rcs_scores(s, m, vth=cfg.model.neuron.vth, window=cfg.reg.window)
                         for s, m in layers])                                  # (L, N)
     reg = regularisers.rcs_loss(scores, logits, batch["label"], rcs_n=cfg.reg.rcs_n)
     acc = jnp.mean(jnp.argmax(logits.sum(0), -1) == batch["label"])
-    loss = task + cfg.reg.alpha * reg
+    loss = task + scalar(cfg, "reg.alpha", scalars) * reg
     return loss, (nnx.state(model, nnx.BatchStat), {"loss": loss, "task": task, "rcs": reg, "accuracy": acc})
 
 
-def make_train_step(graphdef, cfg: Config, optimizer: optax.GradientTransformation):
-    """Returns the jit-compiled ``train_step(state, batch) -> (state, metrics)``.
+def make_update(graphdef, cfg: Config, optimizer: optax.GradientTransformation):
+    """Returns the (not jitted) ``update(state, batch, scalars=None) -> (state, metrics)``.
 
     The loss is ``loss_fn`` for spiking models and ``ann_loss_fn`` for a QCFS ANN
-    (``cfg.model.activation == "qcfs"``, batches of one static frame).
+    (``cfg.model.activation == "qcfs"``, batches of one static frame); ``scalars`` as in ``loss_fn``.
+    ``make_train_step`` jits it; ``aoi_jax.ablation`` runs several members of it in one program.
     """
     objective = ann_loss_fn if cfg.model.activation == "qcfs" else loss_fn
 
-    def train_step(state: TrainState, batch):
+    def update(state: TrainState, batch, scalars=None):
         grads, (batch_stats, metrics) = jax.grad(objective, has_aux=True)(
-            state.params, state.batch_stats, batch, graphdef=graphdef, cfg=cfg)
+            state.params, state.batch_stats, batch, graphdef=graphdef, cfg=cfg, scalars=scalars)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    return update
+
+
+def compiler_options(cfg: Config) -> dict:
+    """XLA options of the train step: with ``model.remat``, XLA:CPU's memory-optimised scheduler.
+
+    XLA:CPU's default scheduler maximises concurrency and runs the recomputation of every layer as soon
+    as it can, which keeps it all alive at once and undoes the saving (measured: benchmarks/memory.py).
+    The option is a field of XLA's DebugOptions that other backends ignore.
+    """
+    return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"} if cfg.model.remat else {}
+
+
+def make_train_step(graphdef, cfg: Config, optimizer: optax.GradientTransformation):
+    """Returns the jit-compiled ``train_step(state, batch) -> (state, metrics)`` (``make_update``)."""
+    update = make_update(graphdef, cfg, optimizer)
+
+    def train_step(state: TrainState, batch):
+        return update(state, batch)
+
+    return jax.jit(train_step, donate_argnums=0, compiler_options=compiler_options(cfg))
 
 
 def make_eval_step(graphdef, *, dropout: float = 0.0):
@@ -113,7 +152,7 @@ def make_eval_step(graphdef, *, dropout: float = 0.0):
     return jax.jit(eval_step)
 
 
-def ann_loss_fn(params, batch_stats, batch, *, graphdef, cfg: Config):
+def ann_loss_fn(params, batch_stats, batch, *, graphdef, cfg: Config, scalars=None):
     """QCFS ANN loss ``CE + alpha * rcs_ann`` on one batch, training-mode BatchNorm.
 
     reference-semantics.md sections 3 and 5 (ANN form): the ANN sees one static frame per sample; its
@@ -124,7 +163,7 @@ def ann_loss_fn(params, batch_stats, batch, *, graphdef, cfg: Config):
 
     Args:
       params, batch_stats: the model's state (``ModelConfig.activation == "qcfs"``).
-      batch: {"frames": (1, N, H, W, C), "label": (N,)}.
+      batch: {"frames": (1, N, H, W, C), "label": (N,)}.  scalars: as in ``loss_fn``.
     Returns:
       (loss, (new batch_stats, metrics dict with loss, task, rcs, accuracy)).
     Raises:
@@ -135,8 +174,8 @@ def ann_loss_fn(params, batch_stats, batch, *, graphdef, cfg: Config):
                          f"{batch['frames'].shape}")
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
     logits, layers = model(batch["frames"], train=True)                      # (1, N, K); (y, x) per layer
-    task = task_loss(logits, batch["label"], cfg)
+    task = task_loss(logits, batch["label"], cfg, scalars)
     reg = qcfs.ann_rcs_loss([x[0] for _, x in layers], logits, batch["label"], rcs_n=cfg.reg.rcs_n)
     acc = jnp.mean(jnp.argmax(logits[0], -1) == batch["label"])
-    loss = task + cfg.reg.alpha * reg
+    loss = task + scalar(cfg, "reg.alpha", scalars) * reg
     return loss, (nnx.state(model, nnx.BatchStat), {"loss": loss, "task": task, "rcs": reg, "accuracy": acc})

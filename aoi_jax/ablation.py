@@ -1,0 +1,313 @@
+"""Ablations in one compiled program: several members (configs differing in a few keys) trained together.
+
+``python train.py --config C --sweep reg.alpha=0,0.001 --sweep seed=0,1`` trains the Cartesian product of
+the sweeps. A member differs from the base config only in keys of ``SWEEP_KEYS``: the training ``seed``
+(initialisation, shuffling, augmentation, calibration) and the loss weights ``aoi_jax.step.TRACEABLE``
+(``reg.alpha``, ``train.tet_lambda``), which enter the one compiled step as traced scalars. Everything
+that shapes the program (model, T, batch size, optimiser, schedule) is shared, so one compile serves all.
+
+Layout: every leaf of the members' ``TrainState``s is stacked on a new leading member axis (M, ...);
+batches are (M, T, B, ...) (each member its own seeded shuffle and augmentation, exactly as its single
+run: ``member_batches``); metrics come back (M,).
+
+How the members run inside the program (``make_multi_step``), measured on XLA:CPU (2 cores, N-Digits
+small SNN, T=10, batch 32, 4 members; benchmarks/ablation.py):
+
+- ``vmap`` over the member axis turns every convolution into a grouped convolution (one group per
+  member), which XLA:CPU runs ~7x slower than the separate convolutions: 4 members took 5.5 s per step
+  against 0.8 s for four single steps. On GPU/TPU grouped convolutions are fast and ``vmap`` is the
+  natural choice.
+- ``loop``: a Python loop over the members inside the jitted function (the program holds M copies of
+  the step, one compile). Same kernels as single runs, no per-step dispatch of M programs.
+- Members sharded over a ``members`` mesh axis (``member_mesh``; on CPU,
+  ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` makes two host devices) with ``shard_map``:
+  each device runs its share of the members with the strategy above, and the devices run in parallel.
+
+``strategy="auto"`` is ``loop`` on CPU and ``vmap`` elsewhere.
+"""
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from aoi_jax import config as config_lib
+from aoi_jax import step as step_lib
+from aoi_jax.config import Config
+
+SWEEP_KEYS = ("seed",) + step_lib.TRACEABLE  # keys a sweep may vary: they do not change the program
+STRATEGIES = ("auto", "loop", "vmap")
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One configuration of a sweep: its directory name, its overrides and its whole config."""
+
+    name: str  # e.g. "alpha=0.001_seed=1": the swept keys' last parts and values, in sweep order
+    overrides: dict  # {swept key: value}
+    cfg: Config
+
+
+def parse_sweep(items: Sequence[str]) -> dict[str, tuple]:
+    """Parses ``KEY=V1,V2,...`` strings into {key: (values...)}, in the order given.
+
+    Values are Python literals (``0``, ``1e-3``); their types are checked when members are built.
+
+    Raises:
+      ValueError: an item is not KEY=V1,V2,..., a key is given twice, or a key repeats a value.
+      KeyError: a key that cannot be swept in one program; the message names it and lists ``SWEEP_KEYS``.
+    """
+    sweep = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not text.strip():
+            raise ValueError(f"sweep {item!r} is not of the form KEY=V1,V2,...")
+        if key not in SWEEP_KEYS:
+            raise KeyError(f"config key {key!r} cannot be swept in one compiled program (it changes the "
+                           f"program or is not a config key); supported sweep keys: {', '.join(SWEEP_KEYS)}")
+        if key in sweep:
+            raise ValueError(f"sweep key {key!r} given twice")
+        values = tuple(config_lib._parse_literal(v.strip()) for v in text.split(","))
+        if len(set(values)) != len(values):
+            raise ValueError(f"sweep {key!r} repeats a value: {values}")
+        sweep[key] = values
+    return sweep
+
+
+def members(cfg: Config, sweep: dict[str, tuple]) -> list[Member]:
+    """The Cartesian product of ``sweep`` applied to ``cfg`` (the last key varies fastest).
+
+    Raises:
+      ValueError: an empty sweep, or a value of the wrong type (``config.override``'s message).
+    """
+    if not sweep:
+        raise ValueError("a sweep needs at least one KEY=V1,V2,... (supported keys: "
+                         f"{', '.join(SWEEP_KEYS)})")
+    out = []
+    for values in itertools.product(*sweep.values()):
+        member_cfg, overrides = cfg, {}
+        for key, value in zip(sweep, values):
+            member_cfg = config_lib.override(member_cfg, key, value)
+            section, _, field = key.rpartition(".")
+            overrides[key] = getattr(getattr(member_cfg, section) if section else member_cfg, field)
+        name = "_".join(f"{k.rpartition('.')[2]}={v}" for k, v in overrides.items())
+        out.append(Member(name, overrides, member_cfg))
+    return out
+
+
+def shared_config(member_list: Sequence[Member]) -> Config:
+    """The config that fixes the program: the first member's (members differ only in ``SWEEP_KEYS``).
+
+    Raises:
+      ValueError: two members differ in a key outside ``SWEEP_KEYS``.
+    """
+    base = member_list[0].cfg
+
+    def strip(c):
+        for key in SWEEP_KEYS:
+            c = config_lib.override(c, key, _get(base, key))
+        return c
+
+    for m in member_list[1:]:
+        if strip(m.cfg) != strip(base):
+            raise ValueError(f"member {m.name!r} differs from {member_list[0].name!r} outside the sweep keys "
+                             f"{list(SWEEP_KEYS)}")
+    return base
+
+
+def _get(cfg: Config, key: str):
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def scalars(member_list: Sequence[Member]) -> dict[str, jax.Array]:
+    """{key: (M,) float32} of the traced loss weights (``step.TRACEABLE``), one entry per member."""
+    return {key: jnp.asarray([_get(m.cfg, key) for m in member_list], jnp.float32) for key in step_lib.TRACEABLE}
+
+
+def init_key(seed: int) -> jax.Array:
+    """The initialisation key of a run of ``seed``: ``split(key(seed))[0]``, as ``train.py`` uses."""
+    return jax.random.split(jax.random.key(seed))[0]
+
+
+def calibration_key(seed: int) -> jax.Array:
+    """The Top-K calibration key of a run of ``seed``: ``split(key(seed))[1]``, as ``train.py`` uses."""
+    return jax.random.split(jax.random.key(seed))[1]
+
+
+def run_batches(train_set, cfg: Config, epoch: int) -> Iterator[dict]:
+    """The training batches of epoch ``epoch`` (0-based) of one run of ``cfg``, augmented::
+
+        rng = np.random.default_rng([cfg.seed, epoch])   # shuffles (data.batches), then augments
+        for batch in data.batches(train_set, batch_size, rng=rng, drop_last=True):
+            frames = data.augment_batch(frames, rng, cfg.data, sensor_hw)   # QCFS ANN: frames[:1] first
+
+    Yields:
+      {"frames": (T, B, H, W, C) float32, "label": (B,) int32} (T = 1 for a QCFS ANN).
+    """
+    from aoi_jax import data  # noqa: PLC0415  (data imports tonic; keep this module light)
+
+    ann = cfg.model.activation == "qcfs"
+    rng = np.random.default_rng([cfg.seed, epoch])
+    for batch in data.batches(train_set, cfg.train.batch_size, rng=rng, drop_last=True):
+        frames = data.augment_batch(batch["frames"][:1] if ann else batch["frames"], rng, cfg.data,
+                                    train_set.sensor_hw)
+        yield {"frames": frames, "label": batch["label"]}
+
+
+def member_batches(train_set, member_list: Sequence[Member], epoch: int) -> Iterator[dict]:
+    """One pass over the data for all members: ``run_batches`` of every member, stacked.
+
+    Members of the same seed share one stream (the same shuffle and augmentation, computed once).
+
+    Yields:
+      {"frames": (M, T, B, H, W, C), "label": (M, B)} numpy arrays.
+    """
+    seeds = list(dict.fromkeys(m.cfg.seed for m in member_list))
+    streams = [run_batches(train_set, next(m.cfg for m in member_list if m.cfg.seed == s), epoch)
+               for s in seeds]
+    index = [seeds.index(m.cfg.seed) for m in member_list]
+    for per_seed in zip(*streams):
+        yield {k: np.stack([per_seed[i][k] for i in index]) for k in ("frames", "label")}
+
+
+def stack(trees: Sequence[Any]):
+    """Stacks pytrees of equal structure leaf by leaf on a new leading axis: M trees -> one tree (M, ...)."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(tree, n: int) -> list:
+    """Inverse of ``stack``: a tree with leading axis ``n`` -> ``n`` trees."""
+    return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
+
+
+def mesh_size(n_members: int, n_devices: int) -> int:
+    """The largest d <= n_devices dividing n_members: how many devices a sweep of M members uses."""
+    return max(k for k in range(1, min(n_devices, n_members) + 1) if n_members % k == 0)
+
+
+def member_mesh(n_members: int, devices=None) -> jax.sharding.Mesh:
+    """A 1-D ``members`` mesh over the first ``mesh_size(M, D)`` of ``devices`` (default: all), so every
+    device holds M / d members (one device when M is prime and larger than D)."""
+    devices = jax.devices() if devices is None else list(devices)
+    d = mesh_size(n_members, len(devices))
+    return jax.make_mesh((d,), ("members",), devices=devices[:d])
+
+
+def _resolve(strategy: str) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+    if strategy == "auto":
+        return "loop" if jax.default_backend() == "cpu" else "vmap"
+    return strategy
+
+
+def make_multi_step(graphdef, cfg: Config, optimizer: optax.GradientTransformation, *, mesh=None,
+                    strategy: str = "auto") -> Callable:
+    """Returns the jit-compiled ``multi_step(states, batch, scalars) -> (states, metrics)``.
+
+    Each member m computes exactly ``step.make_update(graphdef, cfg, optimizer)`` on its own state, batch
+    and loss weights::
+
+        states[m], metrics[m] = update(states[m], {frames[m], label[m]}, {key: scalars[key][m]})
+
+    Args:
+      graphdef, cfg, optimizer: shared by all members (``cfg`` fixes the program; its swept values are
+        ignored in favour of ``scalars``).
+      mesh: a ``member_mesh``; members are split over its devices (``shard_map``). None: one device.
+      strategy: "loop" (members unrolled in the program), "vmap", or "auto" (loop on CPU, vmap
+        elsewhere; see the module docstring for the measurements behind the choice).
+    Returns:
+      multi_step: states a stacked ``TrainState`` (M, ...); batch {"frames": (M, T, B, ...),
+      "label": (M, B)}; scalars {key: (M,)} for keys of ``step.TRACEABLE``; metrics {name: (M,)}.
+      ``states`` is donated.
+    """
+    update = step_lib.make_update(graphdef, cfg, optimizer)
+    strategy = _resolve(strategy)
+
+    def local(states, batch, scalars):
+        if strategy == "vmap":
+            return jax.vmap(update)(states, batch, scalars)
+        n = jax.tree.leaves(batch)[0].shape[0]
+        outs = [update(*(jax.tree.map(lambda x, i=i: x[i], a) for a in (states, batch, scalars)))
+                for i in range(n)]
+        return stack([o[0] for o in outs]), stack([o[1] for o in outs])
+
+    if mesh is None or mesh.devices.size == 1:
+        return jax.jit(local, donate_argnums=0)
+    spec = P("members")
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, spec),
+                            check_vma=False)
+    return jax.jit(sharded, donate_argnums=0)
+
+
+def place(tree, mesh):
+    """Puts a stacked tree (M, ...) onto ``mesh``, split over ``members`` (as is without a mesh)."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, tree)
+    sharding = NamedSharding(mesh, P("members"))
+    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx, x=x: x[idx]),
+                        jax.device_get(tree))
+
+
+def init_members(member_list: Sequence[Member], input_shape, optimizer: optax.GradientTransformation):
+    """Builds every member's model and optimiser state exactly as its single run would.
+
+    Member m is initialised from ``init_key(m.cfg.seed)`` (``models.build``, then ``step.init_state``).
+
+    Returns:
+      (graphdef, stacked TrainState (M, ...)).
+    """
+    from flax import nnx  # noqa: PLC0415
+
+    from aoi_jax import models  # noqa: PLC0415
+
+    states = []
+    for m in member_list:
+        model = models.build(m.cfg.model, input_shape, rngs=nnx.Rngs(init_key(m.cfg.seed)))
+        graphdef, state = step_lib.init_state(model, optimizer)
+        states.append(state)
+    return graphdef, stack(states)
+
+
+def summarise(member_list: Sequence[Member], reports: Sequence[dict]) -> dict:
+    """The sweep's summary: each member's headline numbers, and their mean and spread over seeds.
+
+    Headline numbers of a member's ``report.json`` (``evaluate.evaluate``): accuracy at T, and Top-K's
+    accuracy and mean exit timestep at the smallest epsilon (0 by default). Members that differ only in
+    ``seed`` form a group; a group gives mean, sample std (ddof 1; 0 for one seed), min and max.
+
+    Returns:
+      {"members": [{name, overrides, accuracy_at_T, topk_epsilon, topk_accuracy, topk_mean_timestep}],
+       "groups": [{settings: {key: value, no seed}, seeds, <number>: {mean, std, min, max}, ...}]}.
+    """
+    rows = []
+    for m, report in zip(member_list, reports, strict=True):
+        i = int(np.argmin(report["epsilons"]))
+        rows.append({"name": m.name, "overrides": dict(m.overrides),
+                     "accuracy_at_T": report["accuracy_per_timestep"][-1],
+                     "topk_epsilon": report["epsilons"][i],
+                     "topk_accuracy": report["rules"]["topk"]["accuracy"][i],
+                     "topk_mean_timestep": report["rules"]["topk"]["mean_timestep"][i]})
+    groups = {}
+    for row in rows:
+        settings = tuple((k, v) for k, v in row["overrides"].items() if k != "seed")
+        groups.setdefault(settings, []).append(row)
+    out = []
+    for settings, group in groups.items():
+        entry = {"settings": dict(settings), "seeds": [r["overrides"].get("seed") for r in group]}
+        for field in ("accuracy_at_T", "topk_accuracy", "topk_mean_timestep"):
+            v = np.asarray([r[field] for r in group], np.float64)
+            entry[field] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                            "min": float(v.min()), "max": float(v.max())}
+        out.append(entry)
+    return {"members": rows, "groups": out}

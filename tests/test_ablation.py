@@ -1,0 +1,205 @@
+"""Ablations in one program: sweep parsing, member data streams, the multi-member step against single
+steps, the summary, and ``train.py --sweep`` against separate single runs."""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import train
+from aoi_jax import ablation, checkpoint, config, data, models, step
+
+CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "ndigits.py")
+TINY = ["model.channels=(4, 8)", "train.epochs=1", "train.batch_size=128", "data.timesteps=3",
+        "data.translate=2", "eval.epsilons=(0.0, 0.05)", "eval.bins=20", "eval.batch_size=2048"]
+
+
+def tiny_cfg():
+    return config.Config(model=config.ModelConfig(channels=(4, 8), num_classes=3),
+                         optim=config.OptimConfig(lr=0.05, schedule="constant"))
+
+
+def member_batch(rng, M, T=4, N=12):
+    """Seeded batches (M, T, N, 8, 8, 2) with a class-dependent hot pixel, one per member."""
+    labels = rng.integers(0, 3, (M, N))
+    frames = rng.poisson(0.2, (M, T, N, 8, 8, 2)).astype(np.float32)
+    for m in range(M):
+        frames[m, :, np.arange(N), labels[m] * 2, labels[m] * 2, 0] += 3.0
+    return {"frames": frames, "label": labels.astype(np.int32)}
+
+
+def test_parse_sweep_and_members():
+    sweep = ablation.parse_sweep(["reg.alpha=0,0.001,0.004", "seed=0,1"])
+    assert sweep == {"reg.alpha": (0, 0.001, 0.004), "seed": (0, 1)}
+    mem = ablation.members(tiny_cfg(), sweep)
+    assert [m.name for m in mem] == ["alpha=0.0_seed=0", "alpha=0.0_seed=1", "alpha=0.001_seed=0",
+                                     "alpha=0.001_seed=1", "alpha=0.004_seed=0", "alpha=0.004_seed=1"]
+    assert [(m.cfg.reg.alpha, m.cfg.seed) for m in mem] == [(a, s) for a in (0.0, 0.001, 0.004) for s in (0, 1)]
+    assert ablation.shared_config(mem).model == tiny_cfg().model
+    np.testing.assert_array_equal(ablation.scalars(mem)["reg.alpha"], np.float32([0, 0, 1e-3, 1e-3, 4e-3, 4e-3]))
+
+
+def test_sweep_errors_name_the_key():
+    with pytest.raises(KeyError, match=r"'model.channels'.*supported sweep keys: seed, reg.alpha, train.tet_lambda"):
+        ablation.parse_sweep(["model.channels=4,8"])
+    with pytest.raises(KeyError, match="'reg.alhpa'"):
+        ablation.parse_sweep(["reg.alhpa=0,1"])
+    with pytest.raises(ValueError, match="not of the form"):
+        ablation.parse_sweep(["reg.alpha"])
+    with pytest.raises(ValueError, match="given twice"):
+        ablation.parse_sweep(["seed=0", "seed=1"])
+    with pytest.raises(ValueError, match="repeats a value"):
+        ablation.parse_sweep(["seed=0,0"])
+    with pytest.raises(ValueError, match="expects an int"):
+        ablation.members(tiny_cfg(), ablation.parse_sweep(["seed=0.5"]))
+    with pytest.raises(KeyError, match="'optim.lr' cannot be swept"):    # the CLI, before any work
+        train.main(["--config", CONFIG, "--workdir", "unused", "--sweep", "optim.lr=0.1,0.2"])
+
+
+def test_member_batches_follow_each_single_run(rng):
+    frames = rng.poisson(0.5, (40, 3, 10, 10, 2)).astype(np.uint8)
+    train_set = data.FrameSet(frames=frames, labels=rng.integers(0, 3, 40).astype(np.int32), num_classes=3,
+                              sensor_hw=(10, 10))
+    cfg = config.apply_overrides(tiny_cfg(), ["train.batch_size=16", "data.translate=3", "data.hflip=True"])
+    mem = ablation.members(cfg, ablation.parse_sweep(["seed=3,4", "reg.alpha=0,1"]))
+    stacked = list(ablation.member_batches(train_set, mem, epoch=2))
+    assert len(stacked) == 2 and stacked[0]["frames"].shape == (4, 3, 16, 10, 10, 2)
+    for i, m in enumerate(mem):
+        single = list(ablation.run_batches(train_set, m.cfg, epoch=2))
+        for got, want in zip(stacked, single, strict=True):
+            np.testing.assert_array_equal(got["frames"][i], want["frames"])
+            np.testing.assert_array_equal(got["label"][i], want["label"])
+    assert not np.array_equal(stacked[0]["frames"][0], stacked[0]["frames"][2])   # seeds differ
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_multi_step_equals_single_steps(strategy, rng):
+    """Each member of the one program follows its own single train step (3 SGD steps; alpha 0 and 0.5).
+
+    Tolerance 1e-6 absolute on losses and parameters (of size ~0.3): float32 rounding only. loop runs
+    the same ops as the single steps, but XLA may fuse them differently in the larger program (seen: one
+    ulp, 7e-9); vmap batches the members' convolutions into grouped ones that sum in another order (seen:
+    1e-7). A flipped spike would show as a difference of order 1e-2."""
+    atol = 1e-6
+    cfg = tiny_cfg()
+    mem = ablation.members(cfg, ablation.parse_sweep(["reg.alpha=0,0.5", "seed=1"]))
+    opt = step.make_optimizer(cfg.optim, 100)
+    graphdef, states = ablation.init_members(mem, (8, 8, 2), opt)
+    singles = ablation.unstack(states, len(mem))
+    single_steps = [step.make_train_step(graphdef, m.cfg, opt) for m in mem]
+    multi = ablation.make_multi_step(graphdef, cfg, opt, strategy=strategy)
+    scalars = ablation.scalars(mem)
+    for _ in range(3):
+        batch = member_batch(rng, len(mem))
+        states, metrics = multi(states, batch, scalars)
+        for i in range(len(mem)):
+            singles[i], single_metrics = single_steps[i](singles[i], {k: v[i] for k, v in batch.items()})
+            np.testing.assert_allclose(metrics["loss"][i], single_metrics["loss"], atol=atol, rtol=0)
+    for got, want in zip(ablation.unstack(states, len(mem)), singles):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=0), got, want)
+    assert multi._cache_size() == 1
+    assert metrics["rcs"][1] > 0 and metrics["loss"][0] != metrics["loss"][1]   # alpha 0.5 acts
+
+
+def test_init_members_matches_single_init():
+    cfg = tiny_cfg()
+    mem = ablation.members(cfg, ablation.parse_sweep(["seed=0,5"]))
+    opt = step.make_optimizer(cfg.optim, 10)
+    _, states = ablation.init_members(mem, (8, 8, 2), opt)
+    for i, seed in enumerate((0, 5)):
+        init_key, _ = jax.random.split(jax.random.key(seed))              # train.py's split
+        _, want = step.init_state(models.build(cfg.model, (8, 8, 2), rngs=nnx.Rngs(init_key)), opt)
+        jax.tree.map(np.testing.assert_array_equal, ablation.unstack(states, 2)[i], want)
+
+
+def test_member_mesh_size_divides_the_members():
+    assert [ablation.mesh_size(m, 2) for m in (1, 2, 3, 4, 12)] == [1, 2, 1, 2, 2]
+    assert [ablation.mesh_size(m, 8) for m in (4, 6, 12, 7, 16)] == [4, 6, 6, 7, 8]
+    assert ablation.member_mesh(4).devices.size == ablation.mesh_size(4, len(jax.devices()))
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        ablation.make_multi_step(None, tiny_cfg(), None, strategy="pmap")
+
+
+def test_summarise_by_hand():
+    cfg = tiny_cfg()
+    mem = ablation.members(cfg, ablation.parse_sweep(["reg.alpha=0,0.002", "seed=0,1"]))
+
+    def report(acc, topk_acc, topk_t):
+        return {"epsilons": [0.05, 0.0], "accuracy_per_timestep": [0.1, acc],
+                "rules": {"topk": {"accuracy": [0.0, topk_acc], "mean_timestep": [9.0, topk_t]}}}
+
+    reports = [report(0.8, 0.7, 3.0), report(0.6, 0.5, 5.0), report(0.9, 0.9, 2.0), report(0.9, 0.8, 2.5)]
+    s = ablation.summarise(mem, reports)
+    assert s["members"][1] == {"name": "alpha=0.0_seed=1", "overrides": {"reg.alpha": 0.0, "seed": 1},
+                               "accuracy_at_T": 0.6, "topk_epsilon": 0.0, "topk_accuracy": 0.5,
+                               "topk_mean_timestep": 5.0}
+    g0, g1 = s["groups"]
+    assert g0["settings"] == {"reg.alpha": 0.0} and g0["seeds"] == [0, 1]
+    assert g0["accuracy_at_T"]["mean"] == pytest.approx(0.7)
+    assert g0["accuracy_at_T"]["std"] == pytest.approx(np.sqrt(0.02))     # sample std of 0.8, 0.6
+    assert g1["topk_mean_timestep"] == pytest.approx({"mean": 2.25, "std": np.sqrt(0.125), "min": 2.0, "max": 2.5})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A sweep of two seeds at alpha 0.5 (evaluated), and its member seed=1 as a separate single run (not
+    evaluated). Members of different alphas in one program are checked against single steps above."""
+    root = tmp_path_factory.mktemp("sweep")
+    common = ["--config", CONFIG, "--data-dir", str(root / "data")]
+    for item in TINY:
+        common += ["--set", item]
+    train.main(common + ["--workdir", str(root / "sweep"), "--sweep", "reg.alpha=0.5", "--sweep", "seed=0,1"])
+    train.main(common + ["--workdir", str(root / "single"), "--set", "reg.alpha=0.5", "--set", "seed=1",
+                         "--no-eval"])
+    return root / "sweep", root / "single"
+
+
+def test_sweep_member_matches_its_single_run(runs):
+    """A whole epoch (11 SGD steps, translation augmentation) through train.py: the member's metrics and
+    checkpoint equal its single run's. Tolerance 1e-5 absolute: float32 rounding of the same ops in a
+    larger program; a single flipped spike would show as a difference of order 1e-2."""
+    sweep_dir, single_dir = runs
+    assert sorted(p.name for p in (sweep_dir / "members").iterdir()) == ["alpha=0.5_seed=0", "alpha=0.5_seed=1"]
+    member_dir = sweep_dir / "members" / "alpha=0.5_seed=1"
+    got = json.loads((member_dir / "metrics.jsonl").read_text())
+    want = json.loads((single_dir / "metrics.jsonl").read_text())
+    for key in ("train_loss", "train_task", "train_rcs", "train_accuracy", "test_accuracy"):
+        assert got[key] == pytest.approx(want[key], abs=1e-5), key
+    assert json.loads((member_dir / "config.json").read_text()) == json.loads((single_dir / "config.json").read_text())
+    _, state_m, cfg_m, _ = checkpoint.restore(member_dir / "checkpoints")
+    _, state_s, cfg_s, _ = checkpoint.restore(single_dir / "checkpoints")
+    assert cfg_m == cfg_s and int(state_m.step) == int(state_s.step) == 11
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), state_m, state_s)
+    other = json.loads((sweep_dir / "members" / "alpha=0.5_seed=0" / "metrics.jsonl").read_text())
+    assert other["train_loss"] != pytest.approx(got["train_loss"], abs=1e-3)     # seeds really differ
+
+
+def test_sweep_writes_reports_and_summary(runs):
+    sweep_dir, _ = runs
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["sweep"] == {"reg.alpha": [0.5], "seed": [0, 1]}
+    (group,) = summary["groups"]
+    assert group["settings"] == {"reg.alpha": 0.5} and group["seeds"] == [0, 1]
+    accs = []
+    for row in summary["members"]:
+        report = json.loads((sweep_dir / "members" / row["name"] / "report.json").read_text())
+        assert row["accuracy_at_T"] == report["accuracy_per_timestep"][-1]
+        assert row["topk_mean_timestep"] == report["rules"]["topk"]["mean_timestep"][0]
+        accs.append(row["accuracy_at_T"])
+        assert (sweep_dir / "members" / row["name"] / "accuracy_vs_latency.png").stat().st_size > 0
+    assert group["accuracy_at_T"]["mean"] == pytest.approx(np.mean(accs))
+    assert (sweep_dir / "summary.png").stat().st_size > 0
+
+
+def test_sweep_resumes_and_refuses_another_sweep(runs):
+    sweep_dir, _ = runs
+    cfg = config.load(CONFIG, TINY + [f"data.data_dir={sweep_dir.parent / 'data'}"])
+    assert train.train_sweep_and_evaluate(cfg, {"reg.alpha": (0.5,), "seed": (0, 1)}, sweep_dir,
+                                          run_eval=False) == {}            # at its last epoch: nothing to do
+    assert len((sweep_dir / "members" / "alpha=0.5_seed=0" / "metrics.jsonl").read_text().splitlines()) == 1
+    with pytest.raises(ValueError, match="holds a run of a different config"):
+        train.train_sweep_and_evaluate(config.override(cfg, "train.epochs", 2),
+                                       {"reg.alpha": (0.5,), "seed": (0, 1)}, sweep_dir, run_eval=False)
