@@ -10,18 +10,22 @@ Layout: every leaf of the members' ``TrainState``s is stacked on a new leading m
 batches are (M, T, B, ...) (each member its own seeded shuffle and augmentation, exactly as its single
 run: ``member_batches``); metrics come back (M,).
 
-How the members run inside the program (``make_multi_step``), measured on XLA:CPU (2 cores, N-Digits
-small SNN, T=10, batch 32, 4 members; benchmarks/ablation.py):
+How the members run inside the program (``make_multi_step``), measured with ``python -m
+benchmarks.ablation --vmap`` on XLA:CPU (2 shared cores; N-Digits small SNN, T=10, batch 32; 4 alphas;
+median seconds per round of 4 member steps, quiet machine):
 
-- ``vmap`` over the member axis turns every convolution into a grouped convolution (one group per
-  member), which XLA:CPU runs ~7x slower than the separate convolutions: 4 members took 5.5 s per step
-  against 0.8 s for four single steps. On GPU/TPU grouped convolutions are fast and ``vmap`` is the
-  natural choice.
-- ``loop``: a Python loop over the members inside the jitted function (the program holds M copies of
-  the step, one compile). Same kernels as single runs, no per-step dispatch of M programs.
-- Members sharded over a ``members`` mesh axis (``member_mesh``; on CPU,
-  ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` makes two host devices) with ``shard_map``:
-  each device runs its share of the members with the strategy above, and the devices run in parallel.
+- four single train steps one after another (separate runs): 0.91 s;
+- ``vmap`` over the member axis: 4.7 s (0.19x). Batching the members' weights turns every convolution
+  into a grouped convolution (one group per member), which XLA:CPU runs several times slower than
+  separate ones. On GPU/TPU grouped convolutions are fast and ``vmap`` is the natural choice;
+- ``loop``, a Python loop over the members inside the jitted function (M copies of the step in one
+  program, one compile): 0.73 s (1.24x). The same kernels as single runs; the gain is XLA running one
+  member's single-threaded elementwise kernels while another's run. With the other core busy (other
+  users' jobs) the gain disappears (1.32 s against 1.32 s);
+- members split over a ``members`` mesh axis (``member_mesh``; on CPU
+  ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` makes two host devices) with ``shard_map``,
+  each device looping over its share: 0.75 s (1.20x); host devices share one thread pool, so two of
+  them do not add compute on two cores. On several GPUs this is what spreads the members.
 
 ``strategy="auto"`` is ``loop`` on CPU and ``vmap`` elsewhere.
 """
@@ -35,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from aoi_jax import config as config_lib
 from aoi_jax import step as step_lib
@@ -200,7 +204,7 @@ def member_mesh(n_members: int, devices=None) -> jax.sharding.Mesh:
     device holds M / d members (one device when M is prime and larger than D)."""
     devices = jax.devices() if devices is None else list(devices)
     d = mesh_size(n_members, len(devices))
-    return jax.make_mesh((d,), ("members",), devices=devices[:d])
+    return jax.make_mesh((d,), ("members",), axis_types=(AxisType.Auto,), devices=devices[:d])
 
 
 def _resolve(strategy: str) -> str:

@@ -73,6 +73,7 @@ for mesh in (None, ablation.member_mesh(2)):
     res[mesh is None] = (losses, jax.device_get(states))
     if mesh is not None:
         out["members_devices"] = len(states.params["head"]["kernel"][...].sharding.device_set)
+        out["members_step"] = int(states.step[0])                     # train.py reads the step like this
 out["members_loss_diff"] = float(np.max(np.abs(np.subtract(res[True][0], res[False][0]))))
 out["members_param_diff"] = maxdiff(res[True][1], res[False][1])
 print("RESULT" + json.dumps(out))
@@ -106,7 +107,7 @@ def test_members_split_over_devices_match_one_device(two_devices):
     """One member per device (shard_map over 'members') computes exactly the one-device program's members:
     each device runs the same per-member ops, so the tolerance is float32 rounding (1e-6)."""
     r = two_devices
-    assert r["members_devices"] == 2
+    assert r["members_devices"] == 2 and r["members_step"] == 3
     assert r["members_loss_diff"] <= 1e-6
     assert r["members_param_diff"] <= 1e-6
 
