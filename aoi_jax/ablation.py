@@ -19,9 +19,10 @@ median seconds per round of 4 member steps, quiet machine):
   into a grouped convolution (one group per member), which XLA:CPU runs several times slower than
   separate ones. On GPU/TPU grouped convolutions are fast and ``vmap`` is the natural choice;
 - ``loop``, a Python loop over the members inside the jitted function (M copies of the step in one
-  program, one compile): 0.73 s (1.24x). The same kernels as single runs; the gain is XLA running one
-  member's single-threaded elementwise kernels while another's run. With the other core busy (other
-  users' jobs) the gain disappears (1.32 s against 1.32 s);
+  program, one compile): 0.73 s (1.24x). The same kernels as single runs; XLA:CPU may run independent
+  kernels of different members at once, which uses the second core better (most elementwise kernels
+  are single-threaded). With the other core busy (other users' jobs) the gain disappeared (1.32 s
+  against 1.32 s);
 - members split over a ``members`` mesh axis (``member_mesh``; on CPU
   ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` makes two host devices) with ``shard_map``,
   each device looping over its share: 0.75 s (1.20x); host devices share one thread pool, so two of

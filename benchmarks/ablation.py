@@ -1,0 +1,166 @@
+"""K alphas trained together (``aoi_jax.ablation``) against the same K trained one after another.
+
+Step level (default): per round of K member steps on N-Digits (configs/ndigits.py: small SNN, T=10,
+batch 32; seeded random events), the median time of
+
+- ``sequential``: K single train steps (``step.make_train_step``, one compiled program per alpha), one after
+  the other, as K separate runs would do;
+- ``together/loop``: one ``ablation.make_multi_step`` program, members unrolled, one device;
+- ``together/loop x2``: the same with the members split over two host devices (a subprocess with
+  ``XLA_FLAGS=--xla_force_host_platform_device_count=2``);
+- ``together/vmap`` (``--vmap``): members vmapped; slow on XLA:CPU (grouped convolutions).
+
+Compile times are listed separately (sequential: the sum of K compiles).
+
+End to end (``--e2e EPOCHS``): wall-clock of ``python train.py --sweep reg.alpha=...`` against K runs of
+``python train.py --set reg.alpha=...``, each a fresh process (start-up, data from the on-disk cache,
+compile, training, per-epoch test accuracy, checkpoints; ``--no-eval`` unless ``--with-eval``).
+
+    python -m benchmarks.ablation                            # step level, K = 4 alphas
+    python -m benchmarks.ablation --rounds 10 --vmap
+    python -m benchmarks.ablation --e2e 1                    # + end to end, one epoch each
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "ndigits.py"
+
+
+def step_level(strategies, alphas, rounds, n_devices, overrides=()):
+    """Median seconds per round of K member steps (and compile seconds) for each strategy."""
+    import jax
+    import numpy as np
+
+    from aoi_jax import ablation, config, step
+
+    cfg = config.load(CONFIG, list(overrides))
+    mem = ablation.members(cfg, {"reg.alpha": tuple(alphas)})
+    K, T, B, shape = len(mem), cfg.data.timesteps, cfg.train.batch_size, (34, 34, 2)
+    opt = step.make_optimizer(cfg.optim, 1000)
+    graphdef, states0 = ablation.init_members(mem, shape, opt)
+    rng = np.random.default_rng(0)
+    batch = {"frames": rng.poisson(0.3, (T, B, *shape)).astype(np.float32),
+             "label": rng.integers(0, 10, B).astype(np.int32)}
+    stacked = {k: np.stack([v] * K) for k, v in batch.items()}
+    out = {}
+    for strategy in strategies:
+        if strategy == "sequential":
+            states = [jax.tree.map(np.asarray, s) for s in ablation.unstack(states0, K)]
+            t0 = time.perf_counter()
+            fns = [step.make_train_step(graphdef, m.cfg, opt).lower(s, batch).compile() for m, s in zip(mem, states)]
+            compile_s = time.perf_counter() - t0
+
+            def one_round(states):
+                outs = [f(s, batch) for f, s in zip(fns, states)]
+                jax.block_until_ready(outs)
+                return [o[0] for o in outs]
+        else:
+            mesh = ablation.member_mesh(K, jax.devices()[:n_devices]) if n_devices > 1 else None
+            multi = ablation.make_multi_step(graphdef, cfg, opt, mesh=mesh, strategy=strategy)
+            states = ablation.place(jax.tree.map(np.asarray, states0), mesh)
+            scalars, placed = ablation.place(ablation.scalars(mem), mesh), ablation.place(stacked, mesh)
+            t0 = time.perf_counter()
+            fn = multi.lower(states, placed, scalars).compile()
+            compile_s = time.perf_counter() - t0
+
+            def one_round(states):
+                states, metrics = fn(states, placed, scalars)
+                jax.block_until_ready(metrics)
+                return states
+        states = one_round(states)                                              # warm-up
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            states = one_round(states)
+            times.append(time.perf_counter() - t0)
+        out[strategy] = {"compile_s": compile_s, "median_s": float(np.median(times)), "min_s": min(times),
+                         "max_s": max(times)}
+    return out
+
+
+def worker(args):
+    res = step_level(args.strategies.split(","), [float(a) for a in args.alphas.split(",")], args.rounds,
+                     args.devices, args.set)
+    print("RESULT" + json.dumps(res))
+
+
+def run_worker(n_devices, strategies, args):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+               JAX_PLATFORMS=env.get("JAX_PLATFORMS", "cpu"), PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "benchmarks.ablation", "--worker", "--devices", str(n_devices), "--strategies",
+           ",".join(strategies), "--alphas", args.alphas, "--rounds", str(args.rounds)] + [f"--set={s}" for s in args.set]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))[6:])
+
+
+def end_to_end(args):
+    """Wall-clock seconds of one sweep process against K single-run processes."""
+    alphas = args.alphas.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        common = [sys.executable, "train.py", "--config", str(CONFIG), "--set", f"train.epochs={args.e2e}"]
+        common += [f"--set={s}" for s in args.set] + ([] if args.with_eval else ["--no-eval"])
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS", "cpu")
+        warm = ("from aoi_jax import config, data; "
+                f"data.load(config.load({str(CONFIG)!r}, {list(args.set)!r}).data)")   # builds the data cache
+        subprocess.run([sys.executable, "-c", warm], cwd=ROOT, env=env, check=True, capture_output=True)
+        t0 = time.perf_counter()
+        for a in alphas:
+            subprocess.run(common + ["--workdir", f"{tmp}/single_{a}", "--set", f"reg.alpha={a}"], cwd=ROOT, env=env,
+                           check=True, capture_output=True)
+        sequential = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        subprocess.run(common + ["--workdir", f"{tmp}/sweep", "--sweep", f"reg.alpha={args.alphas}"], cwd=ROOT,
+                       env=env, check=True, capture_output=True)
+        together = time.perf_counter() - t0
+    return sequential, together
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--alphas", default="0,0.001,0.002,0.004")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (each K member steps) after a warm-up")
+    p.add_argument("--vmap", action="store_true", help="also time the vmapped program (slow on CPU)")
+    p.add_argument("--e2e", type=int, default=0, help="also time whole train.py runs of this many epochs")
+    p.add_argument("--with-eval", action="store_true", help="end to end: include the final evaluation")
+    p.add_argument("--set", action="append", default=[], help="config override, e.g. data.timesteps=4")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--strategies", default="sequential,loop", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args)
+
+    K = len(args.alphas.split(","))
+    one = run_worker(1, ["sequential", "loop"] + (["vmap"] if args.vmap else []), args)
+    two = run_worker(2, ["loop"], args)
+    rows = [("sequential (1 device)", one["sequential"]), ("together/loop (1 device)", one["loop"]),
+            ("together/loop (2 host devices)", two["loop"])]
+    if args.vmap:
+        rows.append(("together/vmap (1 device)", one["vmap"]))
+    base = one["sequential"]["median_s"]
+    print(f"N-Digits train step, K = {K} alphas ({args.alphas}), {args.rounds} timed rounds of {K} member steps")
+    print(f"{'':32}{'compile s':>10}{'s per round: median [min-max]':>32}{'speed-up':>10}")
+    for name, r in rows:
+        print(f"{name:<32}{r['compile_s']:>10.2f}{r['median_s']:>14.3f} [{r['min_s']:.3f}-{r['max_s']:.3f}]"
+              f"{base / r['median_s']:>9.2f}x")
+    if args.e2e:
+        seq, tog = end_to_end(args)
+        what = "with" if args.with_eval else "without"
+        print(f"\nend to end, {args.e2e} epoch(s), {what} final evaluation: {K} single train.py runs {seq:.1f} s, "
+              f"one --sweep run {tog:.1f} s: {seq / tog:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Train-step speed: compile time, steady-state step time, samples/s, model FLOPs and the fraction of this
+machine's dense-matmul peak they reach, on one device and on two host devices (data parallel).
+
+Models: ``vggsnn`` (configs/cifar10_dvs.py: VGGSNN, T=10, batch 8, 2x128x128 event frames, TET + RCS,
+float32) and ``ndigits`` (configs/ndigits.py: the small SNN, T=10, batch 32, 2x34x34). Inputs are seeded
+random event counts. The train step is ``aoi_jax.step.make_train_step``, as ``train.py`` runs it; with two
+devices the batch is split over the ``data`` mesh (``aoi_jax.parallel``).
+
+FLOPs per step: XLA's ``cost_analysis()`` of the one-device program. Peak: the best of several float32
+2048x2048 matmuls, measured in the same process (on two devices: one matmul per device, concurrently).
+Each device count runs in its own subprocess, since ``XLA_FLAGS=--xla_force_host_platform_device_count``
+must be set before jax starts. On a shared machine the step times are noisy: the median and the min-max
+range of ``--steps`` timed steps are printed, and ``--repeats`` reruns everything.
+
+    python -m benchmarks.train_step                                  # both models, 1 and 2 devices
+    python -m benchmarks.train_step --models vggsnn --devices 1 --steps 8 --repeats 3
+    python -m benchmarks.train_step --xla-flags=--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REFERENCE_VGG_SECONDS = 2.3  # the reference PyTorch VGGSNN step (T=10, batch 8, 128x128) on these 2 cores
+
+MODELS = {
+    "vggsnn": ("configs/cifar10_dvs.py", ["train.batch_size=8"], (128, 128, 2)),
+    "ndigits": ("configs/ndigits.py", [], (34, 34, 2)),
+}
+
+
+def matmul_peak(devices, n=2048, repeats=7):
+    """Best float32 matmul FLOP/s over ``devices`` (one n x n matmul per device, dispatched together)."""
+    import jax
+    import jax.numpy as jnp
+
+    f = jax.jit(lambda a, b: a @ b)
+    xs = [jax.device_put(jnp.ones((n, n), jnp.float32), d) for d in devices]
+    jax.block_until_ready([f(x, x) for x in xs])
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready([f(x, x) for x in xs])
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 * len(devices) / best
+
+
+def measure(model_name, n_devices, steps, overrides=()):
+    """One model on the first ``n_devices`` devices: compile and step times, FLOPs, samples/s."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from aoi_jax import config, models, parallel, step
+
+    path, sets, shape = MODELS[model_name]
+    cfg = config.load(ROOT / path, list(sets) + list(overrides))
+    T, B = cfg.data.timesteps, cfg.train.batch_size
+    model = models.build(cfg.model, shape, rngs=nnx.Rngs(0))
+    opt = step.make_optimizer(cfg.optim, 1000)
+    graphdef, state = step.init_state(model, opt)
+    mesh = parallel.data_mesh(jax.devices()[:n_devices])
+    state = parallel.replicate(state, mesh)
+    rng = np.random.default_rng(0)
+    batch = parallel.shard_batch({"frames": rng.poisson(0.3, (T, B, *shape)).astype(np.float32),
+                                  "label": rng.integers(0, cfg.model.num_classes, B).astype(np.int32)}, mesh)
+    train_step = step.make_train_step(graphdef, cfg, opt)
+    t0 = time.perf_counter()
+    compiled = train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    state, metrics = compiled(state, batch)                                   # warm-up
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    return {"model": model_name, "devices": n_devices, "T": T, "batch": B, "input": list(shape),
+            "compile_s": compile_s, "step_s_median": float(np.median(times)), "step_s_min": min(times),
+            "step_s_max": max(times), "samples_per_s": B / float(np.median(times)),
+            "flops_per_step_program": float(cost.get("flops", float("nan"))),
+            "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2 ** 20}
+
+
+def worker(args):
+    import jax
+
+    peak = matmul_peak(jax.devices()[:args.devices])
+    rows = [measure(m, args.devices, args.steps, args.set) for m in args.models.split(",")]
+    print("RESULT" + json.dumps({"peak_flops": peak, "rows": rows, "devices": [str(d) for d in jax.devices()]}))
+
+
+def run_worker(n_devices, args):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    flags = " ".join(f for f in [f"--xla_force_host_platform_device_count={n_devices}", args.xla_flags] if f)
+    env.update(XLA_FLAGS=flags, JAX_PLATFORMS=env.get("JAX_PLATFORMS", "cpu"),
+               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker", "--devices", str(n_devices),
+           "--models", args.models, "--steps", str(args.steps)] + [f"--set={s}" for s in args.set]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"worker with {n_devices} device(s) failed:\n{proc.stderr[-3000:]}")
+    return json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))[6:])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="vggsnn,ndigits", help="comma-separated: vggsnn, ndigits")
+    p.add_argument("--devices", default="1,2", help="comma-separated host device counts")
+    p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    p.add_argument("--repeats", type=int, default=1, help="run everything this many times (noise)")
+    p.add_argument("--set", action="append", default=[], help="config override for both models, e.g. "
+                                                             "model.remat=True")
+    p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the workers")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        args.devices = int(args.devices)
+        return worker(args)
+
+    print(f"reference PyTorch VGGSNN step on these cores: {REFERENCE_VGG_SECONDS} s (given, not measured here)")
+    if args.xla_flags:
+        print(f"extra XLA_FLAGS: {args.xla_flags}")
+    one_device_flops = {}
+    for r in range(args.repeats):
+        for n in (int(d) for d in args.devices.split(",")):
+            res = run_worker(n, args)
+            print(f"\n[repeat {r + 1}/{args.repeats}] {n} device(s): matmul peak "
+                  f"{res['peak_flops'] / 1e9:.0f} GFLOP/s (float32 2048^2, best of 7)")
+            print(f"{'model':<9}{'compile s':>10}{'step s (median [min-max])':>28}{'samples/s':>11}"
+                  f"{'GFLOP/step':>11}{'GFLOP/s':>9}{'% peak':>8}{'temp MiB':>10}")
+            for row in res["rows"]:
+                if n == 1:
+                    one_device_flops[row["model"]] = row["flops_per_step_program"]
+                flops = one_device_flops.get(row["model"], row["flops_per_step_program"] * n)
+                achieved = flops / row["step_s_median"]
+                print(f"{row['model']:<9}{row['compile_s']:>10.2f}"
+                      f"{row['step_s_median']:>12.3f} [{row['step_s_min']:.3f}-{row['step_s_max']:.3f}]"
+                      f"{row['samples_per_s']:>11.1f}{flops / 1e9:>11.1f}{achieved / 1e9:>9.0f}"
+                      f"{100 * achieved / res['peak_flops']:>8.1f}{row['temp_mib']:>10.0f}")
+                if row["model"] == "vggsnn":
+                    print(f"{'':9}vs reference {REFERENCE_VGG_SECONDS} s: {REFERENCE_VGG_SECONDS / row['step_s_median']:.2f}x"
+                          f" (median), {REFERENCE_VGG_SECONDS / row['step_s_min']:.2f}x (best)")
+
+
+if __name__ == "__main__":
+    main()
