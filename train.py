@@ -14,8 +14,8 @@ same config resumes from the newest one; a different config there is an error.
 With ``--sweep`` (keys of ``aoi_jax.ablation.SWEEP_KEYS``) every combination is a member, trained together
 (``aoi_jax.ablation``): ``members/<name>/`` holds what a single run writes, and the workdir gets
 ``summary.json`` and ``summary.png`` (accuracy and Top-K mean exit timestep against the first swept key
-other than seed, mean and spread over seeds). Members are split over the devices (``member_mesh``): on a
-CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` gives two host devices.
+other than seed, mean and spread over seeds). Members are split over the devices (``member_mesh``), e.g.
+several GPUs; on a CPU one device already keeps the cores busy (benchmarks/ablation.py).
 """
 
 import argparse

@@ -10,7 +10,9 @@ batch 32; seeded random events), the median time of
   ``XLA_FLAGS=--xla_force_host_platform_device_count=2``);
 - ``together/vmap`` (``--vmap``): members vmapped; slow on XLA:CPU (grouped convolutions).
 
-Compile times are listed separately (sequential: the sum of K compiles).
+Compile times are listed separately (sequential: the sum of K compiles). "cores busy": the process's CPU
+time over wall time while timing (spinning worker threads count as busy); on 2 cores a strategy can at
+most reach 2 / (cores busy of sequential) times its speed.
 
 End to end (``--e2e EPOCHS``): wall-clock of ``python train.py --sweep reg.alpha=...`` against K runs of
 ``python train.py --set reg.alpha=...``, each a fresh process (start-up, data from the on-disk cache,
@@ -77,12 +79,15 @@ def step_level(strategies, alphas, rounds, n_devices, overrides=()):
                 return states
         states = one_round(states)                                              # warm-up
         times = []
+        cpu0, wall0 = os.times(), time.perf_counter()
         for _ in range(rounds):
             t0 = time.perf_counter()
             states = one_round(states)
             times.append(time.perf_counter() - t0)
+        cpu1, wall1 = os.times(), time.perf_counter()
         out[strategy] = {"compile_s": compile_s, "median_s": float(np.median(times)), "min_s": min(times),
-                         "max_s": max(times)}
+                         "max_s": max(times),
+                         "cores_busy": (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (wall1 - wall0)}
     return out
 
 
@@ -151,10 +156,10 @@ def main(argv=None):
         rows.append(("together/vmap (1 device)", one["vmap"]))
     base = one["sequential"]["median_s"]
     print(f"N-Digits train step, K = {K} alphas ({args.alphas}), {args.rounds} timed rounds of {K} member steps")
-    print(f"{'':32}{'compile s':>10}{'s per round: median [min-max]':>32}{'speed-up':>10}")
+    print(f"{'':32}{'compile s':>10}{'s per round: median [min-max]':>32}{'speed-up':>10}{'cores busy':>11}")
     for name, r in rows:
         print(f"{name:<32}{r['compile_s']:>10.2f}{r['median_s']:>14.3f} [{r['min_s']:.3f}-{r['max_s']:.3f}]"
-              f"{base / r['median_s']:>9.2f}x")
+              f"{base / r['median_s']:>9.2f}x{r['cores_busy']:>11.2f}")
     if args.e2e:
         seq, tog = end_to_end(args)
         what = "with" if args.with_eval else "without"

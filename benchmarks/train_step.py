@@ -10,7 +10,8 @@ FLOPs per step: XLA's ``cost_analysis()`` of the one-device program. Peak: the b
 2048x2048 matmuls, measured in the same process (on two devices: one matmul per device, concurrently).
 Each device count runs in its own subprocess, since ``XLA_FLAGS=--xla_force_host_platform_device_count``
 must be set before jax starts. On a shared machine the step times are noisy: the median and the min-max
-range of ``--steps`` timed steps are printed, and ``--repeats`` reruns everything.
+range of ``--steps`` timed steps are printed, and ``--repeats`` reruns everything. "cores busy" is the
+process's CPU time over wall time during the timed steps (spinning worker threads count as busy).
 
     python -m benchmarks.train_step                                  # both models, 1 and 2 devices
     python -m benchmarks.train_step --models vggsnn --devices 1 --steps 8 --repeats 3
@@ -77,16 +78,19 @@ def measure(model_name, n_devices, steps, overrides=()):
     state, metrics = compiled(state, batch)                                   # warm-up
     jax.block_until_ready(metrics)
     times = []
+    cpu0, wall0 = os.times(), time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
+    cpu1, wall1 = os.times(), time.perf_counter()
+    cores = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (wall1 - wall0)
     return {"model": model_name, "devices": n_devices, "T": T, "batch": B, "input": list(shape),
             "compile_s": compile_s, "step_s_median": float(np.median(times)), "step_s_min": min(times),
             "step_s_max": max(times), "samples_per_s": B / float(np.median(times)),
             "flops_per_step_program": float(cost.get("flops", float("nan"))),
-            "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2 ** 20}
+            "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2 ** 20, "cores_busy": cores}
 
 
 def worker(args):
@@ -135,7 +139,7 @@ def main(argv=None):
             print(f"\n[repeat {r + 1}/{args.repeats}] {n} device(s): matmul peak "
                   f"{res['peak_flops'] / 1e9:.0f} GFLOP/s (float32 2048^2, best of 7)")
             print(f"{'model':<9}{'compile s':>10}{'step s (median [min-max])':>28}{'samples/s':>11}"
-                  f"{'GFLOP/step':>11}{'GFLOP/s':>9}{'% peak':>8}{'temp MiB':>10}")
+                  f"{'GFLOP/step':>11}{'GFLOP/s':>9}{'% peak':>8}{'temp MiB':>10}{'cores busy':>11}")
             for row in res["rows"]:
                 if n == 1:
                     one_device_flops[row["model"]] = row["flops_per_step_program"]
@@ -144,7 +148,7 @@ def main(argv=None):
                 print(f"{row['model']:<9}{row['compile_s']:>10.2f}"
                       f"{row['step_s_median']:>12.3f} [{row['step_s_min']:.3f}-{row['step_s_max']:.3f}]"
                       f"{row['samples_per_s']:>11.1f}{flops / 1e9:>11.1f}{achieved / 1e9:>9.0f}"
-                      f"{100 * achieved / res['peak_flops']:>8.1f}{row['temp_mib']:>10.0f}")
+                      f"{100 * achieved / res['peak_flops']:>8.1f}{row['temp_mib']:>10.0f}{row['cores_busy']:>11.2f}")
                 if row["model"] == "vggsnn":
                     print(f"{'':9}vs reference {REFERENCE_VGG_SECONDS} s: {REFERENCE_VGG_SECONDS / row['step_s_median']:.2f}x"
                           f" (median), {REFERENCE_VGG_SECONDS / row['step_s_min']:.2f}x (best)")
