@@ -61,7 +61,10 @@ def setup_logging(workdir: pathlib.Path):
     log.propagate = False                      # orbax/absl configure the root logger; print once
     log.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(workdir / "train.log")):
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if jax.process_index() == 0:               # several processes share the workdir: one writes its files
+        handlers.append(logging.FileHandler(workdir / "train.log"))
+    for handler in handlers:
         handler.setFormatter(fmt)
         log.addHandler(handler)
 
@@ -74,7 +77,8 @@ def check_workdir_config(workdir: pathlib.Path, cfg: config_lib.Config):
         if stored != cfg:
             raise ValueError(f"{path} holds a run of a different config; use another --workdir "
                              f"(stored: {config_lib.to_json(stored)})")
-    path.write_text(config_lib.to_json(cfg))
+    if jax.process_index() == 0:
+        path.write_text(config_lib.to_json(cfg))
 
 
 def train_and_evaluate(cfg: config_lib.Config, workdir: pathlib.Path, *, run_eval: bool = True) -> dict:
@@ -130,8 +134,9 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: pathlib.Path, *, run_eva
         record = {"epoch": epoch + 1, "step": int(state.step), **{f"train_{k}": v for k, v in metrics.items()},
                   "test_accuracy": test_acc, "images_per_s": steps_per_epoch * cfg.train.batch_size / train_seconds,
                   "epoch_seconds": time.time() - t_epoch}
-        with open(workdir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if jax.process_index() == 0:
+            with open(workdir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
         log.info("epoch %3d  loss %.4f (task %.4f, rcs %.3f)  train acc %.4f  test acc %.4f  %.0f img/s",
                  epoch + 1, metrics["loss"], metrics["task"], metrics["rcs"], metrics["accuracy"], test_acc,
                  record["images_per_s"])

@@ -13,14 +13,32 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 
-def initialize_distributed() -> bool:
-    """Calls ``jax.distributed.initialize()`` when launched as one of several processes.
+def initialize_distributed(environ=None) -> bool:
+    """Calls ``jax.distributed.initialize`` when launched as one of several processes.
 
-    A multi-process launch is recognised by ``JAX_COORDINATOR_ADDRESS`` (with ``JAX_NUM_PROCESSES`` and
-    ``JAX_PROCESS_ID``), or by ``AOI_JAX_DISTRIBUTED=1`` on platforms where JAX finds the cluster itself
-    (TPU pod slices, SLURM). Returns whether it initialised.
+    Two ways to say so:
+
+    - ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0) with ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``:
+      passed on explicitly (``jax.distributed.initialize`` reads only the address from the environment);
+    - ``AOI_JAX_DISTRIBUTED=1`` where JAX finds the cluster itself (TPU pod slices, SLURM, Open MPI).
+
+    Args:
+      environ: the environment to read (default ``os.environ``).
+    Returns:
+      whether it initialised.
+    Raises:
+      ValueError: ``JAX_COORDINATOR_ADDRESS`` without integer ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``.
     """
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("AOI_JAX_DISTRIBUTED") == "1":
+    env = os.environ if environ is None else environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        try:
+            n, i = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
+        except (KeyError, ValueError) as e:
+            raise ValueError("JAX_COORDINATOR_ADDRESS is set: set JAX_NUM_PROCESSES (the number of processes) "
+                             "and JAX_PROCESS_ID (0 .. N-1) as integers too") from e
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], num_processes=n, process_id=i)
+        return True
+    if env.get("AOI_JAX_DISTRIBUTED") == "1":
         jax.distributed.initialize()
         return True
     return False
@@ -57,3 +75,17 @@ def shard_batch(batch: dict, mesh) -> dict:
         value = np.asarray(batch[name])
         out[name] = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
     return out
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-process) global array as numpy, the same on every process.
+
+    One process: ``np.asarray``. Several: the shards of other processes are all-gathered
+    (``multihost_utils.process_allgather``), so every process sees the whole array; fully replicated
+    arrays are read locally.
+    """
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -10,6 +10,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from aoi_jax import parallel
@@ -116,8 +117,20 @@ def test_this_process_keeps_one_device_and_no_distributed_launch():
     import jax
 
     assert len(jax.devices()) == 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
-    saved = {k: os.environ.pop(k) for k in ("JAX_COORDINATOR_ADDRESS", "AOI_JAX_DISTRIBUTED") if k in os.environ}
-    try:
-        assert parallel.initialize_distributed() is False    # a plain launch: nothing to initialise
-    finally:
-        os.environ.update(saved)
+    assert parallel.initialize_distributed({}) is False          # a plain launch: nothing to initialise
+    assert parallel.initialize_distributed({"AOI_JAX_DISTRIBUTED": "0"}) is False
+    with pytest.raises(ValueError, match="set JAX_NUM_PROCESSES"):   # jax itself reads only the address
+        parallel.initialize_distributed({"JAX_COORDINATOR_ADDRESS": "host0:1234", "JAX_PROCESS_ID": "0"})
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
+        parallel.initialize_distributed({"JAX_COORDINATOR_ADDRESS": "host0:1234", "JAX_NUM_PROCESSES": "2",
+                                         "JAX_PROCESS_ID": "first"})
+
+
+def test_to_host_one_process(key):
+    import jax
+
+    x = jax.random.normal(key, (4, 6))
+    mesh = parallel.data_mesh()
+    sharded = parallel.shard_batch({"frames": np.zeros((2, 4, 1, 1, 1), np.float32), "label": np.arange(4)}, mesh)
+    np.testing.assert_array_equal(parallel.to_host(x), np.asarray(x))
+    np.testing.assert_array_equal(parallel.to_host(sharded["label"]), np.arange(4))
