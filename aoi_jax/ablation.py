@@ -90,18 +90,21 @@ def members(cfg: Config, sweep: dict[str, tuple]) -> list[Member]:
     """The Cartesian product of ``sweep`` applied to ``cfg`` (the last key varies fastest).
 
     Raises:
-      ValueError: an empty sweep, or a value of the wrong type (``config.override``'s message).
+      ValueError: an empty sweep, a value of the wrong type (``config.override``'s message), or a sweep
+        of ``train.tet_lambda`` when ``train.loss`` is not "tet" (its members would all be the same).
     """
     if not sweep:
         raise ValueError("a sweep needs at least one KEY=V1,V2,... (supported keys: "
                          f"{', '.join(SWEEP_KEYS)})")
+    if "train.tet_lambda" in sweep and cfg.train.loss != "tet":
+        raise ValueError(f"train.tet_lambda is read only by the TET loss; this config has train.loss = "
+                         f"{cfg.train.loss!r} (add --set train.loss=tet)")
     out = []
     for values in itertools.product(*sweep.values()):
         member_cfg, overrides = cfg, {}
         for key, value in zip(sweep, values):
             member_cfg = config_lib.override(member_cfg, key, value)
-            section, _, field = key.rpartition(".")
-            overrides[key] = getattr(getattr(member_cfg, section) if section else member_cfg, field)
+            overrides[key] = _get(member_cfg, key)
         name = "_".join(f"{k.rpartition('.')[2]}={v}" for k, v in overrides.items())
         out.append(Member(name, overrides, member_cfg))
     return out

@@ -55,6 +55,12 @@ def test_sweep_errors_name_the_key():
         ablation.parse_sweep(["seed=0,0"])
     with pytest.raises(ValueError, match="expects an int"):
         ablation.members(tiny_cfg(), ablation.parse_sweep(["seed=0.5"]))
+    with pytest.raises(ValueError, match="read only by the TET loss"):
+        ablation.members(tiny_cfg(), ablation.parse_sweep(["train.tet_lambda=0.001,0.01"]))
+    tet = ablation.members(config.override(tiny_cfg(), "train.loss", "tet"),
+                           ablation.parse_sweep(["train.tet_lambda=0.001,0.01"]))
+    assert [m.name for m in tet] == ["tet_lambda=0.001", "tet_lambda=0.01"]
+    np.testing.assert_array_equal(ablation.scalars(tet)["train.tet_lambda"], np.float32([0.001, 0.01]))
     with pytest.raises(KeyError, match="'optim.lr' cannot be swept"):    # the CLI, before any work
         train.main(["--config", CONFIG, "--workdir", "unused", "--sweep", "optim.lr=0.1,0.2"])
 
@@ -75,17 +81,19 @@ def test_member_batches_follow_each_single_run(rng):
     assert not np.array_equal(stacked[0]["frames"][0], stacked[0]["frames"][2])   # seeds differ
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap"])
-def test_multi_step_equals_single_steps(strategy, rng):
-    """Each member of the one program follows its own single train step (3 SGD steps; alpha 0 and 0.5).
+@pytest.mark.parametrize("strategy,loss,sweep", [("loop", "mean", "reg.alpha=0,0.5"),
+                                                  ("vmap", "tet", "train.tet_lambda=0.001,0.5")])
+def test_multi_step_equals_single_steps(strategy, loss, sweep, rng):
+    """Each member of the one program follows its own single train step (3 SGD steps; the swept weight
+    enters as a traced scalar, the single step has it as a Python constant).
 
     Tolerance 1e-6 absolute on losses and parameters (of size ~0.3): float32 rounding only. loop runs
     the same ops as the single steps, but XLA may fuse them differently in the larger program (seen: one
     ulp, 7e-9); vmap batches the members' convolutions into grouped ones that sum in another order (seen:
     1e-7). A flipped spike would show as a difference of order 1e-2."""
     atol = 1e-6
-    cfg = tiny_cfg()
-    mem = ablation.members(cfg, ablation.parse_sweep(["reg.alpha=0,0.5", "seed=1"]))
+    cfg = config.override(tiny_cfg(), "train.loss", loss)
+    mem = ablation.members(cfg, ablation.parse_sweep([sweep, "seed=1"]))
     opt = step.make_optimizer(cfg.optim, 100)
     graphdef, states = ablation.init_members(mem, (8, 8, 2), opt)
     singles = ablation.unstack(states, len(mem))
@@ -101,7 +109,7 @@ def test_multi_step_equals_single_steps(strategy, rng):
     for got, want in zip(ablation.unstack(states, len(mem)), singles):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=0), got, want)
     assert multi._cache_size() == 1
-    assert metrics["rcs"][1] > 0 and metrics["loss"][0] != metrics["loss"][1]   # alpha 0.5 acts
+    assert metrics["loss"][0] != metrics["loss"][1]                          # the swept weight acts
 
 
 def test_init_members_matches_single_init():
