@@ -12,6 +12,11 @@ folder ``report.json`` and two figures, ``accuracy_per_timestep.png`` and ``accu
 and prints a summary table.
 """
 
+if __name__ == "__main__":  # first, before jax loads: it may restart this command with huge pages on
+    from aoi_jax import hugepages
+
+    hugepages.reexec_with_huge_pages()
+
 import argparse
 import dataclasses
 import json

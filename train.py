@@ -18,6 +18,11 @@ other than seed, mean and spread over seeds). Members are split over the devices
 several GPUs; on a CPU one device already keeps the cores busy (benchmarks/ablation.py).
 """
 
+if __name__ == "__main__":  # first, before jax loads: it may restart this command with huge pages on
+    from aoi_jax import hugepages
+
+    hugepages.reexec_with_huge_pages()
+
 import argparse
 import dataclasses
 import json

@@ -250,12 +250,13 @@ def make_multi_step(graphdef, cfg: Config, optimizer: optax.GradientTransformati
                 for i in range(n)]
         return stack([o[0] for o in outs]), stack([o[1] for o in outs])
 
+    options = step_lib.compiler_options(cfg)
     if mesh is None or mesh.devices.size == 1:
-        return jax.jit(local, donate_argnums=0)
+        return jax.jit(local, donate_argnums=0, compiler_options=options)
     spec = P("members")
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, spec),
                             check_vma=False)
-    return jax.jit(sharded, donate_argnums=0)
+    return jax.jit(sharded, donate_argnums=0, compiler_options=options)
 
 
 def place(tree, mesh):

@@ -23,6 +23,11 @@ compile, training, per-epoch test accuracy, checkpoints; ``--no-eval`` unless ``
     python -m benchmarks.ablation --e2e 1                    # + end to end, one epoch each
 """
 
+if __name__ == "__main__":  # first, before jax loads: it may restart this command with huge pages on
+    from aoi_jax import hugepages
+
+    hugepages.reexec_with_huge_pages()
+
 import argparse
 import json
 import os

@@ -9,6 +9,11 @@ a backward loop for the settled mask, and one vectorised pass per rule over the 
     python -m benchmarks.cutoff --n 5000 --repeats 3  # smaller
 """
 
+if __name__ == "__main__":  # first, before jax loads: it may restart this command with huge pages on
+    from aoi_jax import hugepages
+
+    hugepages.reexec_with_huge_pages()
+
 import argparse
 import math
 import time

@@ -18,6 +18,11 @@ inputs, so the step's own share is peak minus before).
     python -m benchmarks.memory --models vggsnn --T 40 --rss
 """
 
+if __name__ == "__main__":  # first, before jax loads: it may restart this command with huge pages on
+    from aoi_jax import hugepages
+
+    hugepages.reexec_with_huge_pages()
+
 import argparse
 import json
 import os

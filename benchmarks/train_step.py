@@ -18,6 +18,11 @@ process's CPU time over wall time during the timed steps (spinning worker thread
     python -m benchmarks.train_step --xla-flags=--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT
 """
 
+if __name__ == "__main__":  # first, before jax loads: it may restart this command with huge pages on
+    from aoi_jax import hugepages
+
+    hugepages.reexec_with_huge_pages()
+
 import argparse
 import json
 import os
