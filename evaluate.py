@@ -19,10 +19,13 @@ if __name__ == "__main__":  # first, before jax loads: it may restart this comma
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
 import sys
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,9 +68,9 @@ def collect(eval_step, state, frameset, batch_size, key, mesh, desc="eval"):
     logits, labels, spikes = [], [], 0.0
     for i, (batch, n) in enumerate(padded_batches(frameset, batch_size, mesh, desc)):
         out, counts = eval_step(state.params, state.batch_stats, batch["frames"], jax.random.fold_in(key, i))
-        logits.append(np.asarray(out)[:, :n])
-        labels.append(np.asarray(batch["label"])[:n])
-        spikes = spikes + np.asarray(counts)[:, :, :n].sum(-1)
+        logits.append(parallel.to_host(out)[:, :n])
+        labels.append(parallel.to_host(batch["label"])[:n])
+        spikes = spikes + parallel.to_host(counts)[:, :, :n].sum(-1)
     return np.concatenate(logits, axis=1), np.concatenate(labels), spikes
 
 
@@ -77,29 +80,47 @@ def accuracy(eval_step, state, frameset, batch_size, mesh) -> float:
     return float(np.mean(logits.sum(0).argmax(-1) == labels))
 
 
-def anytime_check(graphdef, state, frameset, beta, batch_size, mesh):
-    """Runs the step-by-step early-exit loop on a split; returns predictions, exit timesteps and the
-    fraction of (sample, step) frames actually computed (a batch runs until its last sample exits)."""
-    run = jax.jit(anytime.run_topk)
+class EvalFunctions(NamedTuple):
+    """The compiled functions of one model structure; members of a sweep share them (one compile)."""
+
+    calib_step: Callable  # step.make_eval_step with calibration dropout
+    test_step: Callable  # step.make_eval_step without dropout
+    run_topk: Callable  # jitted anytime.run_topk
+
+
+def make_eval_functions(graphdef, cfg: config_lib.Config) -> EvalFunctions:
+    """``EvalFunctions`` for ``graphdef``, compiled with the same XLA options as the eval step (so the
+    anytime loop and the multistep logits see the same arithmetic)."""
+    return EvalFunctions(step.make_eval_step(graphdef, dropout=cfg.eval.calib_dropout),
+                         step.make_eval_step(graphdef),
+                         jax.jit(functools.partial(anytime.run_topk, graphdef), compiler_options=step.CPU_OPTIONS))
+
+
+def anytime_check(run_topk, state, frameset, beta, batch_size, mesh):
+    """Runs the step-by-step early-exit loop (``run_topk(params, batch_stats, frames, beta)``) on a split;
+    returns predictions, exit timesteps and the fraction of (sample, step) frames actually computed (a
+    batch runs until its last sample exits)."""
     preds, steps, computed, total = [], [], 0, 0
     for batch, n in padded_batches(frameset, batch_size, mesh, "anytime"):
-        res = run(graphdef, state.params, state.batch_stats, batch["frames"], beta)
-        preds.append(np.asarray(res.predictions)[:n])
-        steps.append(np.asarray(res.timesteps)[:n])
+        res = run_topk(state.params, state.batch_stats, batch["frames"], beta)
+        preds.append(parallel.to_host(res.predictions)[:n])
+        steps.append(parallel.to_host(res.timesteps)[:n])
         computed += int(res.steps_computed) * n
         total += batch["frames"].shape[0] * n
     return np.concatenate(preds), np.concatenate(steps), computed / total
 
 
 def evaluate(graphdef, state, cfg: config_lib.Config, fan_out, train_set, test_set, out_dir: pathlib.Path,
-             key, mesh=None) -> dict:
-    """Calibrates on ``train_set``, scores every rule on ``test_set``, writes the report and figures."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+             key, mesh=None, functions: EvalFunctions | None = None) -> dict:
+    """Calibrates on ``train_set``, scores every rule on ``test_set``, writes the report and figures.
+
+    ``functions``: ``make_eval_functions(graphdef, cfg)``, built here when not given (a sweep passes the
+    same ones for every member). Only process 0 writes files; every process returns the report.
+    """
     mesh = parallel.data_mesh() if mesh is None else mesh
-    calib_step = step.make_eval_step(graphdef, dropout=cfg.eval.calib_dropout)
-    test_step = step.make_eval_step(graphdef)
-    logits_c, labels_c, _ = collect(calib_step, state, train_set, cfg.eval.batch_size, key, mesh, "calibration")
-    logits_t, labels_t, spikes = collect(test_step, state, test_set, cfg.eval.batch_size, key, mesh, "test")
+    fns = make_eval_functions(graphdef, cfg) if functions is None else functions
+    logits_c, labels_c, _ = collect(fns.calib_step, state, train_set, cfg.eval.batch_size, key, mesh, "calibration")
+    logits_t, labels_t, spikes = collect(fns.test_step, state, test_set, cfg.eval.batch_size, key, mesh, "test")
 
     cum_c, cum_t = cutoff.cumulative(jnp.asarray(logits_c)), cutoff.cumulative(jnp.asarray(logits_t))
     epsilons = jnp.asarray(cfg.eval.epsilons, jnp.float32)
@@ -107,7 +128,7 @@ def evaluate(graphdef, state, cfg: config_lib.Config, fan_out, train_set, test_s
                                          bins=cfg.eval.bins, min_support=cfg.eval.min_support))
     beta0 = cutoff.calibrate_topk(cum_c, jnp.asarray(labels_c), epsilon=0.0, bins=cfg.eval.bins,
                                   min_support=cfg.eval.min_support)
-    pred_a, steps_a, frac = anytime_check(graphdef, state, test_set, beta0, cfg.eval.batch_size, mesh)
+    pred_a, steps_a, frac = anytime_check(fns.run_topk, state, test_set, beta0, cfg.eval.batch_size, mesh)
     pred_m, steps_m = cutoff.apply_topk(cum_t, beta0)
 
     n_test = len(labels_t)
@@ -133,10 +154,12 @@ def evaluate(graphdef, state, cfg: config_lib.Config, fan_out, train_set, test_s
         "fan_out": list(fan_out),
         "synops_per_sample": (per_sample_spikes * np.asarray(fan_out)).tolist(),
     }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    plot_accuracy_per_timestep(report, out_dir / "accuracy_per_timestep.png")
-    plot_accuracy_vs_latency(report, out_dir / "accuracy_vs_latency.png")
-    print(summary_table(report))
+    if jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+        plot_accuracy_per_timestep(report, out_dir / "accuracy_per_timestep.png")
+        plot_accuracy_vs_latency(report, out_dir / "accuracy_vs_latency.png")
+        print(summary_table(report))
     return report
 
 

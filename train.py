@@ -118,7 +118,8 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: pathlib.Path, *, run_eva
         log.info("resumed from %s at step %d", ckpt_dir, int(state.step))
     state = parallel.replicate(state, mesh)
     train_step = step.make_train_step(graphdef, cfg, optimizer)
-    eval_step = step.make_eval_step(graphdef)
+    fns = None if ann else evaluate.make_eval_functions(graphdef, cfg)       # shared with the final evaluation
+    eval_step = step.make_eval_step(graphdef) if ann else fns.test_step
 
     first_epoch = int(state.step) // steps_per_epoch
     for epoch in range(first_epoch, cfg.train.epochs):
@@ -152,7 +153,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: pathlib.Path, *, run_eva
     if ann:
         graphdef, state, cfg = convert_ann(graphdef, state, cfg, input_shape)
     fan_out = nnx.merge(graphdef, state.params, state.batch_stats).fan_out
-    return evaluate.evaluate(graphdef, state, cfg, fan_out, train_set, test_set, workdir, calib_key, mesh)
+    return evaluate.evaluate(graphdef, state, cfg, fan_out, train_set, test_set, workdir, calib_key, mesh, fns)
 
 
 def train_sweep_and_evaluate(cfg: config_lib.Config, sweep: dict, workdir: pathlib.Path, *,
@@ -233,6 +234,7 @@ def train_sweep_and_evaluate(cfg: config_lib.Config, sweep: dict, workdir: pathl
     if not run_eval:
         return {}
     reports = []
+    shared = None if ann else evaluate.make_eval_functions(graphdef, base)   # one compile for all members
     for m, d, state_m in zip(member_list, dirs, ablation.unstack(jax.device_get(states), M)):
         g, st, c = graphdef, parallel.replicate(state_m, eval_mesh), m.cfg
         if ann:
@@ -240,7 +242,7 @@ def train_sweep_and_evaluate(cfg: config_lib.Config, sweep: dict, workdir: pathl
         log.info("evaluating member %s", m.name)
         fan_out = nnx.merge(g, st.params, st.batch_stats).fan_out
         reports.append(evaluate.evaluate(g, st, c, fan_out, train_set, test_set, d,
-                                         ablation.calibration_key(m.cfg.seed), eval_mesh))
+                                         ablation.calibration_key(m.cfg.seed), eval_mesh, shared))
     summary = {"sweep": {k: list(v) for k, v in sweep.items()}, **ablation.summarise(member_list, reports)}
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_summary(summary, workdir / "summary.png")
