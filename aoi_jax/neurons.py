@@ -4,10 +4,13 @@
 ``jax.lax.scan``. An IF cell (ANN-to-SNN conversion) is ``lif(x, tau=1.0, reset="soft", v0=vth / 2)``.
 """
 
+import functools
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
-from aoi_jax.surrogate import spike
+from aoi_jax.surrogate import SURROGATES, spike
 
 RESETS = ("hard", "soft")
 
@@ -50,23 +53,90 @@ def lif(x, *, tau=0.5, vth=1.0, reset="hard", v0=0.0, surrogate="triangle", widt
         m_t = h_t (1 - s_t)  (hard)  |  h_t - vth s_t  (soft)
         v_{t+1} = tau m_t
 
+    The gradient is that of autodiff through the scan (BPTT, spike not detached in the reset), computed
+    by a ``jax.custom_vjp`` that keeps only h (T, N, ...) for the backward pass (autodiff of the scan
+    keeps several per-step residuals). With cotangents ``gs_t``, ``gm_t`` of the outputs, S' the
+    surrogate derivative at h_t - vth and ``gv_T = 0``, a reverse scan gives::
+
+        gM_t = gm_t + tau gv_{t+1}
+        gh_t = gM_t (1 - s_t) + (gs_t - h_t gM_t) S'   (hard)  |  gM_t + (gs_t - vth gM_t) S'   (soft)
+        gv_t = gh_t,   d loss / d x_t = gh_t
+
     Args:
       x: input currents, (T, N, ...).
       tau: leak multiplier in (0, 1]; 1 gives an IF cell.  vth: threshold.  reset: "hard" | "soft".
       v0: initial membrane (IF conversion uses vth / 2).
       surrogate, width: surrogate gradient shape and width.
+      tau, vth, v0 and width are Python numbers (static), not traced arrays.
     Returns:
       (spikes, membranes), each (T, N, ...); membranes[t] = m_t, after reset, before the leak.
     Raises:
-      ValueError: reset is neither "hard" nor "soft", or x has no time axis.
+      ValueError: reset is neither "hard" nor "soft", x has no time axis, or unknown surrogate / bad width.
     """
     if x.ndim < 2:
         raise ValueError(f"lif expects x of shape (T, N, ...), got shape {x.shape}")
+    if reset not in RESETS:
+        raise ValueError(f"reset must be one of {RESETS}, got {reset!r}")
+    if surrogate not in SURROGATES:
+        raise ValueError(f"unknown surrogate shape {surrogate!r}; valid: {sorted(SURROGATES)}")
+    if not width > 0:
+        raise ValueError(f"surrogate width must be > 0, got {width}")
+    cell = _Cell(float(tau), float(vth), reset, float(v0), surrogate, float(width))
+    return _lif(cell, x)
 
+
+class _Cell(NamedTuple):
+    """The static settings of ``lif`` (hashable: a ``nondiff_argnums`` argument of ``_lif``)."""
+
+    tau: float
+    vth: float
+    reset: str
+    v0: float
+    surrogate: str
+    width: float
+
+
+def _lif_forward(cell: _Cell, x):
+    """The scan of ``lif_step``; returns (spikes, membranes, h), each (T, N, ...)."""
     def body(v, x_t):
-        v, s, m = lif_step(v, x_t, tau=tau, vth=vth, reset=reset, surrogate=surrogate, width=width)
-        return v, (s, m)
+        h = v + x_t
+        v, s, m = lif_step(v, x_t, tau=cell.tau, vth=cell.vth, reset=cell.reset, surrogate=cell.surrogate,
+                           width=cell.width)
+        return v, (s, m, h)
 
-    v_init = jnp.full(x.shape[1:], v0, x.dtype)
-    _, (spikes, membranes) = jax.lax.scan(body, v_init, x)
+    _, out = jax.lax.scan(body, jnp.full(x.shape[1:], cell.v0, x.dtype), x)
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lif(cell: _Cell, x):
+    spikes, membranes, _ = _lif_forward(cell, x)
     return spikes, membranes
+
+
+def _lif_fwd(cell: _Cell, x):
+    spikes, membranes, h = _lif_forward(cell, x)
+    return (spikes, membranes), h
+
+
+def _lif_bwd(cell: _Cell, h, cotangents):
+    """Reverse scan of ``lif``'s docstring formula; ``h`` (T, N, ...) is the only residual."""
+    gs, gm = cotangents
+
+    def body(gv, inputs):
+        h_t, gs_t, gm_t = inputs
+        u = h_t - cell.vth
+        s = (u > 0).astype(h_t.dtype)                       # the forward's spike, bit for bit
+        sg = SURROGATES[cell.surrogate](u, cell.width).astype(h_t.dtype)
+        g_m = gm_t + cell.tau * gv
+        if cell.reset == "hard":
+            gh = g_m * (1.0 - s) + (gs_t - h_t * g_m) * sg
+        else:
+            gh = g_m + (gs_t - cell.vth * g_m) * sg
+        return gh, gh
+
+    _, gx = jax.lax.scan(body, jnp.zeros_like(h[0]), (h, gs, gm), reverse=True)
+    return (gx,)
+
+
+_lif.defvjp(_lif_fwd, _lif_bwd)
