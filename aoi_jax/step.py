@@ -6,6 +6,7 @@ steps are plain ``jax.jit`` functions of those pytrees, and the model is re-merg
 time anywhere in training.
 """
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -83,10 +84,10 @@ def loss_fn(params, batch_stats, batch, *, graphdef, cfg: Config, scalars=None):
       (loss, (new batch_stats, metrics dict with task, rcs, accuracy at T)).
     """
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
-    logits, layers = model(batch["frames"], train=True)
+    score = functools.partial(regularisers.rcs_scores, vth=cfg.model.neuron.vth, window=cfg.reg.window)
+    logits, scores = model(batch["frames"], train=True, layer_fn=score)   # scores: (N,) per layer
     task = task_loss(logits, batch["label"], cfg, scalars)
-    scores = jnp.stack([regularisers.rcs_scores(s, m, vth=cfg.model.neuron.vth, window=cfg.reg.window)
-                        for s, m in layers])                                  # (L, N)
+    scores = jnp.stack(scores)                                                # (L, N)
     reg = regularisers.rcs_loss(scores, logits, batch["label"], rcs_n=cfg.reg.rcs_n)
     acc = jnp.mean(jnp.argmax(logits.sum(0), -1) == batch["label"])
     loss = task + scalar(cfg, "reg.alpha", scalars) * reg

@@ -1,11 +1,12 @@
 """Rematerialisation (``model.remat``): the same loss and gradients, fewer temporaries, same interface."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from aoi_jax import config, models, step
+from aoi_jax import config, models, regularisers, step
 
 
 def setup(remat, activation="lif", tebn_steps=0):
@@ -52,6 +53,33 @@ def test_remat_gives_the_same_outputs_loss_and_gradients(activation, tebn, key):
     for (sa, ma), (sb, mb) in zip(forward1[1], forward0[1], strict=True):
         np.testing.assert_allclose(sa, sb, atol=1e-6)                 # lif spikes: 0/1, so equal
         np.testing.assert_allclose(ma, mb, atol=1e-6)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_layer_fn_equals_mapping_the_returned_layers(remat, key):
+    """``model(x, layer_fn=f)`` returns ``f(s, m)`` per layer, computed inside the (rematerialised) forward:
+    the same values and the same gradients (w.r.t. parameters) as applying f to the layers returned
+    without it, the second code path."""
+    cfg, graphdef, state, _ = setup(remat)
+    b = batch()
+    f = lambda s, m: regularisers.rcs_scores(s, m, vth=1.0, window=0.3)          # (N,) per layer
+
+    def inside(p):
+        _, scores = nnx.merge(graphdef, p, state.batch_stats, copy=True)(b["frames"], train=True, layer_fn=f)
+        return jnp.stack(scores)
+
+    def outside(p):
+        _, layers = nnx.merge(graphdef, p, state.batch_stats, copy=True)(b["frames"], train=True)
+        return jnp.stack([f(s, m) for s, m in layers])
+
+    a, c = jax.jit(inside)(state.params), jax.jit(outside)(state.params)
+    assert a.shape == (2, 8) and bool(jnp.all(jnp.isfinite(a)))
+    np.testing.assert_allclose(a, c, rtol=1e-6)
+    w = jnp.linspace(0.5, 1.5, a.size).reshape(a.shape)
+    ga = jax.jit(jax.grad(lambda p: jnp.sum(w * inside(p))))(state.params)
+    gc = jax.jit(jax.grad(lambda p: jnp.sum(w * outside(p))))(state.params)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(gc)) > 1e-3
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5), ga, gc)
 
 
 def test_remat_step_needs_fewer_temporaries():
