@@ -55,8 +55,9 @@ def lif(x, *, tau=0.5, vth=1.0, reset="hard", v0=0.0, surrogate="triangle", widt
 
     The gradient is that of autodiff through the scan (BPTT, spike not detached in the reset), computed
     by a ``jax.custom_vjp`` that keeps only h (T, N, ...) for the backward pass (autodiff of the scan
-    keeps several per-step residuals). With cotangents ``gs_t``, ``gm_t`` of the outputs, S' the
-    surrogate derivative at h_t - vth and ``gv_T = 0``, a reverse scan gives::
+    keeps several per-step residuals); the scan itself stacks only h, and s_t, m_t are elementwise in
+    h_t. With cotangents ``gs_t``, ``gm_t`` of the outputs, S' the surrogate derivative at h_t - vth and
+    ``gv_T = 0``, a reverse loop gives (``_lif_bwd``)::
 
         gM_t = gm_t + tau gv_{t+1}
         gh_t = gM_t (1 - s_t) + (gs_t - h_t gM_t) S'   (hard)  |  gM_t + (gs_t - vth gM_t) S'   (soft)
@@ -96,46 +97,61 @@ class _Cell(NamedTuple):
     width: float
 
 
-def _lif_forward(cell: _Cell, x):
-    """The scan of ``lif_step``; returns (spikes, membranes, h), each (T, N, ...)."""
+def _spike_and_membrane(cell: _Cell, h):
+    """``lif_step``'s s = 1[h - vth > 0] and m (after reset) from h, elementwise, for any shape."""
+    s = (h - cell.vth > 0).astype(h.dtype)
+    return s, h * (1.0 - s) if cell.reset == "hard" else h - cell.vth * s
+
+
+def _lif_h(cell: _Cell, x):
+    """The scan of ``lif_step``; returns only h (T, N, ...): the spikes and membranes are elementwise in h
+    (``_spike_and_membrane``, the same float ops), so XLA can fuse them into their users."""
     def body(v, x_t):
         h = v + x_t
-        v, s, m = lif_step(v, x_t, tau=cell.tau, vth=cell.vth, reset=cell.reset, surrogate=cell.surrogate,
+        v, _, _ = lif_step(v, x_t, tau=cell.tau, vth=cell.vth, reset=cell.reset, surrogate=cell.surrogate,
                            width=cell.width)
-        return v, (s, m, h)
+        return v, h
 
-    _, out = jax.lax.scan(body, jnp.full(x.shape[1:], cell.v0, x.dtype), x)
-    return out
+    return jax.lax.scan(body, jnp.full(x.shape[1:], cell.v0, x.dtype), x)[1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _lif(cell: _Cell, x):
-    spikes, membranes, _ = _lif_forward(cell, x)
-    return spikes, membranes
+    return _spike_and_membrane(cell, _lif_h(cell, x))
 
 
 def _lif_fwd(cell: _Cell, x):
-    spikes, membranes, h = _lif_forward(cell, x)
-    return (spikes, membranes), h
+    h = _lif_h(cell, x)
+    return _spike_and_membrane(cell, h), h
 
 
 def _lif_bwd(cell: _Cell, h, cotangents):
-    """Reverse scan of ``lif``'s docstring formula; ``h`` (T, N, ...) is the only residual."""
+    """``lif``'s backward pass from h (T, N, ...) alone; the terms without the carry are elementwise::
+
+        d_t  = gm_t (1 - s_t) + (gs_t - h_t gm_t) S'_t    (hard)  |  gm_t + (gs_t - vth gm_t) S'_t   (soft)
+        a_t  = (1 - s_t) - h_t S'_t                        (hard)  |  1 - vth S'_t                     (soft)
+        gh_t = d_t + tau a_t gh_{t+1},   gh_T = 0,   d loss / d x_t = gh_t
+
+    (``lif``'s formula with gM_t = gm_t + tau gh_{t+1} expanded). XLA fuses d into the producers of gs and
+    gm; the reverse loop overwrites d_t with gh_t in place, so no other (T, N, ...) buffer is needed.
+    """
     gs, gm = cotangents
+    s, _ = _spike_and_membrane(cell, h)
+    sg = SURROGATES[cell.surrogate](h - cell.vth, cell.width).astype(h.dtype)
+    d = gm * (1.0 - s) + (gs - h * gm) * sg if cell.reset == "hard" else gm + (gs - cell.vth * gm) * sg
+    T = h.shape[0]
 
-    def body(gv, inputs):
-        h_t, gs_t, gm_t = inputs
-        u = h_t - cell.vth
-        s = (u > 0).astype(h_t.dtype)                       # the forward's spike, bit for bit
-        sg = SURROGATES[cell.surrogate](u, cell.width).astype(h_t.dtype)
-        g_m = gm_t + cell.tau * gv
-        if cell.reset == "hard":
-            gh = g_m * (1.0 - s) + (gs_t - h_t * g_m) * sg
-        else:
-            gh = g_m + (gs_t - cell.vth * g_m) * sg
-        return gh, gh
+    def body(i, carry):
+        g_next, g = carry
+        t = T - 1 - i
+        h_t = h[t]
+        s_t, _ = _spike_and_membrane(cell, h_t)
+        sg_t = SURROGATES[cell.surrogate](h_t - cell.vth, cell.width).astype(h.dtype)
+        a = (1.0 - s_t) - h_t * sg_t if cell.reset == "hard" else 1.0 - cell.vth * sg_t
+        g_t = g[t] + cell.tau * g_next * a
+        return g_t, jax.lax.dynamic_update_index_in_dim(g, g_t, t, 0)
 
-    _, gx = jax.lax.scan(body, jnp.zeros_like(h[0]), (h, gs, gm), reverse=True)
+    _, gx = jax.lax.fori_loop(0, T, body, (jnp.zeros_like(h[0]), d))
     return (gx,)
 
 
