@@ -95,16 +95,18 @@ def spiking(u, T, neuron: NeuronConfig, *, dropout=0.0, key=None):
       key: PRNG key, required when dropout > 0.
     Returns:
       (h, (spikes, membranes)): h = the (possibly dropped-out) spikes folded back to (T*N, ...);
-      spikes and membranes (T, N, ...) as returned by ``neurons.lif``; the spikes (before dropout) are
-      named ``spiking_layer_output``, what ``REMAT_POLICY`` keeps.
+      spikes and membranes (T, N, ...) as returned by ``neurons.lif``. A copy of the spikes named
+      ``spiking_layer_output`` (what ``REMAT_POLICY`` keeps) feeds h; the returned pair is the cell's own,
+      so under remat the pair's users (``layer_fn``) recompute it from the cell (elementwise in its h)
+      instead of holding the kept spikes.
     Raises:
       ValueError: dropout > 0 without a key.
     """
     x = u.reshape(T, u.shape[0] // T, *u.shape[1:])
     s, m = neurons.lif(x, tau=neuron.tau, vth=neuron.vth, reset=neuron.reset, v0=neuron.v0,
                        surrogate=neuron.surrogate, width=neuron.width)
-    s = checkpoint_name(s, "spiking_layer_output")  # what remat keeps (REMAT_POLICY)
-    return _dropout(s, dropout, key).reshape(u.shape), (s, m)
+    out = checkpoint_name(s, "spiking_layer_output")  # what remat keeps (REMAT_POLICY)
+    return _dropout(out, dropout, key).reshape(u.shape), (s, m)
 
 
 def _dropout(h, rate, key):
