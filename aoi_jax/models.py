@@ -95,14 +95,18 @@ def spiking(u, T, neuron: NeuronConfig, *, dropout=0.0, key=None):
       key: PRNG key, required when dropout > 0.
     Returns:
       (h, (spikes, membranes)): h = the (possibly dropped-out) spikes folded back to (T*N, ...);
-      spikes and membranes (T, N, ...) as returned by ``neurons.lif``.
+      spikes and membranes (T, N, ...) as returned by ``neurons.lif``. A copy of the spikes named
+      ``spiking_layer_output`` (what ``REMAT_POLICY`` keeps) feeds h; the returned pair is the cell's own,
+      so under remat the pair's users (``layer_fn``) recompute it from the cell (elementwise in its h)
+      instead of holding the kept spikes.
     Raises:
       ValueError: dropout > 0 without a key.
     """
     x = u.reshape(T, u.shape[0] // T, *u.shape[1:])
     s, m = neurons.lif(x, tau=neuron.tau, vth=neuron.vth, reset=neuron.reset, v0=neuron.v0,
                        surrogate=neuron.surrogate, width=neuron.width)
-    return _dropout(s, dropout, key).reshape(u.shape), (s, m)
+    out = checkpoint_name(s, "spiking_layer_output")  # what remat keeps (REMAT_POLICY)
+    return _dropout(out, dropout, key).reshape(u.shape), (s, m)
 
 
 def _dropout(h, rate, key):
@@ -118,31 +122,37 @@ def _dropout(h, rate, key):
 REMAT_POLICY = jax.checkpoint_policies.save_only_these_names("spiking_layer_output")
 
 
-def _multistep(model, h, *, T, train, dropout, key):
+def _multistep(model, h, *, T, train, dropout, key, layer_fn=None):
     """``SpikingNet.__call__`` on the folded batch h (T*N, H, W, C) -> (logits (T*N, K), layers).
 
-    Each spiking layer's output is named ``spiking_layer_output``; with ``ModelConfig.remat`` the call
-    runs under ``nnx.remat(policy=REMAT_POLICY)``, so the backward pass keeps only those outputs (and
-    what the caller keeps of ``layers``) and recomputes convs, BatchNorms and cells from them.
+    ``layers[i] = layer_fn(a_i, b_i)`` (``(a_i, b_i)`` without ``layer_fn``) with ``(a_i, b_i)`` spiking
+    layer i's (spikes, membranes) or, for qcfs, (activations, pre-activations), each (T, N, ...).
+
+    Each spiking layer's spikes (``spiking``: before dropout and, for ``if``, before the scale lam_i) or
+    QCFS output are named ``spiking_layer_output``; with ``ModelConfig.remat`` the call runs under
+    ``nnx.remat(policy=REMAT_POLICY)``, so the backward pass keeps only those (T*N, ...) arrays (and what
+    the caller keeps of ``layers``: with a ``layer_fn`` such as the loss's RCS scores, (N,) per layer)
+    and recomputes convs, BatchNorms, cells and ``layer_fn`` from them.
     """
     N = h.shape[0] // T
     keys = [None] * len(model.fan_out) if dropout == 0.0 or key is None \
         else list(jax.random.split(key, len(model.fan_out)))
     layers = []
+    reduce = (lambda a, b: (a, b)) if layer_fn is None else layer_fn
 
     def cell(i, u):
         if model.activation == "qcfs":
             y = qcfs.qcfs(u, model.thresholds[i], model.levels)
-            layers.append(tuple(a.reshape(T, N, *a.shape[1:]) for a in (y, u)))
+            layers.append(reduce(*(a.reshape(T, N, *a.shape[1:]) for a in (y, u))))
             return checkpoint_name(_dropout(y, dropout, keys[i]), "spiking_layer_output")
         if model.activation == "lif":
             out, sm = spiking(u, T, model.neuron, dropout=dropout, key=keys[i])
-            layers.append(sm)
-            return checkpoint_name(out, "spiking_layer_output")
+            layers.append(reduce(*sm))
+            return out
         lam = model.thresholds[i]
         out, sm = spiking(u / lam, T, model.neuron, dropout=dropout, key=keys[i])
-        layers.append(sm)
-        return checkpoint_name(out * lam, "spiking_layer_output")
+        layers.append(reduce(*sm))
+        return out * lam
 
     logits = model.forward(h, cell, model._norm(train, T=T))
     return logits, tuple(layers)
@@ -195,17 +205,22 @@ class SpikingNet(nnx.Module):
             return bn.scale_time(y, T=T, t=t) if isinstance(bn, TEBatchNorm) else y
         return norm
 
-    def __call__(self, x, *, train=False, dropout=0.0, key=None):
+    def __call__(self, x, *, train=False, dropout=0.0, key=None, layer_fn=None):
         """x: (T, N, H, W, C) -> (logits (T, N, K), layers), one entry of ``layers`` per spiking layer.
 
         ``layers[i]`` is ``(spikes, membranes)``, each (T, N, ...), for ``lif`` and ``if`` (``if``
         membranes in units of the layer's threshold); for ``qcfs`` it is ``(activations, pre-activations)``.
+
+        ``layer_fn``: optional ``(a (T, N, ...), b (T, N, ...)) -> pytree`` applied to each layer's pair
+        inside the forward pass; ``layers[i]`` is then ``layer_fn(*pair_i)``. With ``remat`` only its
+        result leaves the rematerialised region, so a small result (the loss's per-sample RCS scores,
+        (N,)) spares the backward pass every layer's (T, N, ...) spikes and membranes.
         """
         if x.ndim != 5:
             raise ValueError(f"expected frames (T, N, H, W, C), got shape {x.shape}")
         T, N = x.shape[:2]
         def run(model, h):
-            return _multistep(model, h, T=T, train=train, dropout=dropout, key=key)
+            return _multistep(model, h, T=T, train=train, dropout=dropout, key=key, layer_fn=layer_fn)
 
         if self.remat:
             run = nnx.remat(run, policy=REMAT_POLICY)

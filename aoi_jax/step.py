@@ -6,6 +6,7 @@ steps are plain ``jax.jit`` functions of those pytrees, and the model is re-merg
 time anywhere in training.
 """
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -83,10 +84,10 @@ def loss_fn(params, batch_stats, batch, *, graphdef, cfg: Config, scalars=None):
       (loss, (new batch_stats, metrics dict with task, rcs, accuracy at T)).
     """
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
-    logits, layers = model(batch["frames"], train=True)
+    score = functools.partial(regularisers.rcs_scores, vth=cfg.model.neuron.vth, window=cfg.reg.window)
+    logits, scores = model(batch["frames"], train=True, layer_fn=score)   # scores: (N,) per layer
     task = task_loss(logits, batch["label"], cfg, scalars)
-    scores = jnp.stack([regularisers.rcs_scores(s, m, vth=cfg.model.neuron.vth, window=cfg.reg.window)
-                        for s, m in layers])                                  # (L, N)
+    scores = jnp.stack(scores)                                                # (L, N)
     reg = regularisers.rcs_loss(scores, logits, batch["label"], rcs_n=cfg.reg.rcs_n)
     acc = jnp.mean(jnp.argmax(logits.sum(0), -1) == batch["label"])
     loss = task + scalar(cfg, "reg.alpha", scalars) * reg
@@ -120,15 +121,24 @@ CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDI
 
 def compiler_options(cfg: Config) -> dict:
     """XLA options of the train and evaluation steps: ``CPU_OPTIONS``, and with ``model.remat`` XLA:CPU's
-    memory-optimised scheduler.
+    memory-optimised scheduler and no CSE.
 
-    XLA:CPU's default scheduler maximises concurrency and runs the recomputation of every layer as soon
-    as it can, which keeps it all alive at once and undoes the saving (measured: benchmarks/memory.py).
-    The options are fields of XLA's DebugOptions that other backends ignore.
+    - ``xla_cpu_scheduler_type``: XLA:CPU's default scheduler maximises concurrency and runs the
+      recomputation of every layer as soon as it can, which keeps it all alive at once and undoes the
+      saving.
+    - ``xla_disable_hlo_passes="cse"``: XLA:CPU expands the optimisation barriers that ``jax.checkpoint``
+      puts before the recomputation (``prevent_cse``) early, and common-subexpression elimination then
+      merges the recomputed convolutions, BatchNorms and cells into the forward pass's, whose outputs stay
+      alive until the backward pass: remat in name only (fewer FLOPs, not fewer bytes).
+
+    Measured by ``benchmarks/memory.py`` (XLA:CPU). All are fields of XLA's DebugOptions; CSE is left on
+    for other backends (only XLA:CPU was measured; they ignore the CPU options).
     """
     options = dict(CPU_OPTIONS)
     if cfg.model.remat:
         options["xla_cpu_scheduler_type"] = "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
+        if jax.default_backend() == "cpu":
+            options["xla_disable_hlo_passes"] = "cse"
     return options
 
 

@@ -3,10 +3,11 @@
 For each model and T, three compilations of the train step (``aoi_jax.step.make_train_step``):
 
 - ``plain``: ``model.remat=False``, XLA's default scheduler;
-- ``plain+memsched``: the same program compiled with XLA:CPU's memory-optimised scheduler (what remat
-  turns on, ``step.compiler_options``), to separate the scheduler's share from remat's;
-- ``remat``: ``model.remat=True`` (each spiking layer's output kept, the rest recomputed in the backward
-  pass; memory-optimised scheduler).
+- ``plain+memsched``: the same program compiled with XLA:CPU's memory-optimised scheduler (one of the
+  options remat turns on, ``step.compiler_options``), to separate the scheduler's share from remat's;
+- ``remat``: ``model.remat=True``: each spiking layer's spikes kept, its conv, BatchNorm, cell and RCS
+  scores recomputed in the backward pass (``models.REMAT_POLICY``, ``layer_fn``); memory-optimised
+  scheduler and, on CPU, no CSE (which would merge the recomputation back into the forward pass).
 
 Reported: XLA's ``memory_analysis().temp_size_in_bytes`` (activations and other temporaries; parameters
 and optimiser state are arguments, not temporaries), the program's FLOPs (remat's recomputation shows
@@ -15,7 +16,29 @@ the step (Linux ``VmHWM``, reset after compilation; it includes the runtime, the
 inputs, so the step's own share is peak minus before).
 
     python -m benchmarks.memory                          # vggsnn (batch 8) and ndigits, T = 10 and 40
+    python -m benchmarks.memory --models vggsnn --T 10,40
     python -m benchmarks.memory --models vggsnn --T 40 --rss
+
+Measured (2-core x86 CPU, jax 0.10; VGGSNN, batch 8, 2x128x128 input; MiB, ``vs plain`` = plain / variant)::
+
+    before (11836bd)   T=10 temp      T=40 temp      T=40: GFLOP  RSS peak - before = step's  step s
+    plain              1475           5684           1092   6924 - 797 = 6127            15.9
+    plain+memsched     1062 (1.39x)   4130 (1.38x)   1092   5376 - 784 = 4592            12.9
+    remat               937 (1.57x)   3624 (1.57x)   1195   4876 - 797 = 4079            12.6
+
+    now                T=10 temp      T=40 temp      T=40: GFLOP  RSS peak - before = step's  step s
+    plain               620           2287           1096   3506 - 755 = 2751            11.9
+    plain+memsched      434 (1.43x)   1651 (1.39x)   1096   2836 - 750 = 2086            10.0
+    remat               384 (1.62x)   1493 (1.53x)   1466   2704 - 747 = 1957            12.1
+
+The cell's custom VJP (``neurons.lif``) cuts both modes, ``layer_fn`` and CSE off cut remat (T=40: plain
+5684 -> 2287, remat 3624 -> 1493 MiB, 3.8x below the old plain; step's RSS 6127 -> 1957 MiB, 3.1x).
+Against today's plain, remat saves 1.53x of the temporaries and 1.41x of the step's resident memory, and
+most of that is the scheduler's (plain+memsched). Remat's floor at T=40 is XLA:CPU's schedule, not what
+remat keeps (all layers' spikes, 580 MiB): at the peak (the first layer's backward pass, per the compiled
+module's live ranges) ~960 MiB are cotangents of layers 1-6 (conv output and BatchNorm output, 2 x 160 MiB
+for the 32x32x128 layer) that the scheduler holds until the end of the step for the conv-bias and
+BatchNorm-parameter gradient sums; the first layer's own conv output and cotangents take ~240 MiB.
 """
 
 if __name__ == "__main__":  # first, before jax loads: it may restart this command with huge pages on
