@@ -11,22 +11,29 @@ batches are (M, T, B, ...) (each member its own seeded shuffle and augmentation,
 run: ``member_batches``); metrics come back (M,).
 
 How the members run inside the program (``make_multi_step``), measured with ``python -m
-benchmarks.ablation --vmap`` on XLA:CPU (2 shared cores; N-Digits small SNN, T=10, batch 32; 4 alphas;
-median seconds per round of 4 member steps, quiet machine):
+benchmarks.ablation`` on XLA:CPU (2 cores; N-Digits small SNN, T=10, batch 32; 4 alphas; median seconds
+per round of 4 member steps):
 
-- four single train steps one after another (separate runs): 0.91 s;
-- ``vmap`` over the member axis: 4.7 s (0.19x). Batching the members' weights turns every convolution
-  into a grouped convolution (one group per member), which XLA:CPU runs several times slower than
-  separate ones. On GPU/TPU grouped convolutions are fast and ``vmap`` is the natural choice;
+- four single train steps one after another (separate runs): 0.348 s (one step keeps 1.86 of the 2
+  cores busy; before the huge-page and cell changes of this release it was 0.91 s at ~1.5 cores);
 - ``loop``, a Python loop over the members inside the jitted function (M copies of the step in one
-  program, one compile): 0.73 s (1.24x). The same kernels as single runs; XLA:CPU may run independent
-  kernels of different members at once, which uses the second core better (most elementwise kernels
-  are single-threaded). With the other core busy (other users' jobs) the gain disappeared (1.32 s
-  against 1.32 s);
+  program, one compile): 0.335 s (1.04x; 1.24x when single steps took 0.91 s). The same kernels as
+  single runs; XLA:CPU may run kernels of different members at once, which only helps while a single
+  step leaves a core idle;
+- ``vmap`` over the member axis: earlier 4.7 s against 0.91 s (0.19x). Batching the members' weights turns
+  every convolution into a grouped convolution (one group per member), which XLA:CPU runs several times
+  slower than separate ones; a convolution whose batching rule loops over members (``custom_vmap`` inside
+  a ``custom_vjp``) ran 0.49-0.51 s against the loop's 0.40-0.41 s, so it was not kept. On GPU/TPU
+  grouped convolutions are fast and ``vmap`` is the natural choice;
 - members split over a ``members`` mesh axis (``member_mesh``; on CPU
   ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` makes two host devices) with ``shard_map``,
-  each device looping over its share: 0.75 s (1.20x); host devices share one thread pool, so two of
+  each device looping over its share: 0.321 s (1.08x); host devices share one thread pool, so two of
   them do not add compute on two cores. On several GPUs this is what spreads the members.
+
+End to end (``python -m benchmarks.ablation --e2e 20 --with-eval``: the default config, 20 epochs, each
+member's per-epoch test accuracy and checkpoint and its final evaluation): four ``train.py`` runs 484 s,
+one ``--sweep`` run 394 s (1.23x): one start-up, one compile, shared evaluation functions. On 2 cores the
+training steps themselves cannot get much faster together, since a single run already keeps both busy.
 
 ``strategy="auto"`` is ``loop`` on CPU and ``vmap`` elsewhere.
 """

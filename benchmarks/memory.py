@@ -26,19 +26,26 @@ Measured (2-core x86 CPU, jax 0.10; VGGSNN, batch 8, 2x128x128 input; MiB, ``vs 
     plain+memsched     1062 (1.39x)   4130 (1.38x)   1092   5376 - 784 = 4592            12.9
     remat               937 (1.57x)   3624 (1.57x)   1195   4876 - 797 = 4079            12.6
 
-    now                T=10 temp      T=40 temp      T=40: GFLOP  RSS peak - before = step's  step s
+    after cell VJP     T=10 temp      T=40 temp      T=40: GFLOP  RSS peak - before = step's  step s
     plain               620           2287           1096   3506 - 755 = 2751            11.9
     plain+memsched      434 (1.43x)   1651 (1.39x)   1096   2836 - 750 = 2086            10.0
     remat               384 (1.62x)   1493 (1.53x)   1466   2704 - 747 = 1957            12.1
 
-The cell's custom VJP (``neurons.lif``) cuts both modes, ``layer_fn`` and CSE off cut remat (T=40: plain
-5684 -> 2287, remat 3624 -> 1493 MiB, 3.8x below the old plain; step's RSS 6127 -> 1957 MiB, 3.1x).
-Against today's plain, remat saves 1.53x of the temporaries and 1.41x of the step's resident memory, and
-most of that is the scheduler's (plain+memsched). Remat's floor at T=40 is XLA:CPU's schedule, not what
-remat keeps (all layers' spikes, 580 MiB): at the peak (the first layer's backward pass, per the compiled
-module's live ranges) ~960 MiB are cotangents of layers 1-6 (conv output and BatchNorm output, 2 x 160 MiB
-for the 32x32x128 layer) that the scheduler holds until the end of the step for the conv-bias and
-BatchNorm-parameter gradient sums; the first layer's own conv output and cotangents take ~240 MiB.
+    now (CPU_OPTIONS)  T=10 temp      T=40 temp      T=40: GFLOP  RSS peak - before = step's  step s
+    plain               479           1724           1096   2600 - 845 = 1755             6.78
+    plain+memsched      434 (1.10x)   1651 (1.04x)   1096   2539 - 863 = 1676             6.91
+    remat               386 (1.24x)   1575 (1.09x)   1466   2437 - 836 = 1601             8.65
+
+The cell's custom VJP (``neurons.lif`` keeps only h) cut both modes, ``layer_fn`` and CSE off cut remat
+(T=40: plain 5684 -> 2287, remat 3624 -> 1493 MiB). ``step.CPU_OPTIONS`` (convolutions off YNNPACK, for
+speed) then cut plain's temporaries further (2287 -> 1724 MiB) and left remat's about where it was, so
+against today's plain remat saves only 1.09x of the temporaries (1.10x of the step's resident memory),
+for 1.34x the FLOPs; against the plain step of 11836bd it is 3.6x lower. Remat's floor at T=40 is
+XLA:CPU's schedule, not what remat keeps (all layers' spikes, 580 MiB): at the peak (the first layer's
+backward pass, per the compiled module's live ranges) ~960 MiB are cotangents of layers 1-6 (conv output
+and BatchNorm output, 2 x 160 MiB for the 32x32x128 layer) that the scheduler holds until the end of the
+step for the conv-bias and BatchNorm-parameter gradient sums (an optimisation barrier on the gradients
+before the optimiser did not change it); the first layer's own conv output and cotangents take ~240 MiB.
 """
 
 if __name__ == "__main__":  # first, before jax loads: it may restart this command with huge pages on
@@ -79,7 +86,8 @@ def build(model_name, T, variant):
     batch = {"frames": jnp.asarray(rng.poisson(0.3, (T, B, *shape)).astype(np.float32)),
              "label": jnp.asarray(rng.integers(0, cfg.model.num_classes, B), jnp.int32)}
     lowered = step.make_train_step(graphdef, cfg, opt).lower(state, batch)
-    options = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"} if variant == "plain+memsched" else None
+    options = dict(step.compiler_options(cfg), xla_cpu_scheduler_type="CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED") \
+        if variant == "plain+memsched" else None
     compiled = lowered.compile(options) if options else lowered.compile()
     return compiled, state, batch
 
