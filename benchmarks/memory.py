@@ -40,7 +40,8 @@ The cell's custom VJP (``neurons.lif`` keeps only h) cut both modes, ``layer_fn`
 (T=40: plain 5684 -> 2287, remat 3624 -> 1493 MiB). ``step.CPU_OPTIONS`` (convolutions off YNNPACK, for
 speed) then cut plain's temporaries further (2287 -> 1724 MiB) and left remat's about where it was, so
 against today's plain remat saves only 1.09x of the temporaries (1.10x of the step's resident memory),
-for 1.34x the FLOPs; against the plain step of 11836bd it is 3.6x lower. Remat's floor at T=40 is
+for 1.34x the FLOPs; against the plain step of 11836bd it is 3.6x lower. (Remat without ``CPU_OPTIONS``
+had fewer temporaries, 1493 MiB, but a larger step RSS, 2698 - 762 = 1936 MiB, and took 12.2 s.) Remat's floor at T=40 is
 XLA:CPU's schedule, not what remat keeps (all layers' spikes, 580 MiB): at the peak (the first layer's
 backward pass, per the compiled module's live ranges) ~960 MiB are cotangents of layers 1-6 (conv output
 and BatchNorm output, 2 x 160 MiB for the 32x32x128 layer) that the scheduler holds until the end of the

@@ -86,7 +86,8 @@ def test_remat_step_needs_fewer_temporaries():
     """XLA's own accounting of the compiled train step (deterministic for a given jax): remat keeps each
     spiking layer's spikes instead of its conv, BatchNorm and cell intermediates, and really recomputes
     them: about one more forward pass of FLOPs (measured 1.43x; 1.13x with XLA:CPU's CSE on, which merged
-    most of the recomputation back into the forward pass, and 0.83x the temporaries instead of 0.69x)."""
+    most of the recomputation back into the forward pass). Temporaries: measured 0.81x of the plain step's
+    (0.69x before the plain step itself got leaner with ``step.CPU_OPTIONS``; 0.83x with CSE on)."""
     temp, flops = {}, {}
     b = batch(T=16, N=16)
     for remat in (False, True):
@@ -94,5 +95,5 @@ def test_remat_step_needs_fewer_temporaries():
         compiled = step.make_train_step(graphdef, cfg, opt).lower(state, b).compile()
         temp[remat] = compiled.memory_analysis().temp_size_in_bytes
         flops[remat] = compiled.cost_analysis()["flops"]
-    assert temp[True] < 0.8 * temp[False], temp
+    assert temp[True] < 0.85 * temp[False], temp
     assert flops[True] > 1.3 * flops[False], flops
