@@ -78,6 +78,8 @@ def reexec_with_huge_pages():
     env = huge_page_env(os.environ, _glibc_version(), _thp_mode())
     if env is None:
         return
+    print(f"aoi_jax: restarting with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (huge pages for XLA:CPU's buffers; "
+          f"{SWITCH}=0 switches this off)", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     try:

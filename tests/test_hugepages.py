@@ -37,9 +37,10 @@ def test_reexecutes_once_with_the_same_arguments():
         pytest.skip("no glibc >= 2.35 with transparent huge pages here: nothing to re-execute")
     code = ("import sys; print('start', flush=True); from aoi_jax import hugepages; "
             "hugepages.reexec_with_huge_pages(); import os; print(os.environ['GLIBC_TUNABLES'], sys.argv[1:])")
-    out = subprocess.run([sys.executable, "-c", code, "a", "--b"], env=env, capture_output=True, text=True,
-                         check=True).stdout.splitlines()
-    assert out == ["start", "start", "glibc.malloc.hugetlb=1 ['a', '--b']"]
+    run = subprocess.run([sys.executable, "-c", code, "a", "--b"], env=env, capture_output=True, text=True,
+                         check=True)
+    assert run.stdout.splitlines() == ["start", "start", "glibc.malloc.hugetlb=1 ['a', '--b']"]
+    assert run.stderr.count("restarting with GLIBC_TUNABLES=glibc.malloc.hugetlb=1") == 1     # said once
     off = subprocess.run([sys.executable, "-c", code], env=dict(env, AOI_JAX_HUGEPAGES="0"), capture_output=True,
                          text=True)
     assert off.stdout.splitlines()[:1] == ["start"] and "KeyError" in off.stderr     # no re-execution
