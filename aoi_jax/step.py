@@ -120,8 +120,9 @@ CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDI
 
 
 def compiler_options(cfg: Config) -> dict:
-    """XLA options of the train and evaluation steps: ``CPU_OPTIONS``, and with ``model.remat`` XLA:CPU's
-    memory-optimised scheduler and no CSE.
+    """XLA options of the train step (and of ``aoi_jax.ablation``'s): ``CPU_OPTIONS``, and with
+    ``model.remat`` XLA:CPU's memory-optimised scheduler and no CSE. The evaluation functions use
+    ``CPU_OPTIONS`` alone.
 
     - ``xla_cpu_scheduler_type``: XLA:CPU's default scheduler maximises concurrency and runs the
       recomputation of every layer as soon as it can, which keeps it all alive at once and undoes the

@@ -15,7 +15,7 @@ process's CPU time over wall time during the timed steps (spinning worker thread
 
     python -m benchmarks.train_step                                  # both models, 1 and 2 devices
     python -m benchmarks.train_step --models vggsnn --devices 1 --steps 8 --repeats 3
-    python -m benchmarks.train_step --xla-flags=--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT
+    python -m benchmarks.train_step --xla-flags=--xla_cpu_use_onednn=true     # try an XLA:CPU flag
 """
 
 if __name__ == "__main__":  # first, before jax loads: it may restart this command with huge pages on
