@@ -18,11 +18,11 @@ follows every conv BatchNorm by TEBN's per-timestep scale (``TEBatchNorm``).
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
 from aoi_jax import neurons, qcfs
 from aoi_jax.config import ModelConfig, NeuronConfig
@@ -79,7 +79,12 @@ def _bn(c, rngs, tebn_steps=0):
 
 
 def _avg_pool(h):
-    return nnx.avg_pool(h, (2, 2), strides=(2, 2))
+    """2x2 average pooling, stride 2, of (B, H, W, C) (an odd last row or column is dropped), as a reshape
+    and a mean: its gradient is a broadcast that XLA fuses into its consumer, where ``nnx.avg_pool``'s
+    (a padded ``reduce_window``) is a (B, H, W, C) buffer of its own."""
+    B, H, W, C = h.shape
+    h = h[:, :H - H % 2, :W - W % 2]
+    return h.reshape(B, H // 2, 2, W // 2, 2, C).mean(axis=(2, 4))
 
 
 def _max_pool(h):
@@ -95,18 +100,14 @@ def spiking(u, T, neuron: NeuronConfig, *, dropout=0.0, key=None):
       key: PRNG key, required when dropout > 0.
     Returns:
       (h, (spikes, membranes)): h = the (possibly dropped-out) spikes folded back to (T*N, ...);
-      spikes and membranes (T, N, ...) as returned by ``neurons.lif``. A copy of the spikes named
-      ``spiking_layer_output`` (what ``REMAT_POLICY`` keeps) feeds h; the returned pair is the cell's own,
-      so under remat the pair's users (``layer_fn``) recompute it from the cell (elementwise in its h)
-      instead of holding the kept spikes.
+      spikes and membranes (T, N, ...) as returned by ``neurons.lif``.
     Raises:
       ValueError: dropout > 0 without a key.
     """
     x = u.reshape(T, u.shape[0] // T, *u.shape[1:])
     s, m = neurons.lif(x, tau=neuron.tau, vth=neuron.vth, reset=neuron.reset, v0=neuron.v0,
                        surrogate=neuron.surrogate, width=neuron.width)
-    out = checkpoint_name(s, "spiking_layer_output")  # what remat keeps (REMAT_POLICY)
-    return _dropout(out, dropout, key).reshape(u.shape), (s, m)
+    return _dropout(s, dropout, key).reshape(u.shape), (s, m)
 
 
 def _dropout(h, rate, key):
@@ -119,53 +120,119 @@ def _dropout(h, rate, key):
     return jnp.where(keep, h / (1.0 - rate), 0.0)
 
 
-REMAT_POLICY = jax.checkpoint_policies.save_only_these_names("spiking_layer_output")
-
-
 def _multistep(model, h, *, T, train, dropout, key, layer_fn=None):
     """``SpikingNet.__call__`` on the folded batch h (T*N, H, W, C) -> (logits (T*N, K), layers).
 
     ``layers[i] = layer_fn(a_i, b_i)`` (``(a_i, b_i)`` without ``layer_fn``) with ``(a_i, b_i)`` spiking
     layer i's (spikes, membranes) or, for qcfs, (activations, pre-activations), each (T, N, ...).
 
-    Each spiking layer's spikes (``spiking``: before dropout and, for ``if``, before the scale lam_i) or
-    QCFS output are named ``spiking_layer_output``; with ``ModelConfig.remat`` the call runs under
-    ``nnx.remat(policy=REMAT_POLICY)``, so the backward pass keeps only those (T*N, ...) arrays (and what
-    the caller keeps of ``layers``: with a ``layer_fn`` such as the loss's RCS scores, (N,) per layer)
-    and recomputes convs, BatchNorms, cells and ``layer_fn`` from them.
+    With ``ModelConfig.remat`` each spiking layer (its ``pre``: conv, BatchNorm, ...; its cell; its
+    dropout; ``layer_fn``) is rematerialised on its own (``_remat``): the backward pass keeps only the
+    layer's input (binary spikes straight from a LIF layer as int8) and recomputes the layer when its
+    cotangent arrives.
     """
     N = h.shape[0] // T
     keys = [None] * len(model.fan_out) if dropout == 0.0 or key is None \
         else list(jax.random.split(key, len(model.fan_out)))
     layers = []
     reduce = (lambda a, b: (a, b)) if layer_fn is None else layer_fn
+    spikes = []  # the layer outputs that are exactly 0/1 (lif cells without dropout or post)
 
-    def cell(i, u):
+    def cell(i, u, lam, key):
+        """(output, reduce(pair)) of spiking layer i on its pre-activation u; lam its threshold (qcfs/if)."""
         if model.activation == "qcfs":
-            y = qcfs.qcfs(u, model.thresholds[i], model.levels)
-            layers.append(reduce(*(a.reshape(T, N, *a.shape[1:]) for a in (y, u))))
-            return checkpoint_name(_dropout(y, dropout, keys[i]), "spiking_layer_output")
+            y = qcfs.qcfs(u, lam, model.levels)
+            return _dropout(y, dropout, key), reduce(*(a.reshape(T, N, *a.shape[1:]) for a in (y, u)))
         if model.activation == "lif":
-            out, sm = spiking(u, T, model.neuron, dropout=dropout, key=keys[i])
-            layers.append(reduce(*sm))
-            return out
-        lam = model.thresholds[i]
-        out, sm = spiking(u / lam, T, model.neuron, dropout=dropout, key=keys[i])
-        layers.append(reduce(*sm))
-        return out * lam
+            out, sm = spiking(u, T, model.neuron, dropout=dropout, key=key)
+            return out, reduce(*sm)
+        out, sm = spiking(u / lam, T, model.neuron, dropout=dropout, key=key)
+        return out * lam, reduce(*sm)
 
-    logits = model.forward(h, cell, model._norm(train, T=T))
+    def layer(i, pre, x, *modules, post=None):
+        lam = None if model.thresholds is None else model.thresholds[i]
+
+        def run(u, lam, key):
+            out, record = cell(i, u, lam, key)
+            return (out if post is None else post(out)), record
+
+        if model.remat:
+            graphdef, params, others = nnx.split(modules, nnx.Param, ...)
+
+            def f(x, lam, params, others, key):
+                mods = nnx.merge(graphdef, params, others, copy=True)
+                return run(pre(x, *mods), lam, key), nnx.split(mods, nnx.Param, ...)[2]
+
+            binary = jax.tree.map(lambda a: jnp.dtype(a.dtype).name if any(a is s for s in spikes) else "", x)
+            (out, record), others = _remat(f, binary, x, lam, params, others, keys[i])
+            nnx.update(modules, others)
+        else:
+            out, record = run(pre(x, *modules), lam, keys[i])
+        if model.activation == "lif" and dropout == 0.0 and post is None:
+            spikes.append(out)
+        layers.append(record)
+        return out
+
+    logits = model.forward(h, layer, model._norm(train, T=T))
     return logits, tuple(layers)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _remat(f, binary, x, lam, params, others, key):
+    """``f(x, lam, params, others, key)``, rematerialised: the backward pass keeps only the inputs and
+    runs f again once the cotangents of its outputs arrive.
+
+    ``binary``: a tree like x, the leaf's dtype name where the leaf is exactly 0/1 (spikes), else "";
+    those leaves are kept as int8 (exact, a quarter of float32). ``others``: the modules' non-parameter
+    state (BatchNorm statistics), ``key``: the dropout key; neither gets a gradient.
+
+    Optimisation barriers fix the schedule (XLA:CPU keeps them with ``step.compiler_options``): in the
+    forward pass f's outputs (its ``layer_fn`` result too) and the int8 copies are all computed before
+    any leaves, so XLA neither defers the RCS reductions nor keeps x in float32 for a late cast; in the
+    backward pass the recomputation waits for the cotangents, and the layer's gradients (input,
+    threshold, parameters) are all complete before any leaves, so its cotangents are freed with it
+    instead of waiting for the optimiser's update.
+    """
+    return f(x, lam, params, others, key)
+
+
+def _remat_fwd(f, binary, x, lam, params, others, key):
+    kept = jax.tree.map(lambda b, a: a.astype(jnp.int8) if b else a, binary, x)
+    out, kept = jax.lax.optimization_barrier((f(x, lam, params, others, key), kept))
+    return out, (kept, lam, params, others, key)
+
+
+def _remat_bwd(f, binary, residuals, cotangents):
+    residuals, cotangents = jax.lax.optimization_barrier((residuals, cotangents))
+    kept, lam, params, others, key = residuals
+    x = jax.tree.map(lambda b, a: a.astype(b) if b else a, binary, kept)
+    _, vjp = jax.vjp(lambda x, lam, params: f(x, lam, params, others, key), x, lam, params)
+    dx, dlam, dparams = jax.lax.optimization_barrier(vjp(cotangents))
+    return dx, dlam, dparams, None, None
+
+
+_remat.defvjp(_remat_fwd, _remat_bwd)
+
+
+def _conv_norm(norm):
+    """``pre(x, conv, bn) = norm(bn, conv(x))``: the pre-activation of a conv spiking layer."""
+    return lambda x, conv, bn: norm(bn, conv(x))
+
+
+def _flatten(x):
+    return x.reshape(x.shape[0], -1)
 
 
 class SpikingNet(nnx.Module):
     """Base of the models: one ``forward`` per architecture, run multistep or one step at a time.
 
-    A subclass calls ``_setup(cfg, fan_out)`` and defines ``forward(h, cell, norm)``: the layers on a
-    folded batch ``h`` (B, H, W, C), calling ``cell(i, u)`` on the pre-activation of spiking layer i and
-    ``norm(bn, u)`` for each BatchNorm, continuing with what they return. ``__call__`` runs it on
-    (T*N, ...) with ``cell`` scanning the cell over time; ``step`` runs it on one frame with ``cell``
-    advancing carried membranes by one ``neurons.lif_step``. Both give the same spikes (a feed-forward net
+    A subclass calls ``_setup(cfg, fan_out)`` and defines ``forward(h, layer, norm)``: the layers on a
+    folded batch ``h`` (B, H, W, C), calling ``layer(i, pre, x, *modules, post=None)`` for spiking layer
+    i, whose pre-activation is ``u = pre(x, *modules)`` (``modules``: the NNX modules ``pre`` uses, e.g. a
+    conv and its BatchNorm; ``pre`` calls ``norm(bn, u)`` for each BatchNorm), and continuing with what it
+    returns, the layer's output ``post(cell output)`` (``post``: e.g. the pooling that follows the cell). ``__call__`` runs it on (T*N, ...) with the cell scanned over time (each layer
+    rematerialised on its own with ``remat``); ``step`` runs it on one frame, advancing carried membranes
+    by one ``neurons.lif_step``. Both give the same spikes (a feed-forward net
     is exact in either order).
 
     The layer at spiking layer i, by ``activation`` (``lam_i = thresholds[i]``, the learnt QCFS threshold)::
@@ -219,12 +286,8 @@ class SpikingNet(nnx.Module):
         if x.ndim != 5:
             raise ValueError(f"expected frames (T, N, H, W, C), got shape {x.shape}")
         T, N = x.shape[:2]
-        def run(model, h):
-            return _multistep(model, h, T=T, train=train, dropout=dropout, key=key, layer_fn=layer_fn)
-
-        if self.remat:
-            run = nnx.remat(run, policy=REMAT_POLICY)
-        logits, layers = run(self, x.reshape(T * N, *x.shape[2:]))
+        logits, layers = _multistep(self, x.reshape(T * N, *x.shape[2:]), T=T, train=train, dropout=dropout,
+                                    key=key, layer_fn=layer_fn)
         return logits.reshape(T, N, -1), layers
 
     def _check_spiking(self, what):
@@ -241,11 +304,12 @@ class SpikingNet(nnx.Module):
         self._check_spiking("init_membranes")
         shapes = []
 
-        def cell(i, u):
+        def layer(i, pre, x, *modules, post=None):
+            u = pre(x, *modules)
             shapes.append(u)
-            return u
+            return u if post is None else post(u)
 
-        jax.eval_shape(lambda: self.forward(jnp.zeros(frame_shape), cell, self._norm(False, t=0)))
+        jax.eval_shape(lambda: self.forward(jnp.zeros(frame_shape), layer, self._norm(False, t=0)))
         return tuple(jnp.full(u.shape, self.neuron.v0, u.dtype) for u in shapes)
 
     def step(self, membranes, frame, t=None):
@@ -256,15 +320,17 @@ class SpikingNet(nnx.Module):
         n = self.neuron
         new, counts = [], []
 
-        def cell(i, u):
+        def layer(i, pre, x, *modules, post=None):
+            u = pre(x, *modules)
             lam = self.thresholds[i] if self.activation == "if" else None
             v, s, _ = neurons.lif_step(membranes[i], u if lam is None else u / lam, tau=n.tau, vth=n.vth,
                                        reset=n.reset, surrogate=n.surrogate, width=n.width)
             new.append(v)
             counts.append(s.reshape(s.shape[0], -1).sum(-1))
-            return s if lam is None else s * lam
+            out = s if lam is None else s * lam
+            return out if post is None else post(out)
 
-        logits = self.forward(frame, cell, self._norm(False, t=t))
+        logits = self.forward(frame, layer, self._norm(False, t=t))
         return tuple(new), logits, jnp.stack(counts)
 
 
@@ -286,10 +352,10 @@ class SmallSNN(SpikingNet):
         self.head = nnx.Linear(H * W * chans[-1], cfg.num_classes, rngs=rngs)
         self._setup(cfg, tuple(9 * c for c in cfg.channels[1:]) + (cfg.num_classes,))
 
-    def forward(self, h, cell, norm):
+    def forward(self, h, layer, norm):
         for i, (conv, bn) in enumerate(zip(self.convs, self.norms)):
-            h = _avg_pool(cell(i, norm(bn, conv(h))))
-        return self.head(h.reshape(h.shape[0], -1))
+            h = layer(i, _conv_norm(norm), h, conv, bn, post=_avg_pool)
+        return self.head(_flatten(h))
 
 
 VGG_PLAN = (64, 128, "P", 256, 256, "P", 512, 512, "P", 512, 512, "P")
@@ -309,16 +375,17 @@ def _vgg_stack(plan, in_shape, convs, norms, rngs, tebn_steps):
     return H, W, cin
 
 
-def _run_vgg(plan, h, convs, norms, cell, norm, *, first):
+def _run_vgg(plan, h, convs, norms, layer, norm, *, first):
     """Runs ``plan`` on ``h``: conv -> norm -> cell per width (spiking layers ``first``, ``first + 1``, ...),
     2x2 average pool per "P". Returns (h, index of the next spiking layer)."""
     i = first
-    for item in plan:
-        if item == "P":
-            h = _avg_pool(h)
-        else:
-            h = cell(i, norm(norms[i], convs[i](h)))
+    for k, item in enumerate(plan):
+        if item != "P":
+            pooled = k + 1 < len(plan) and plan[k + 1] == "P"    # the pool runs inside the layer
+            h = layer(i, _conv_norm(norm), h, convs[i], norms[i], post=_avg_pool if pooled else None)
             i += 1
+        elif k == 0 or plan[k - 1] == "P":
+            h = _avg_pool(h)
     return h, i
 
 
@@ -341,10 +408,10 @@ class VGGSNN(SpikingNet):
         self.head = nnx.Linear(H * W * cin, cfg.num_classes, rngs=rngs)
         self._setup(cfg, tuple(9 * c for c in VGG_PLAN if c != "P") + (cfg.num_classes,))
 
-    def forward(self, h, cell, norm):
-        h = cell(0, norm(self.norms[0], self.convs[0](h)))
-        h, _ = _run_vgg(VGG_PLAN, h, self.convs, self.norms, cell, norm, first=1)
-        return self.head(h.reshape(h.shape[0], -1))
+    def forward(self, h, layer, norm):
+        h = layer(0, _conv_norm(norm), h, self.convs[0], self.norms[0])
+        h, _ = _run_vgg(VGG_PLAN, h, self.convs, self.norms, layer, norm, first=1)
+        return self.head(_flatten(h))
 
 
 class GestureSNN(SpikingNet):
@@ -372,13 +439,13 @@ class GestureSNN(SpikingNet):
         self.head = nnx.Linear(512, cfg.num_classes, rngs=rngs)
         self._setup(cfg, (9 * 128,) * 5 + (512, cfg.num_classes))
 
-    def forward(self, h, cell, norm):
+    def forward(self, h, layer, norm):
         for i, (conv, bn) in enumerate(zip(self.convs, self.norms)):
             if i >= 2:
                 h = _max_pool(h)
-            h = cell(i, norm(bn, conv(h)))
+            h = layer(i, _conv_norm(norm), h, conv, bn)
         h = _max_pool(h)
-        h = cell(len(self.convs), norm(self.fc_norm, self.fc(h.reshape(h.shape[0], -1))))
+        h = layer(len(self.convs), lambda x, fc, bn: norm(bn, fc(_flatten(x))), h, self.fc, self.fc_norm)
         return self.head(h)
 
 
@@ -401,10 +468,15 @@ class BasicBlock(nnx.Module):
             self.short_conv = _conv(cin, cout, 1, stride, 0, rngs, use_bias=False)
             self.short_bn = _bn(cout, rngs, tebn_steps)
 
-    def __call__(self, h, i, cell, norm):
-        o = cell(i, norm(self.bn1, self.conv1(h)))
-        short = norm(self.short_bn, self.short_conv(h)) if self.projection else h
-        return cell(i + 1, norm(self.bn2, self.conv2(o)) + short)
+    def __call__(self, h, i, layer, norm):
+        o = layer(i, _conv_norm(norm), h, self.conv1, self.bn1)
+
+        def second(x, conv2, bn2, *shortcut):
+            o, h = x
+            return norm(bn2, conv2(o)) + (norm(shortcut[1], shortcut[0](h)) if shortcut else h)
+
+        shortcut = (self.short_conv, self.short_bn) if self.projection else ()
+        return layer(i + 1, second, (o, h), self.conv2, self.bn2, *shortcut)
 
 
 class ResNet(SpikingNet):
@@ -436,10 +508,10 @@ class ResNet(SpikingNet):
             fan_out += [9 * cout + (cout if blk.projection else 1), 9 * cout]
         self._setup(cfg, fan_out + [cfg.num_classes])
 
-    def forward(self, h, cell, norm):
-        h = cell(0, norm(self.stem_bn, self.stem(h)))
+    def forward(self, h, layer, norm):
+        h = layer(0, _conv_norm(norm), h, self.stem, self.stem_bn)
         for b, block in enumerate(self.blocks):
-            h = block(h, 2 * b + 1, cell, norm)
+            h = block(h, 2 * b + 1, layer, norm)
         return self.head(h.mean(axis=(1, 2)))
 
 
@@ -476,10 +548,10 @@ class VGG16(SpikingNet):
         widths = [c for c in VGG16_PLAN if c != "P"]
         self._setup(cfg, [9 * c for c in widths[1:]] + [4096, 4096, cfg.num_classes])
 
-    def forward(self, h, cell, norm):
-        h, i = _run_vgg(VGG16_PLAN, h, self.convs, self.norms, cell, norm, first=0)
-        h = cell(i, self.fc1(h.reshape(h.shape[0], -1)))
-        h = cell(i + 1, self.fc2(h))
+    def forward(self, h, layer, norm):
+        h, i = _run_vgg(VGG16_PLAN, h, self.convs, self.norms, layer, norm, first=0)
+        h = layer(i, lambda x, fc: fc(_flatten(x)), h, self.fc1)
+        h = layer(i + 1, lambda x, fc: fc(x), h, self.fc2)
         return self.head(h)
 
 

@@ -105,14 +105,22 @@ def _spike_and_membrane(cell: _Cell, h):
 
 def _lif_h(cell: _Cell, x):
     """The scan of ``lif_step``; returns only h (T, N, ...): the spikes and membranes are elementwise in h
-    (``_spike_and_membrane``, the same float ops), so XLA can fuse them into their users."""
-    def body(v, x_t):
+    (``_spike_and_membrane``, the same float ops), so XLA can fuse them into their users.
+
+    h_t overwrites x_t in x's own buffer (the scan carries it), so no zero-filled (T, N, ...) output buffer
+    is allocated; XLA:CPU materialised one such buffer per layer and shared it between the forward pass
+    and remat's recomputation, keeping it alive for the whole step.
+    """
+    def body(carry, t):
+        v, buf = carry
+        x_t = buf[t]
         h = v + x_t
         v, _, _ = lif_step(v, x_t, tau=cell.tau, vth=cell.vth, reset=cell.reset, surrogate=cell.surrogate,
                            width=cell.width)
-        return v, h
+        return (v, jax.lax.dynamic_update_index_in_dim(buf, h, t, 0)), None
 
-    return jax.lax.scan(body, jnp.full(x.shape[1:], cell.v0, x.dtype), x)[1]
+    v0 = jnp.full(x.shape[1:], cell.v0, x.dtype)
+    return jax.lax.scan(body, (v0, x), jnp.arange(x.shape[0]))[0][1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

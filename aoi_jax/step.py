@@ -121,25 +121,24 @@ CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDI
 
 def compiler_options(cfg: Config) -> dict:
     """XLA options of the train step (and of ``aoi_jax.ablation``'s): ``CPU_OPTIONS``, and with
-    ``model.remat`` XLA:CPU's memory-optimised scheduler and no CSE. The evaluation functions use
-    ``CPU_OPTIONS`` alone.
+    ``model.remat`` XLA:CPU's memory-optimised scheduler and, on CPU, the pass that removes optimisation
+    barriers off. The evaluation functions use ``CPU_OPTIONS`` alone. Measured on the VGGSNN train step
+    with remat (T=40, batch 8; XLA's temporaries):
 
-    - ``xla_cpu_scheduler_type``: XLA:CPU's default scheduler maximises concurrency and runs the
-      recomputation of every layer as soon as it can, which keeps it all alive at once and undoes the
-      saving.
-    - ``xla_disable_hlo_passes="cse"``: XLA:CPU expands the optimisation barriers that ``jax.checkpoint``
-      puts before the recomputation (``prevent_cse``) early, and common-subexpression elimination then
-      merges the recomputed convolutions, BatchNorms and cells into the forward pass's, whose outputs stay
-      alive until the backward pass: remat in name only (fewer FLOPs, not fewer bytes).
+    - ``xla_disable_hlo_passes="cse_barrier_expander"``: XLA:CPU otherwise removes optimisation barriers
+      early, and with them the order that remat's barriers impose (``models._remat``: recompute a layer
+      only when its cotangent arrives, finish its gradients before the next layer): 1453 MiB with it,
+      640 MiB without.
+    - ``xla_cpu_scheduler_type``: XLA:CPU's default scheduler favours concurrency: 748 MiB against 640.
 
-    Measured by ``benchmarks/memory.py`` (XLA:CPU). All are fields of XLA's DebugOptions; CSE is left on
-    for other backends (only XLA:CPU was measured; they ignore the CPU options).
+    Measured by ``benchmarks/memory.py`` (XLA:CPU). Both are fields of XLA's DebugOptions; the pass is left
+    on for other backends (only XLA:CPU was measured; they ignore the CPU scheduler option).
     """
     options = dict(CPU_OPTIONS)
     if cfg.model.remat:
         options["xla_cpu_scheduler_type"] = "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
         if jax.default_backend() == "cpu":
-            options["xla_disable_hlo_passes"] = "cse"
+            options["xla_disable_hlo_passes"] = "cse_barrier_expander"
     return options
 
 

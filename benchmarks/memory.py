@@ -5,48 +5,46 @@ For each model and T, three compilations of the train step (``aoi_jax.step.make_
 - ``plain``: ``model.remat=False``, XLA's default scheduler;
 - ``plain+memsched``: the same program compiled with XLA:CPU's memory-optimised scheduler (one of the
   options remat turns on, ``step.compiler_options``), to separate the scheduler's share from remat's;
-- ``remat``: ``model.remat=True``: each spiking layer's spikes kept, its conv, BatchNorm, cell and RCS
-  scores recomputed in the backward pass (``models.REMAT_POLICY``, ``layer_fn``); memory-optimised
-  scheduler and, on CPU, no CSE (which would merge the recomputation back into the forward pass).
+- ``remat``: ``model.remat=True``: each spiking layer rematerialised on its own (``models._remat``): the
+  backward pass keeps the layer's input (spikes straight from a LIF layer as int8) and recomputes its conv,
+  BatchNorm, cell, pooling and RCS scores when its cotangent arrives; the step is compiled with
+  ``step.compiler_options`` (memory-optimised scheduler; on CPU, optimisation barriers kept).
 
 Reported: XLA's ``memory_analysis().temp_size_in_bytes`` (activations and other temporaries; parameters
 and optimiser state are arguments, not temporaries), the program's FLOPs (remat's recomputation shows
 there) and, with ``--rss``, the resident memory of a fresh process before one step and its peak during
 the step (Linux ``VmHWM``, reset after compilation; it includes the runtime, the parameters and the
-inputs, so the step's own share is peak minus before).
+inputs, so the step's own share is peak minus before), and that first step's time.
 
     python -m benchmarks.memory                          # vggsnn (batch 8) and ndigits, T = 10 and 40
     python -m benchmarks.memory --models vggsnn --T 10,40
     python -m benchmarks.memory --models vggsnn --T 40 --rss
 
-Measured (2-core x86 CPU, jax 0.10; VGGSNN, batch 8, 2x128x128 input; MiB, ``vs plain`` = plain / variant)::
+Measured with ``python -m benchmarks.memory --rss`` (2-core x86 CPU, jax 0.10.2; VGGSNN batch 8, 2x128x128
+input; MiB; ``vs plain`` = plain / variant; steady-state step times from ``python -m benchmarks.train_step
+--models vggsnn --devices 1 --steps 3 --set data.timesteps=40 [--set model.remat=True]``)::
 
-    before (11836bd)   T=10 temp      T=40 temp      T=40: GFLOP  RSS peak - before = step's  step s
-    plain              1475           5684           1092   6924 - 797 = 6127            15.9
-    plain+memsched     1062 (1.39x)   4130 (1.38x)   1092   5376 - 784 = 4592            12.9
-    remat               937 (1.57x)   3624 (1.57x)   1195   4876 - 797 = 4079            12.6
+    VGGSNN            T=10 temp      T=40 temp      T=40: GFLOP  RSS peak - before = step's  step s
+    plain              459           1644           1095         2493 - 821 = 1672            7.49
+    plain+memsched     383 (1.20x)   1635 (1.01x)   1095         2507 - 839 = 1668
+    remat              196 (2.35x)    640 (2.57x)   1462         1426 - 762 =  664 (2.52x)   10.42
 
-    after cell VJP     T=10 temp      T=40 temp      T=40: GFLOP  RSS peak - before = step's  step s
-    plain               620           2287           1096   3506 - 755 = 2751            11.9
-    plain+memsched      434 (1.43x)   1651 (1.39x)   1096   2836 - 750 = 2086            10.0
-    remat               384 (1.62x)   1493 (1.53x)   1466   2704 - 747 = 1957            12.1
+    N-Digits (batch 32)  T=10 temp  T=40 temp
+    plain                107         410
+    remat                 84 (1.28x) 308 (1.33x)   (a small net: parameters and inputs weigh more)
 
-    now (CPU_OPTIONS)  T=10 temp      T=40 temp      T=40: GFLOP  RSS peak - before = step's  step s
-    plain               479           1724           1096   2600 - 845 = 1755             6.78
-    plain+memsched      434 (1.10x)   1651 (1.04x)   1096   2539 - 863 = 1676             6.91
-    remat               386 (1.24x)   1575 (1.09x)   1466   2437 - 836 = 1601             8.65
-
-The cell's custom VJP (``neurons.lif`` keeps only h) cut both modes, ``layer_fn`` and CSE off cut remat
-(T=40: plain 5684 -> 2287, remat 3624 -> 1493 MiB). ``step.CPU_OPTIONS`` (convolutions off YNNPACK, for
-speed) then cut plain's temporaries further (2287 -> 1724 MiB) and left remat's about where it was, so
-against today's plain remat saves only 1.09x of the temporaries (1.10x of the step's resident memory),
-for 1.34x the FLOPs; against the plain step of 11836bd it is 3.6x lower. (Remat without ``CPU_OPTIONS``
-had fewer temporaries, 1493 MiB, but a larger step RSS, 2698 - 762 = 1936 MiB, and took 12.2 s.) Remat's floor at T=40 is
-XLA:CPU's schedule, not what remat keeps (all layers' spikes, 580 MiB): at the peak (the first layer's
-backward pass, per the compiled module's live ranges) ~960 MiB are cotangents of layers 1-6 (conv output
-and BatchNorm output, 2 x 160 MiB for the 32x32x128 layer) that the scheduler holds until the end of the
-step for the conv-bias and BatchNorm-parameter gradient sums (an optimisation barrier on the gradients
-before the optimiser did not change it); the first layer's own conv output and cotangents take ~240 MiB.
+How remat got there (T=40 temporaries; each step measured on its own): one ``jax.checkpoint`` over the
+whole forward pass with a policy that saved each layer's spikes left 1575 MiB against plain's 1724, because
+XLA:CPU expands ``jax.checkpoint``'s optimisation barriers early, so its scheduler recomputed layers long
+before their cotangents arrived and deferred the conv-bias / BatchNorm gradient sums (fused into the
+optimiser update) to the end of the step, holding every layer's cotangents. Per-layer remat with the
+barriers kept (``step.compiler_options``) and a barrier over each layer's gradients: 853 MiB. Layer inputs
+that are spikes kept as int8 (with a barrier so the cast is not sunk into the backward pass): 822. Each
+layer's pooling inside its remat region, so the cotangent that crosses the barrier is the pooled one: 802.
+The cell's scan writing h over its input instead of a zero-filled buffer (XLA:CPU had shared one such
+buffer per layer between the forward pass and the recomputation, alive for the whole step): 640. On the way
+the RCS scores' two reductions became one variadic reduction with a hand-written gradient (XLA:CPU
+materialised r (T, N, D) for two reductions). Plain gained from those two as well: 1724 -> 1664 -> 1644.
 """
 
 if __name__ == "__main__":  # first, before jax loads: it may restart this command with huge pages on

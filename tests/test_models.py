@@ -82,6 +82,18 @@ def test_reference_models_shapes(name, shape, classes, flat):
     assert len(out[1]) == len(model.fan_out)
 
 
+@pytest.mark.parametrize("shape", [(3, 6, 8, 2), (2, 5, 7, 3)])
+def test_avg_pool_equals_nnx_avg_pool(shape, key):
+    """The models' 2x2 average pool (a reshape and a mean) against ``nnx.avg_pool`` (a reduce_window),
+    an odd last row / column dropped by both; the same for the gradient."""
+    x = jax.random.normal(key, shape)
+    ref = lambda x: nnx.avg_pool(x, (2, 2), strides=(2, 2))
+    np.testing.assert_allclose(models._avg_pool(x), ref(x), rtol=1e-6, atol=1e-7)
+    w = jax.random.normal(jax.random.fold_in(key, 1), ref(x).shape)
+    np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(w * models._avg_pool(x)))(x),
+                               jax.grad(lambda x: jnp.sum(w * ref(x)))(x), rtol=1e-6, atol=1e-7)
+
+
 def test_unknown_model_and_unused_channels():
     with pytest.raises(ValueError, match=r"unknown model.name 'resnet'; valid: \['gesture_snn'"):
         models.build(config.ModelConfig(name="resnet"), (34, 34, 2), rngs=nnx.Rngs(0))

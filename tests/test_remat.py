@@ -82,12 +82,34 @@ def test_layer_fn_equals_mapping_the_returned_layers(remat, key):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5), ga, gc)
 
 
+def test_remat_keeps_binary_spikes_as_int8_and_changes_nothing(key):
+    """ResNet-20: every layer but the stem reads spikes straight from a LIF layer (the second layer of a
+    block reads two, ``(o, h)``), which remat keeps as int8 (exact for 0/1). The loss and every gradient
+    equal the plain step's, and the int8 copies are in the program (none without remat)."""
+    rng = np.random.default_rng(1)
+    b = {"frames": rng.poisson(0.5, (4, 4, 8, 8, 2)).astype(np.float32), "label": np.array([0, 1, 2, 0], np.int32)}
+    out, text = {}, {}
+    for remat in (False, True):
+        cfg = config.Config(model=config.ModelConfig(name="resnet20", channels=(), num_classes=3, remat=remat),
+                            reg=config.RegConfig(alpha=0.5))
+        model = models.build(cfg.model, (8, 8, 2), rngs=nnx.Rngs(0))
+        graphdef, state = step.init_state(model, step.make_optimizer(cfg.optim, 10))
+        grad = jax.jit(jax.value_and_grad(lambda p, s=state, g=graphdef, cfg=cfg:
+                                          step.loss_fn(p, s.batch_stats, b, graphdef=g, cfg=cfg)[0]))
+        out[remat] = grad(state.params)
+        text[remat] = grad.lower(state.params).as_text()
+    assert "xi8>" in text[True] and "xi8>" not in text[False]
+    np.testing.assert_allclose(out[True][0], out[False][0], atol=1e-6)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(out[False][1])) > 1e-3
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), out[True][1], out[False][1])
+
+
 def test_remat_step_needs_fewer_temporaries():
     """XLA's own accounting of the compiled train step (deterministic for a given jax): remat keeps each
-    spiking layer's spikes instead of its conv, BatchNorm and cell intermediates, and really recomputes
-    them: about one more forward pass of FLOPs (measured 1.43x; 1.13x with XLA:CPU's CSE on, which merged
-    most of the recomputation back into the forward pass). Temporaries: measured 0.81x of the plain step's
-    (0.69x before the plain step itself got leaner with ``step.CPU_OPTIONS``; 0.83x with CSE on)."""
+    spiking layer's input instead of its conv, BatchNorm and cell intermediates, and really recomputes
+    them: about one more forward pass of FLOPs (measured 1.41x). Temporaries: measured 0.78x of the plain
+    step's on this tiny model, where inputs and parameters weigh more than activations (VGGSNN at T=40:
+    0.39x, ``benchmarks/memory.py``)."""
     temp, flops = {}, {}
     b = batch(T=16, N=16)
     for remat in (False, True):
