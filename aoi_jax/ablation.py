@@ -14,12 +14,14 @@ How the members run inside the program (``make_multi_step``), measured with ``py
 benchmarks.ablation`` on XLA:CPU (2 cores; N-Digits small SNN, T=10, batch 32; 4 alphas; median seconds
 per round of 4 member steps):
 
-- four single train steps one after another (separate runs): 0.348 s (one step keeps 1.86 of the 2
-  cores busy; before the huge-page and cell changes of this release it was 0.91 s at ~1.5 cores);
+- four single train steps (separate runs): 4 x 0.0835 s = 0.334 s (``benchmarks/train_step.py``; one step
+  keeps ~1.9 of the 2 cores busy; before the huge-page and cell changes of this release it was 0.91 s at
+  ~1.5 cores). The benchmark's "sequential" row, four compiled programs alternating in one process,
+  measures more (0.373-0.465 s);
 - ``loop``, a Python loop over the members inside the jitted function (M copies of the step in one
-  program, one compile): 0.335 s (1.04x; 1.24x when single steps took 0.91 s). The same kernels as
-  single runs; XLA:CPU may run kernels of different members at once, which only helps while a single
-  step leaves a core idle;
+  program, one compile): 0.311 s (1.07x against 0.334 s; 1.24x when single steps took 0.91 s). The same
+  kernels as single runs; XLA:CPU may run kernels of different members at once, which only helps while a
+  single step leaves a core idle;
 - ``vmap`` over the member axis: earlier 4.7 s against 0.91 s (0.19x). Batching the members' weights turns
   every convolution into a grouped convolution (one group per member), which XLA:CPU runs several times
   slower than separate ones; a convolution whose batching rule loops over members (``custom_vmap`` inside
@@ -27,13 +29,14 @@ per round of 4 member steps):
   grouped convolutions are fast and ``vmap`` is the natural choice;
 - members split over a ``members`` mesh axis (``member_mesh``; on CPU
   ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` makes two host devices) with ``shard_map``,
-  each device looping over its share: 0.321 s (1.08x); host devices share one thread pool, so two of
+  each device looping over its share: 0.290 s (1.15x); host devices share one thread pool, so two of
   them do not add compute on two cores. On several GPUs this is what spreads the members.
 
 End to end (``python -m benchmarks.ablation --e2e 20 --with-eval``: the default config, 20 epochs, each
-member's per-epoch test accuracy and checkpoint and its final evaluation): four ``train.py`` runs 484 s,
-one ``--sweep`` run 394 s (1.23x): one start-up, one compile, shared evaluation functions. On 2 cores the
-training steps themselves cannot get much faster together, since a single run already keeps both busy.
+member's per-epoch test accuracy and checkpoint and its final evaluation): four ``train.py`` runs 466 s,
+one ``--sweep`` run 381 s (1.22x): one start-up, one compile, shared evaluation functions. On 2 cores the
+training steps themselves cannot get much faster together, since a single run already keeps both busy
+with memory-bound reductions (BatchNorm statistics and gradient sums are most of the small net's step).
 
 ``strategy="auto"`` is ``loop`` on CPU and ``vmap`` elsewhere.
 """

@@ -20,14 +20,17 @@ inputs, so the step's own share is peak minus before), and that first step's tim
     python -m benchmarks.memory --models vggsnn --T 10,40
     python -m benchmarks.memory --models vggsnn --T 40 --rss
 
-Measured with ``python -m benchmarks.memory --rss`` (2-core x86 CPU, jax 0.10.2; VGGSNN batch 8, 2x128x128
-input; MiB; ``vs plain`` = plain / variant; steady-state step times from ``python -m benchmarks.train_step
---models vggsnn --devices 1 --steps 3 --set data.timesteps=40 [--set model.remat=True]``)::
+Measured with ``python -m benchmarks.memory --models vggsnn --T 10,40 --rss`` (2-core x86 CPU, jax 0.10.2;
+VGGSNN batch 8, 2x128x128 input; MiB; ``vs plain`` = plain / variant; steady-state step times from
+``python -m benchmarks.train_step --models vggsnn --devices 1 --steps 3 --set data.timesteps=40
+[--set model.remat=True]``)::
 
     VGGSNN            T=10 temp      T=40 temp      T=40: GFLOP  RSS peak - before = step's  step s
-    plain              459           1644           1095         2493 - 821 = 1672            7.49
-    plain+memsched     383 (1.20x)   1635 (1.01x)   1095         2507 - 839 = 1668
-    remat              196 (2.35x)    640 (2.57x)   1462         1426 - 762 =  664 (2.52x)   10.42
+    plain              459           1644           1095         2430 - 757 = 1673            5.03
+    plain+memsched     384 (1.20x)   1460 (1.13x)   1095         2249 - 761 = 1488
+    remat              192 (2.39x)    640 (2.57x)   1462         1415 - 747 =  668 (2.50x)    6.30
+
+    (T=10 step's RSS: plain 489, remat 222 MiB, 2.20x.)
 
     N-Digits (batch 32)  T=10 temp  T=40 temp
     plain                107         410
@@ -41,8 +44,9 @@ optimiser update) to the end of the step, holding every layer's cotangents. Per-
 barriers kept (``step.compiler_options``) and a barrier over each layer's gradients: 853 MiB. Layer inputs
 that are spikes kept as int8 (with a barrier so the cast is not sunk into the backward pass): 822. Each
 layer's pooling inside its remat region, so the cotangent that crosses the barrier is the pooled one: 802.
-The cell's scan writing h over its input instead of a zero-filled buffer (XLA:CPU had shared one such
-buffer per layer between the forward pass and the recomputation, alive for the whole step): 640. On the way
+The cell's scan writing h into a carried copy of its input instead of a zero-filled buffer (XLA:CPU had
+shared one such buffer per layer between the forward pass and the recomputation, alive for the whole
+step): 640. On the way
 the RCS scores' two reductions became one variadic reduction with a hand-written gradient (XLA:CPU
 materialised r (T, N, D) for two reductions). Plain gained from those two as well: 1724 -> 1664 -> 1644.
 """
