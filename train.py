@@ -118,8 +118,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: pathlib.Path, *, run_eva
         log.info("resumed from %s at step %d", ckpt_dir, int(state.step))
     state = parallel.replicate(state, mesh)
     train_step = step.make_train_step(graphdef, cfg, optimizer)
-    fns = None if ann else evaluate.make_eval_functions(graphdef, cfg)       # shared with the final evaluation
-    eval_step = step.make_eval_step(graphdef) if ann else fns.test_step
+    fns, eval_step = eval_functions(graphdef, cfg)
 
     first_epoch = int(state.step) // steps_per_epoch
     for epoch in range(first_epoch, cfg.train.epochs):
@@ -200,7 +199,7 @@ def train_sweep_and_evaluate(cfg: config_lib.Config, sweep: dict, workdir: pathl
     states = ablation.place(states, mesh)
     scalars = ablation.place(ablation.scalars(member_list), mesh)
     multi_step = ablation.make_multi_step(graphdef, base, optimizer, mesh=mesh, strategy=strategy)
-    eval_step = step.make_eval_step(graphdef)
+    shared, eval_step = eval_functions(graphdef, base)                      # one compile for all members
     test_eval = first_step(test_set) if ann else test_set
 
     first_epoch = int(states.step[0]) // steps_per_epoch
@@ -234,7 +233,6 @@ def train_sweep_and_evaluate(cfg: config_lib.Config, sweep: dict, workdir: pathl
     if not run_eval:
         return {}
     reports = []
-    shared = None if ann else evaluate.make_eval_functions(graphdef, base)   # one compile for all members
     for m, d, state_m in zip(member_list, dirs, ablation.unstack(jax.device_get(states), M)):
         g, st, c = graphdef, parallel.replicate(state_m, eval_mesh), m.cfg
         if ann:
@@ -284,6 +282,16 @@ def plot_summary(summary: dict, path: pathlib.Path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def eval_functions(graphdef, cfg: config_lib.Config):
+    """``(functions, eval_step)``: the final evaluation's compiled functions (None for a QCFS ANN, which is
+    converted before it is evaluated) and the step for per-epoch test accuracy, which is their test step,
+    so it compiles once."""
+    if cfg.model.activation == "qcfs":
+        return None, step.make_eval_step(graphdef)
+    fns = evaluate.make_eval_functions(graphdef, cfg)
+    return fns, fns.test_step
 
 
 def first_step(frameset):
