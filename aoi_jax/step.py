@@ -113,10 +113,16 @@ def make_update(graphdef, cfg: Config, optimizer: optax.GradientTransformation):
     return update
 
 
-# XLA:CPU runs dots through its YNNPACK library and convolutions through its default kernels: measured on
-# the VGGSNN train step (T=10, batch 8, 128x128; benchmarks/train_step.py, 2 cores) 1.43 s against 1.69 s
-# with YNNPACK's convolutions too (the default). A field of XLA's DebugOptions that other backends ignore.
-CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# XLA:CPU runs dots and reductions through its YNNPACK library and convolutions through its default kernels
+# (a field of XLA's DebugOptions that other backends ignore). Measured with benchmarks/train_step.py on 2
+# cores, train step, one device:
+# - convolutions off YNNPACK (the default has them on): VGGSNN (T=10, batch 8, 128x128) 1.43 s against 1.69 s;
+# - reductions on YNNPACK (BatchNorm statistics, gradient sums, RCS; XLA's own kernels otherwise split each
+#   into a strided reduce-window): VGGSNN 1.11 -> 0.95 s, with remat 1.48 -> 1.20 s, N-Digits 0.079 ->
+#   0.069 s; it costs XLA temporaries in the plain step (VGGSNN T=10 459 -> 603 MiB, T=40 1644 -> 2220 MiB),
+#   not with remat (192 -> 198 MiB, 640 -> 642 MiB; benchmarks/memory.py).
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+               "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def compiler_options(cfg: Config) -> dict:

@@ -14,13 +14,21 @@ Compile times are listed separately (sequential: the sum of K compiles). "cores 
 time over wall time while timing (spinning worker threads count as busy); on 2 cores a strategy can at
 most reach 2 / (cores busy of sequential) times its speed.
 
+Ceiling (``--ceiling``): members share no work (each has its own weights, so its own activations and
+gradients), so together they can only gain the cores that a single run leaves idle. The best use of them
+is one independent single run per core: ``ceiling`` times a single step on all cores, pinned to one core
+alone, and pinned one process per core with all stepping at once (they then compete for memory bandwidth
+and the shared cache), and prints the most a round of K member steps can gain over K single steps.
+
 End to end (``--e2e EPOCHS``): wall-clock of ``python train.py --sweep reg.alpha=...`` against K runs of
 ``python train.py --set reg.alpha=...``, each a fresh process (start-up, data from the on-disk cache,
-compile, training, per-epoch test accuracy, checkpoints; ``--no-eval`` unless ``--with-eval``).
+compile, training, per-epoch test accuracy, checkpoints; ``--no-eval`` unless ``--with-eval``). With
+``--ceiling`` too, it also prints the least a sweep could take (``e2e_bound``): everything outside the
+single runs' epochs shared, their epochs at the step-level ceiling.
 
     python -m benchmarks.ablation                            # step level, K = 4 alphas
     python -m benchmarks.ablation --rounds 10 --vmap
-    python -m benchmarks.ablation --e2e 1                    # + end to end, one epoch each
+    python -m benchmarks.ablation --ceiling --e2e 20 --with-eval   # the default config, end to end
 """
 
 if __name__ == "__main__":  # first, before jax loads: it may restart this command with huge pages on
@@ -41,8 +49,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "ndigits.py"
 
 
-def step_level(strategies, alphas, rounds, n_devices, overrides=()):
-    """Median seconds per round of K member steps (and compile seconds) for each strategy."""
+def step_level(strategies, alphas, rounds, n_devices, overrides=(), *, ready_dir=None, n_ready=1):
+    """Median seconds per round of K member steps (and compile seconds) for each strategy.
+
+    Strategy "single": one member's train step alone (K = 1). With ``ready_dir``, timing starts only when
+    ``n_ready`` processes have written a file there (so that processes started together time together).
+    """
     import jax
     import numpy as np
 
@@ -59,7 +71,7 @@ def step_level(strategies, alphas, rounds, n_devices, overrides=()):
     stacked = {k: np.stack([v] * K) for k, v in batch.items()}
     out = {}
     for strategy in strategies:
-        if strategy == "sequential":
+        if strategy in ("sequential", "single"):
             states = [jax.tree.map(np.asarray, s) for s in ablation.unstack(states0, K)]
             t0 = time.perf_counter()
             fns = [step.make_train_step(graphdef, m.cfg, opt).lower(s, batch).compile() for m, s in zip(mem, states)]
@@ -83,6 +95,8 @@ def step_level(strategies, alphas, rounds, n_devices, overrides=()):
                 jax.block_until_ready(metrics)
                 return states
         states = one_round(states)                                              # warm-up
+        if ready_dir:
+            _wait_for_all(ready_dir, n_ready)
         times = []
         cpu0, wall0 = os.times(), time.perf_counter()
         for _ in range(rounds):
@@ -96,10 +110,73 @@ def step_level(strategies, alphas, rounds, n_devices, overrides=()):
     return out
 
 
+def _wait_for_all(ready_dir, n):
+    """Writes this process's file into ``ready_dir`` and waits until ``n`` files are there."""
+    path = pathlib.Path(ready_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / str(os.getpid())).touch()
+    while len(list(path.iterdir())) < n:
+        time.sleep(0.05)
+
+
 def worker(args):
-    res = step_level(args.strategies.split(","), [float(a) for a in args.alphas.split(",")], args.rounds,
-                     args.devices, args.set)
+    if args.pin is not None:
+        if args.pin >= 0:
+            os.sched_setaffinity(0, {args.pin})     # before jax starts its thread pool: one core
+        res = step_level(["single"], [float(args.alphas.split(",")[0])], args.rounds, 1, args.set,
+                         ready_dir=args.ready_dir, n_ready=args.n_ready)
+    else:
+        res = step_level(args.strategies.split(","), [float(a) for a in args.alphas.split(",")], args.rounds,
+                         args.devices, args.set)
     print("RESULT" + json.dumps(res))
+
+
+def _pinned(cores, args, ready_dir):
+    """Starts one single-step worker per entry of ``cores`` (a core number, or -1: not pinned) at once;
+    they time their steps together once all have compiled. Returns their median seconds per step."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS=env.get("JAX_PLATFORMS", "cpu"), PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.ablation", "--worker", "--pin", str(c), "--ready-dir",
+                               ready_dir, "--n-ready", str(len(cores)), "--alphas", args.alphas, "--rounds",
+                               str(4 * args.rounds)] + [f"--set={s}" for s in args.set],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in cores]
+    out = []
+    for proc in procs:
+        stdout, stderr = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(stderr[-3000:])
+        out.append(json.loads(next(x for x in stdout.splitlines() if x.startswith("RESULT"))[6:])["single"]["median_s"])
+    return out
+
+
+def ceiling(args):
+    """The most that training K members together can gain over K single runs on this machine's cores.
+
+    Members share no work (each has its own weights, so its own activations and gradients); together they
+    can only use cores that a single run leaves idle. The best such use is one run per core with nothing
+    shared: n processes, each pinned to its own core, stepping at once. Measured here:
+
+    - ``t_all``: a single train step on all cores (what a single run does);
+    - ``t_one``: the same pinned to one core, alone;
+    - ``t_shared``: n such pinned processes stepping at the same time (each core's step time when every
+      core works: memory bandwidth and the shared cache are what they compete for).
+
+    Then a round of K member steps takes at least ceil(K / n) * t_shared, against K * t_all one after
+    another: ``bound = K * t_all / (ceil(K / n) * t_shared)``.
+
+    Returns:
+      {"cores", "t_all", "t_one", "t_shared" (per core), "bound"}.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    K = len(args.alphas.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        t_all = _pinned([-1], args, f"{tmp}/all")[0]
+        t_one = _pinned([cores[0]], args, f"{tmp}/one")[0]
+        t_shared = _pinned(cores, args, f"{tmp}/shared")
+    per_core = -(-K // len(cores))
+    return {"cores": cores, "t_all": t_all, "t_one": t_one, "t_shared": t_shared,
+            "bound": K * t_all / (per_core * sum(t_shared) / len(t_shared))}
 
 
 def run_worker(n_devices, strategies, args):
@@ -125,16 +202,32 @@ def end_to_end(args):
         warm = ("from aoi_jax import config, data; "
                 f"data.load(config.load({str(CONFIG)!r}, {list(args.set)!r}).data)")   # builds the data cache
         subprocess.run([sys.executable, "-c", warm], cwd=ROOT, env=env, check=True, capture_output=True)
-        t0 = time.perf_counter()
+        singles = []
         for a in alphas:
+            t0 = time.perf_counter()
             subprocess.run(common + ["--workdir", f"{tmp}/single_{a}", "--set", f"reg.alpha={a}"], cwd=ROOT, env=env,
                            check=True, capture_output=True)
-        sequential = time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            epochs = [json.loads(line)["epoch_seconds"]
+                      for line in pathlib.Path(f"{tmp}/single_{a}/metrics.jsonl").read_text().splitlines()]
+            steady = sorted(epochs[1:] or epochs)[len(epochs[1:] or epochs) // 2]      # median, compile-free
+            singles.append({"seconds": seconds, "epochs": len(epochs), "steady_epoch_s": steady})
         t0 = time.perf_counter()
         subprocess.run(common + ["--workdir", f"{tmp}/sweep", "--sweep", f"reg.alpha={args.alphas}"], cwd=ROOT,
                        env=env, check=True, capture_output=True)
         together = time.perf_counter() - t0
-    return sequential, together
+    return singles, together
+
+
+def e2e_bound(singles, step_bound):
+    """The least a sweep could take, from the single runs' own figures: each run is ``W`` = epochs x its
+    median epoch (steps, per-epoch test accuracy, checkpoint) plus ``F`` = the rest (start-up, compiles,
+    final evaluation), all counted as shared. A sweep takes at least ``min F + sum W / step_bound``."""
+    work = [r["epochs"] * r["steady_epoch_s"] for r in singles]
+    fixed = [r["seconds"] - w for r, w in zip(singles, work)]
+    least = min(fixed) + sum(work) / step_bound
+    return {"work_s": work, "fixed_s": fixed, "least_sweep_s": least,
+            "bound": sum(r["seconds"] for r in singles) / least}
 
 
 def main(argv=None):
@@ -145,7 +238,12 @@ def main(argv=None):
     p.add_argument("--e2e", type=int, default=0, help="also time whole train.py runs of this many epochs")
     p.add_argument("--with-eval", action="store_true", help="end to end: include the final evaluation")
     p.add_argument("--set", action="append", default=[], help="config override, e.g. data.timesteps=4")
+    p.add_argument("--ceiling", action="store_true", help="also measure the most K members together can gain "
+                   "on these cores (single steps pinned one per core, stepping at once)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--pin", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--ready-dir", help=argparse.SUPPRESS)
+    p.add_argument("--n-ready", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--strategies", default="sequential,loop", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -165,11 +263,26 @@ def main(argv=None):
     for name, r in rows:
         print(f"{name:<32}{r['compile_s']:>10.2f}{r['median_s']:>14.3f} [{r['min_s']:.3f}-{r['max_s']:.3f}]"
               f"{base / r['median_s']:>9.2f}x{r['cores_busy']:>11.2f}")
+    bound = None
+    if args.ceiling:
+        c = ceiling(args)
+        bound = c["bound"]
+        print(f"\nceiling on {len(c['cores'])} cores: single step on all cores {c['t_all']:.3f} s, pinned to one "
+              f"core {c['t_one']:.3f} s alone, {' / '.join(f'{t:.3f}' for t in c['t_shared'])} s with every core "
+              f"stepping at once: K members together at most {bound:.2f}x faster than one after another")
     if args.e2e:
-        seq, tog = end_to_end(args)
+        singles, tog = end_to_end(args)
+        seq = sum(r["seconds"] for r in singles)
+        each = " + ".join(f"{r['seconds']:.1f}" for r in singles)
         what = "with" if args.with_eval else "without"
-        print(f"\nend to end, {args.e2e} epoch(s), {what} final evaluation: {K} single train.py runs {seq:.1f} s, "
-              f"one --sweep run {tog:.1f} s: {seq / tog:.2f}x")
+        print(f"\nend to end, {args.e2e} epoch(s), {what} final evaluation: {K} single train.py runs {seq:.1f} s "
+              f"({each}), one --sweep run {tog:.1f} s: "
+              f"{seq / tog:.2f}x")
+        if bound:
+            e = e2e_bound(singles, bound)
+            print(f"ceiling end to end: a single run is {e['work_s'][0]:.1f} s of epochs and {e['fixed_s'][0]:.1f} s "
+                  f"else; with epochs at most {bound:.2f}x faster together and everything else shared, a sweep "
+                  f"takes at least {e['least_sweep_s']:.1f} s: at most {e['bound']:.2f}x")
 
 
 if __name__ == "__main__":
