@@ -11,32 +11,36 @@ batches are (M, T, B, ...) (each member its own seeded shuffle and augmentation,
 run: ``member_batches``); metrics come back (M,).
 
 How the members run inside the program (``make_multi_step``), measured with ``python -m
-benchmarks.ablation`` on XLA:CPU (2 cores; N-Digits small SNN, T=10, batch 32; 4 alphas; median seconds
-per round of 4 member steps):
+benchmarks.ablation --ceiling`` on XLA:CPU (2 cores; N-Digits small SNN, T=10, batch 32; 4 alphas; median
+seconds per round of 4 member steps):
 
-- four single train steps (separate runs): 4 x 0.0835 s = 0.334 s (``benchmarks/train_step.py``; one step
-  keeps ~1.9 of the 2 cores busy; before the huge-page and cell changes of this release it was 0.91 s at
-  ~1.5 cores). The benchmark's "sequential" row, four compiled programs alternating in one process,
-  measures more (0.373-0.465 s);
+- four single train steps (separate runs): 4 x 0.072 s = 0.288 s (one step on both cores). The
+  benchmark's "sequential" row, four compiled programs alternating in one process, measured 0.288-0.314 s;
 - ``loop``, a Python loop over the members inside the jitted function (M copies of the step in one
-  program, one compile): 0.311 s (1.07x against 0.334 s; 1.24x when single steps took 0.91 s). The same
-  kernels as single runs; XLA:CPU may run kernels of different members at once, which only helps while a
-  single step leaves a core idle;
-- ``vmap`` over the member axis: earlier 4.7 s against 0.91 s (0.19x). Batching the members' weights turns
-  every convolution into a grouped convolution (one group per member), which XLA:CPU runs several times
-  slower than separate ones; a convolution whose batching rule loops over members (``custom_vmap`` inside
-  a ``custom_vjp``) ran 0.49-0.51 s against the loop's 0.40-0.41 s, so it was not kept. On GPU/TPU
-  grouped convolutions are fast and ``vmap`` is the natural choice;
+  program, one compile): 0.273-0.277 s (1.06-1.13x). The same kernels as single runs; XLA:CPU may run
+  kernels of different members at once, which only helps while a single step leaves a core idle;
+- ``vmap`` over the member axis: 1.61 s (0.20x). Under ``vmap`` XLA:CPU splits the BatchNorm statistics
+  into padded reduce-windows that YNNPACK runs slowly (three of them: 1.33 s of thread time in a 1.27 s
+  profiled round);
+  the grouped convolutions that batching the members' weights makes took 31 ms. Earlier, before reductions
+  went through YNNPACK, grouped convolutions made it slow (4.7 s against 0.91 s) and a convolution whose
+  batching rule looped over members (``custom_vmap`` inside a ``custom_vjp``) was slower than ``loop``
+  (0.49-0.51 s against 0.40-0.41 s). On GPU/TPU batched kernels are fast and ``vmap`` is the natural choice;
 - members split over a ``members`` mesh axis (``member_mesh``; on CPU
   ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` makes two host devices) with ``shard_map``,
-  each device looping over its share: 0.290 s (1.15x); host devices share one thread pool, so two of
-  them do not add compute on two cores. On several GPUs this is what spreads the members.
+  each device looping over its share: 0.274-0.276 s (1.05-1.15x); host devices share one thread pool, so
+  two of them do not add compute on two cores. On several GPUs this is what spreads the members.
 
-End to end (``python -m benchmarks.ablation --e2e 20 --with-eval``: the default config, 20 epochs, each
-member's per-epoch test accuracy and checkpoint and its final evaluation): four ``train.py`` runs 466 s,
-one ``--sweep`` run 381 s (1.22x): one start-up, one compile, shared evaluation functions. On 2 cores the
-training steps themselves cannot get much faster together, since a single run already keeps both busy
-with memory-bound reductions (BatchNorm statistics and gradient sums are most of the small net's step).
+The ceiling on these cores: members share no work (each has its own weights), so together they can only
+use what a single run leaves idle. One step takes 0.072 s on both cores, 0.107 s pinned to one core, and
+0.116 s per core when each core steps its own run at the same time (they compete for memory bandwidth and
+the shared cache): at best 2 x 0.072 / 0.116 = 1.23x for any way of training members together.
+
+End to end (``python -m benchmarks.ablation --ceiling --e2e 20 --with-eval``: the default config, 20
+epochs, each member's per-epoch test accuracy and checkpoint and its final evaluation): four ``train.py``
+runs 399 s, one ``--sweep`` run 328 s (1.22x: one start-up, one compile, shared evaluation functions). A
+single run is 77 s of epochs and 23 s of the rest; even with the rest shared and the epochs at the 1.23x
+ceiling a sweep would take 271 s, at most 1.47x.
 
 ``strategy="auto"`` is ``loop`` on CPU and ``vmap`` elsewhere.
 """

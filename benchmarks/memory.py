@@ -26,15 +26,19 @@ VGGSNN batch 8, 2x128x128 input; MiB; ``vs plain`` = plain / variant; steady-sta
 [--set model.remat=True]``)::
 
     VGGSNN            T=10 temp      T=40 temp      T=40: GFLOP  RSS peak - before = step's  step s
-    plain              459           1644           1095         2430 - 757 = 1673            5.03
-    plain+memsched     384 (1.20x)   1460 (1.13x)   1095         2249 - 761 = 1488
-    remat              192 (2.39x)    640 (2.57x)   1462         1415 - 747 =  668 (2.50x)    6.30
+    plain              603           2220           1094         3095 - 784 = 2311            4.14
+    plain+memsched     389 (1.55x)   1495 (1.48x)   1094         2268 - 723 = 1545
+    remat              198 (3.05x)    642 (3.46x)   1462         1493 - 751 =  742 (3.11x)    4.97
 
-    (T=10 step's RSS: plain 489, remat 222 MiB, 2.20x.)
+    (T=10 step's RSS: plain 643, remat 241 MiB, 2.67x.)
 
     N-Digits (batch 32)  T=10 temp  T=40 temp
-    plain                107         410
-    remat                 84 (1.28x) 308 (1.33x)   (a small net: parameters and inputs weigh more)
+    plain                143         549
+    remat                 84 (1.71x) 308 (1.79x)   (a small net: parameters and inputs weigh more)
+
+Since reductions go through YNNPACK (``step.CPU_OPTIONS``) the plain step is faster (T=40 5.03 -> 4.14 s)
+but holds more temporaries: before, plain 459 / 1644 MiB (T=10 / T=40), plain+memsched 384 / 1460, remat
+192 / 640 (2.39x / 2.57x), step's RSS at T=40 plain 1673, remat 668 MiB (2.50x), remat step 6.30 s.
 
 How remat got there (T=40 temporaries; each step measured on its own): one ``jax.checkpoint`` over the
 whole forward pass with a policy that saved each layer's spikes left 1575 MiB against plain's 1724, because

@@ -107,9 +107,10 @@ def test_remat_keeps_binary_spikes_as_int8_and_changes_nothing(key):
 def test_remat_step_needs_fewer_temporaries():
     """XLA's own accounting of the compiled train step (deterministic for a given jax): remat keeps each
     spiking layer's input instead of its conv, BatchNorm and cell intermediates, and really recomputes
-    them: about one more forward pass of FLOPs (measured 1.41x). Temporaries: measured 0.78x of the plain
-    step's on this tiny model, where inputs and parameters weigh more than activations (VGGSNN at T=40:
-    0.39x, ``benchmarks/memory.py``)."""
+    them: about one more forward pass of FLOPs (measured 1.38x). Temporaries: measured 0.61x of the plain
+    step's on this tiny model, where inputs and parameters weigh more than activations (0.78x before
+    reductions went through YNNPACK, which costs the plain step temporaries; VGGSNN at T=40: 0.29x,
+    ``benchmarks/memory.py``)."""
     temp, flops = {}, {}
     b = batch(T=16, N=16)
     for remat in (False, True):
