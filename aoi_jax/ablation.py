@@ -14,11 +14,13 @@ How the members run inside the program (``make_multi_step``), measured with ``py
 benchmarks.ablation --ceiling`` on XLA:CPU (2 cores; N-Digits small SNN, T=10, batch 32; 4 alphas; median
 seconds per round of 4 member steps):
 
-- four single train steps (separate runs): 4 x 0.072 s = 0.288 s (one step on both cores). The
-  benchmark's "sequential" row, four compiled programs alternating in one process, measured 0.288-0.314 s;
+- four single train steps (separate runs): 4 x 0.072-0.073 s = 0.288-0.292 s (one step on both cores).
+  The benchmark's "sequential" row, four compiled programs alternating in one process, measured
+  0.288-0.333 s;
 - ``loop``, a Python loop over the members inside the jitted function (M copies of the step in one
-  program, one compile): 0.273-0.277 s (1.06-1.13x). The same kernels as single runs; XLA:CPU may run
-  kernels of different members at once, which only helps while a single step leaves a core idle;
+  program, one compile): 0.276-0.277 s (1.04-1.06x against four single steps). The same kernels as
+  single runs; XLA:CPU may run kernels of different members at once, which only helps while a single
+  step leaves a core idle;
 - ``vmap`` over the member axis: 1.61 s (0.20x). Under ``vmap`` XLA:CPU splits the BatchNorm statistics
   into padded reduce-windows that YNNPACK runs slowly (three of them: 1.33 s of thread time in a 1.27 s
   profiled round);
@@ -28,19 +30,20 @@ seconds per round of 4 member steps):
   (0.49-0.51 s against 0.40-0.41 s). On GPU/TPU batched kernels are fast and ``vmap`` is the natural choice;
 - members split over a ``members`` mesh axis (``member_mesh``; on CPU
   ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` makes two host devices) with ``shard_map``,
-  each device looping over its share: 0.274-0.276 s (1.05-1.15x); host devices share one thread pool, so
+  each device looping over its share: 0.273-0.274 s (1.05-1.07x); host devices share one thread pool, so
   two of them do not add compute on two cores. On several GPUs this is what spreads the members.
 
 The ceiling on these cores: members share no work (each has its own weights), so together they can only
-use what a single run leaves idle. One step takes 0.072 s on both cores, 0.107 s pinned to one core, and
-0.116 s per core when each core steps its own run at the same time (they compete for memory bandwidth and
-the shared cache): at best 2 x 0.072 / 0.116 = 1.23x for any way of training members together.
+use what a single run leaves idle. One step takes 0.072-0.073 s on both cores, 0.107-0.112 s pinned to one
+core, and 0.116-0.128 s per core when each core steps its own run at the same time (they compete for
+memory bandwidth and the shared cache): at best 2 x 0.072 / 0.116 = 1.23x (1.15x in the second run) for
+any way of training members together.
 
-End to end (``python -m benchmarks.ablation --ceiling --e2e 20 --with-eval``: the default config, 20
-epochs, each member's per-epoch test accuracy and checkpoint and its final evaluation): four ``train.py``
-runs 399 s, one ``--sweep`` run 328 s (1.22x: one start-up, one compile, shared evaluation functions). A
-single run is 77 s of epochs and 23 s of the rest; even with the rest shared and the epochs at the 1.23x
-ceiling a sweep would take 271 s, at most 1.47x.
+End to end (``python -m benchmarks.ablation --ceiling --e2e 20 --with-eval``, twice: the default config,
+20 epochs, each member's per-epoch test accuracy and checkpoint and its final evaluation): four
+``train.py`` runs 395-399 s, one ``--sweep`` run 312-328 s (1.22-1.27x: one start-up, one compile, shared
+evaluation functions). A single run is 74-77 s of epochs and 23-26 s of the rest; even with the rest
+shared and the epochs at the ceiling a sweep would take 271-286 s, at most 1.38-1.47x.
 
 ``strategy="auto"`` is ``loop`` on CPU and ``vmap`` elsewhere.
 """
