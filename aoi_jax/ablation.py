@@ -23,11 +23,11 @@ seconds per round of 4 member steps):
   step leaves a core idle;
 - ``vmap`` over the member axis: 1.61 s (0.20x). Under ``vmap`` XLA:CPU splits the BatchNorm statistics
   into padded reduce-windows that YNNPACK runs slowly (three of them: 1.33 s of thread time in a 1.27 s
-  profiled round);
-  the grouped convolutions that batching the members' weights makes took 31 ms. Earlier, before reductions
-  went through YNNPACK, grouped convolutions made it slow (4.7 s against 0.91 s) and a convolution whose
-  batching rule looped over members (``custom_vmap`` inside a ``custom_vjp``) was slower than ``loop``
-  (0.49-0.51 s against 0.40-0.41 s). On GPU/TPU batched kernels are fast and ``vmap`` is the natural choice;
+  profiled round); the grouped convolutions that batching the members' weights makes took 31 ms.
+  Earlier, before reductions went through YNNPACK, grouped convolutions made it slow (4.7 s against
+  0.91 s) and a convolution whose batching rule looped over members (``custom_vmap`` inside a
+  ``custom_vjp``) was slower than ``loop`` (0.49-0.51 s against 0.40-0.41 s). On GPU/TPU batched kernels
+  are fast and ``vmap`` is the natural choice;
 - members split over a ``members`` mesh axis (``member_mesh``; on CPU
   ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` makes two host devices) with ``shard_map``,
   each device looping over its share: 0.273-0.274 s (1.05-1.07x); host devices share one thread pool, so
@@ -37,13 +37,15 @@ The ceiling on these cores: members share no work (each has its own weights), so
 use what a single run leaves idle. One step takes 0.072-0.073 s on both cores, 0.107-0.112 s pinned to one
 core, and 0.116-0.128 s per core when each core steps its own run at the same time (they compete for
 memory bandwidth and the shared cache): at best 2 x 0.072 / 0.116 = 1.23x (1.15x in the second run) for
-any way of training members together.
+any way of training members together. The figure is noisy on this VM: four more ``--ceiling`` runs gave
+1.29-1.58x (the single step on both cores measured 0.070-0.085 s, the pinned ones 0.106-0.116 s).
 
 End to end (``python -m benchmarks.ablation --ceiling --e2e 20 --with-eval``, twice: the default config,
 20 epochs, each member's per-epoch test accuracy and checkpoint and its final evaluation): four
 ``train.py`` runs 395-399 s, one ``--sweep`` run 312-328 s (1.22-1.27x: one start-up, one compile, shared
 evaluation functions). A single run is 74-77 s of epochs and 23-26 s of the rest; even with the rest
-shared and the epochs at the ceiling a sweep would take 271-286 s, at most 1.38-1.47x.
+shared and the epochs at the ceiling a sweep would take 271-286 s, at most 1.38-1.47x (1.52-1.83x with
+the other runs' step ceilings): ``loop`` is well below what the cores allow.
 
 ``strategy="auto"`` is ``loop`` on CPU and ``vmap`` elsewhere.
 """

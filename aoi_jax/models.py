@@ -230,10 +230,10 @@ class SpikingNet(nnx.Module):
     folded batch ``h`` (B, H, W, C), calling ``layer(i, pre, x, *modules, post=None)`` for spiking layer
     i, whose pre-activation is ``u = pre(x, *modules)`` (``modules``: the NNX modules ``pre`` uses, e.g. a
     conv and its BatchNorm; ``pre`` calls ``norm(bn, u)`` for each BatchNorm), and continuing with what it
-    returns, the layer's output ``post(cell output)`` (``post``: e.g. the pooling that follows the cell). ``__call__`` runs it on (T*N, ...) with the cell scanned over time (each layer
-    rematerialised on its own with ``remat``); ``step`` runs it on one frame, advancing carried membranes
-    by one ``neurons.lif_step``. Both give the same spikes (a feed-forward net
-    is exact in either order).
+    returns, the layer's output ``post(cell output)`` (``post``: e.g. the pooling that follows the cell).
+    ``__call__`` runs it on (T*N, ...) with the cell scanned over time (each layer rematerialised on its
+    own with ``remat``); ``step`` runs it on one frame, advancing carried membranes by one
+    ``neurons.lif_step``. Both give the same spikes (a feed-forward net is exact in either order).
 
     The layer at spiking layer i, by ``activation`` (``lam_i = thresholds[i]``, the learnt QCFS threshold)::
 

@@ -131,11 +131,25 @@ def worker(args):
     print("RESULT" + json.dumps(res))
 
 
+def _worker_env(n_devices=None):
+    """This process's environment for a worker: CPU by default, this checkout importable, and XLA_FLAGS
+    only the host device count (``n_devices``; none given: XLA_FLAGS removed)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS=env.get("JAX_PLATFORMS", "cpu"), PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    if n_devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    return env
+
+
+def _result(stdout):
+    """The dict a worker printed after "RESULT"."""
+    return json.loads(next(x for x in stdout.splitlines() if x.startswith("RESULT"))[6:])
+
+
 def _pinned(cores, args, ready_dir):
     """Starts one single-step worker per entry of ``cores`` (a core number, or -1: not pinned) at once;
     they time their steps together once all have compiled. Returns their median seconds per step."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS=env.get("JAX_PLATFORMS", "cpu"), PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    env = _worker_env()
     procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.ablation", "--worker", "--pin", str(c), "--ready-dir",
                                ready_dir, "--n-ready", str(len(cores)), "--alphas", args.alphas, "--rounds",
                                str(4 * args.rounds)] + [f"--set={s}" for s in args.set],
@@ -146,7 +160,7 @@ def _pinned(cores, args, ready_dir):
         stdout, stderr = proc.communicate()
         if proc.returncode:
             raise RuntimeError(stderr[-3000:])
-        out.append(json.loads(next(x for x in stdout.splitlines() if x.startswith("RESULT"))[6:])["single"]["median_s"])
+        out.append(_result(stdout)["single"]["median_s"])
     return out
 
 
@@ -180,25 +194,23 @@ def ceiling(args):
 
 
 def run_worker(n_devices, strategies, args):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
-               JAX_PLATFORMS=env.get("JAX_PLATFORMS", "cpu"), PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    env = _worker_env(n_devices)
     cmd = [sys.executable, "-m", "benchmarks.ablation", "--worker", "--devices", str(n_devices), "--strategies",
            ",".join(strategies), "--alphas", args.alphas, "--rounds", str(args.rounds)] + [f"--set={s}" for s in args.set]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
-    return json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))[6:])
+    return _result(proc.stdout)
 
 
 def end_to_end(args):
-    """Wall-clock seconds of one sweep process against K single-run processes."""
+    """K single-run processes, then one sweep process: ``(singles, sweep seconds)``, singles a list of
+    {"seconds": wall-clock, "epochs", "steady_epoch_s": median epoch after the first (its metrics.jsonl)}."""
     alphas = args.alphas.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         common = [sys.executable, "train.py", "--config", str(CONFIG), "--set", f"train.epochs={args.e2e}"]
         common += [f"--set={s}" for s in args.set] + ([] if args.with_eval else ["--no-eval"])
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-        env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS", "cpu")
+        env = _worker_env()
         warm = ("from aoi_jax import config, data; "
                 f"data.load(config.load({str(CONFIG)!r}, {list(args.set)!r}).data)")   # builds the data cache
         subprocess.run([sys.executable, "-c", warm], cwd=ROOT, env=env, check=True, capture_output=True)
