@@ -93,7 +93,7 @@ def make_eval_functions(graphdef, cfg: config_lib.Config) -> EvalFunctions:
     anytime loop and the multistep logits see the same arithmetic)."""
     return EvalFunctions(step.make_eval_step(graphdef, dropout=cfg.eval.calib_dropout),
                          step.make_eval_step(graphdef),
-                         jax.jit(functools.partial(anytime.run_topk, graphdef), compiler_options=step.CPU_OPTIONS))
+                         jax.jit(functools.partial(anytime.run_topk, graphdef), compiler_options=step.compiler_options()))
 
 
 def anytime_check(run_topk, state, frameset, beta, batch_size, mesh):

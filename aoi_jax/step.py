@@ -114,8 +114,8 @@ def make_update(graphdef, cfg: Config, optimizer: optax.GradientTransformation):
 
 
 # XLA:CPU runs dots and reductions through its YNNPACK library and convolutions through its default kernels
-# (a field of XLA's DebugOptions that other backends ignore). Measured with benchmarks/train_step.py on 2
-# cores, train step, one device:
+# (a field of XLA's DebugOptions, passed on XLA:CPU only: ``compiler_options``). Measured with
+# benchmarks/train_step.py on 2 cores, train step, one device:
 # - convolutions off YNNPACK (the default has them on): VGGSNN (T=10, batch 8, 128x128) 1.43 s against 1.69 s;
 # - reductions on YNNPACK (BatchNorm statistics, gradient sums, RCS; XLA's own kernels otherwise split each
 #   into a strided reduce-window): VGGSNN 1.11 -> 0.95 s, with remat 1.48 -> 1.20 s, N-Digits 0.079 ->
@@ -125,11 +125,13 @@ CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
-def compiler_options(cfg: Config) -> dict:
-    """XLA options of the train step (and of ``aoi_jax.ablation``'s): ``CPU_OPTIONS``, and with
-    ``model.remat`` XLA:CPU's memory-optimised scheduler and, on CPU, the pass that removes optimisation
-    barriers off. The evaluation functions use ``CPU_OPTIONS`` alone. Measured on the VGGSNN train step
-    with remat (T=40, batch 8; XLA's temporaries):
+def compiler_options(cfg: Config | None = None) -> dict:
+    """XLA options for the compiled steps (train, evaluation, ``aoi_jax.ablation``'s) on the default backend.
+
+    On XLA:CPU: ``CPU_OPTIONS``, and for a train step with ``model.remat`` (``cfg`` given) the
+    memory-optimised scheduler with the pass that removes optimisation barriers off. Other backends get
+    none (these are XLA:CPU's fields; only XLA:CPU was measured). Measured on the VGGSNN train step with
+    remat (T=40, batch 8; XLA's temporaries):
 
     - ``xla_disable_hlo_passes="cse_barrier_expander"``: XLA:CPU otherwise removes optimisation barriers
       early, and with them the order that remat's barriers impose (``models._remat``: recompute a layer
@@ -137,14 +139,19 @@ def compiler_options(cfg: Config) -> dict:
       640 MiB without.
     - ``xla_cpu_scheduler_type``: XLA:CPU's default scheduler favours concurrency: 748 MiB against 640.
 
-    Measured by ``benchmarks/memory.py`` (XLA:CPU). Both are fields of XLA's DebugOptions; the pass is left
-    on for other backends (only XLA:CPU was measured; they ignore the CPU scheduler option).
+    Measured by ``benchmarks/memory.py``.
+
+    Args:
+      cfg: the train step's config, or None for an evaluation function.
+    Returns:
+      a dict for ``jax.jit(..., compiler_options=...)``.
     """
+    if jax.default_backend() != "cpu":
+        return {}
     options = dict(CPU_OPTIONS)
-    if cfg.model.remat:
+    if cfg is not None and cfg.model.remat:
         options["xla_cpu_scheduler_type"] = "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
-        if jax.default_backend() == "cpu":
-            options["xla_disable_hlo_passes"] = "cse_barrier_expander"
+        options["xla_disable_hlo_passes"] = "cse_barrier_expander"
     return options
 
 
@@ -175,7 +182,7 @@ def make_eval_step(graphdef, *, dropout: float = 0.0):
         counts = jnp.stack([s.reshape(*s.shape[:2], -1).sum(-1) for s, _ in layers])
         return logits, counts
 
-    return jax.jit(eval_step, compiler_options=CPU_OPTIONS)
+    return jax.jit(eval_step, compiler_options=compiler_options())
 
 
 def ann_loss_fn(params, batch_stats, batch, *, graphdef, cfg: Config, scalars=None):

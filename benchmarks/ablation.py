@@ -29,6 +29,7 @@ single runs' epochs shared, their epochs at the step-level ceiling.
     python -m benchmarks.ablation                            # step level, K = 4 alphas
     python -m benchmarks.ablation --rounds 10 --vmap
     python -m benchmarks.ablation --ceiling --e2e 20 --with-eval   # the default config, end to end
+    python -m benchmarks.ablation --platform cuda --vmap --rounds 20       # on one GPU
 """
 
 if __name__ == "__main__":  # first, before jax loads: it may restart this command with huge pages on
@@ -131,11 +132,11 @@ def worker(args):
     print("RESULT" + json.dumps(res))
 
 
-def _worker_env(n_devices=None):
-    """This process's environment for a worker: CPU by default, this checkout importable, and XLA_FLAGS
+def _worker_env(n_devices=None, platform="cpu"):
+    """This process's environment for a worker: JAX on ``platform``, this checkout importable, and XLA_FLAGS
     only the host device count (``n_devices``; none given: XLA_FLAGS removed)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS=env.get("JAX_PLATFORMS", "cpu"), PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(JAX_PLATFORMS=platform, PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
     if n_devices is not None:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
     return env
@@ -194,7 +195,7 @@ def ceiling(args):
 
 
 def run_worker(n_devices, strategies, args):
-    env = _worker_env(n_devices)
+    env = _worker_env(n_devices, args.platform)
     cmd = [sys.executable, "-m", "benchmarks.ablation", "--worker", "--devices", str(n_devices), "--strategies",
            ",".join(strategies), "--alphas", args.alphas, "--rounds", str(args.rounds)] + [f"--set={s}" for s in args.set]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -210,7 +211,7 @@ def end_to_end(args):
     with tempfile.TemporaryDirectory() as tmp:
         common = [sys.executable, "train.py", "--config", str(CONFIG), "--set", f"train.epochs={args.e2e}"]
         common += [f"--set={s}" for s in args.set] + ([] if args.with_eval else ["--no-eval"])
-        env = _worker_env()
+        env = _worker_env(platform=args.platform)
         warm = ("from aoi_jax import config, data; "
                 f"data.load(config.load({str(CONFIG)!r}, {list(args.set)!r}).data)")   # builds the data cache
         subprocess.run([sys.executable, "-c", warm], cwd=ROOT, env=env, check=True, capture_output=True)
@@ -250,6 +251,8 @@ def main(argv=None):
     p.add_argument("--e2e", type=int, default=0, help="also time whole train.py runs of this many epochs")
     p.add_argument("--with-eval", action="store_true", help="end to end: include the final evaluation")
     p.add_argument("--set", action="append", default=[], help="config override, e.g. data.timesteps=4")
+    p.add_argument("--platform", default="cpu", help="JAX platform: cpu, cuda, rocm or tpu (one device; the "
+                   "two-host-device row and --ceiling are CPU only)")
     p.add_argument("--ceiling", action="store_true", help="also measure the most K members together can gain "
                    "on these cores (single steps pinned one per core, stepping at once)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -261,16 +264,19 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.ceiling and args.platform != "cpu":
+        p.error("--ceiling measures CPU cores: use it with --platform cpu")
 
     K = len(args.alphas.split(","))
     one = run_worker(1, ["sequential", "loop"] + (["vmap"] if args.vmap else []), args)
-    two = run_worker(2, ["loop"], args)
-    rows = [("sequential (1 device)", one["sequential"]), ("together/loop (1 device)", one["loop"]),
-            ("together/loop (2 host devices)", two["loop"])]
+    rows = [("sequential (1 device)", one["sequential"]), ("together/loop (1 device)", one["loop"])]
+    if args.platform == "cpu":
+        rows.append(("together/loop (2 host devices)", run_worker(2, ["loop"], args)["loop"]))
     if args.vmap:
         rows.append(("together/vmap (1 device)", one["vmap"]))
     base = one["sequential"]["median_s"]
-    print(f"N-Digits train step, K = {K} alphas ({args.alphas}), {args.rounds} timed rounds of {K} member steps")
+    print(f"N-Digits train step on {args.platform}, K = {K} alphas ({args.alphas}), {args.rounds} timed rounds of "
+          f"{K} member steps")
     print(f"{'':32}{'compile s':>10}{'s per round: median [min-max]':>32}{'speed-up':>10}{'cores busy':>11}")
     for name, r in rows:
         print(f"{name:<32}{r['compile_s']:>10.2f}{r['median_s']:>14.3f} [{r['min_s']:.3f}-{r['max_s']:.3f}]"

@@ -6,16 +6,21 @@ float32) and ``ndigits`` (configs/ndigits.py: the small SNN, T=10, batch 32, 2x3
 random event counts. The train step is ``aoi_jax.step.make_train_step``, as ``train.py`` runs it; with two
 devices the batch is split over the ``data`` mesh (``aoi_jax.parallel``).
 
-FLOPs per step: XLA's ``cost_analysis()`` of the one-device program. Peak: the best of several float32
-2048x2048 matmuls, measured in the same process (on two devices: one matmul per device, concurrently).
-Each device count runs in its own subprocess, since ``XLA_FLAGS=--xla_force_host_platform_device_count``
-must be set before jax starts. On a shared machine the step times are noisy: the median and the min-max
+FLOPs per step: XLA:CPU's ``cost_analysis()`` of the one-device program lowered for the CPU, on every
+platform (``model_flops``: a GPU's compiled program has its convolutions as cuDNN calls, which its cost
+analysis does not count, 2.4 of VGGSNN's 273 GFLOP on an H200, and its lowered program has no analysis). Peak: the best of several float32
+matmuls (2048x2048 on CPU, 8192x8192 on an accelerator), measured in the same process at JAX's default
+precision, which the model's convolutions use too (on GPUs that lets XLA use TF32 tensor cores); on two
+devices one matmul per device, concurrently. Each device count runs in its own subprocess, since
+``XLA_FLAGS=--xla_force_host_platform_device_count`` must be set before jax starts. ``--platform cuda``
+(or ``tpu``) runs the same on that platform's devices; ``--devices`` then counts those. On a shared machine the step times are noisy: the median and the min-max
 range of ``--steps`` timed steps are printed, and ``--repeats`` reruns everything. "cores busy" is the
 process's CPU time over wall time during the timed steps (spinning worker threads count as busy).
 
     python -m benchmarks.train_step                                  # both models, 1 and 2 devices
     python -m benchmarks.train_step --models vggsnn --devices 1 --steps 8 --repeats 3
     python -m benchmarks.train_step --xla-flags=--xla_cpu_use_onednn=true     # try an XLA:CPU flag
+    python -m benchmarks.train_step --platform cuda --devices 1 --steps 20    # on one GPU
 """
 
 if __name__ == "__main__":  # first, before jax loads: it may restart this command with huge pages on
@@ -40,11 +45,14 @@ MODELS = {
 }
 
 
-def matmul_peak(devices, n=2048, repeats=7):
-    """Best float32 matmul FLOP/s over ``devices`` (one n x n matmul per device, dispatched together)."""
+def matmul_peak(devices, n=None, repeats=7):
+    """Best float32 matmul FLOP/s over ``devices`` (one n x n matmul per device, dispatched together).
+
+    ``n`` defaults to 2048 on CPU and 8192 elsewhere (a 2048^2 matmul is launch-bound on a GPU)."""
     import jax
     import jax.numpy as jnp
 
+    n = n or (2048 if devices[0].platform == "cpu" else 8192)
     f = jax.jit(lambda a, b: a @ b)
     xs = [jax.device_put(jnp.ones((n, n), jnp.float32), d) for d in devices]
     jax.block_until_ready([f(x, x) for x in xs])
@@ -54,6 +62,13 @@ def matmul_peak(devices, n=2048, repeats=7):
         jax.block_until_ready([f(x, x) for x in xs])
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 * len(devices) / best
+
+
+def model_flops(train_step, state, batch):
+    """FLOPs of one ``train_step(state, batch)``: XLA:CPU's cost analysis of the step lowered for the CPU."""
+    import jax
+
+    return float(train_step.lower(*jax.device_put((state, batch), jax.devices("cpu")[0])).cost_analysis()["flops"])
 
 
 def measure(model_name, n_devices, steps, overrides=()):
@@ -79,7 +94,6 @@ def measure(model_name, n_devices, steps, overrides=()):
     t0 = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
     state, metrics = compiled(state, batch)                                   # warm-up
     jax.block_until_ready(metrics)
     times = []
@@ -94,7 +108,7 @@ def measure(model_name, n_devices, steps, overrides=()):
     return {"model": model_name, "devices": n_devices, "T": T, "batch": B, "input": list(shape),
             "compile_s": compile_s, "step_s_median": float(np.median(times)), "step_s_min": min(times),
             "step_s_max": max(times), "samples_per_s": B / float(np.median(times)),
-            "flops_per_step_program": float(cost.get("flops", float("nan"))),
+            "flops_per_step_program": model_flops(train_step, state, batch),
             "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2 ** 20, "cores_busy": cores}
 
 
@@ -103,13 +117,15 @@ def worker(args):
 
     peak = matmul_peak(jax.devices()[:args.devices])
     rows = [measure(m, args.devices, args.steps, args.set) for m in args.models.split(",")]
-    print("RESULT" + json.dumps({"peak_flops": peak, "rows": rows, "devices": [str(d) for d in jax.devices()]}))
+    devices = jax.devices()[:args.devices]
+    print("RESULT" + json.dumps({"peak_flops": peak, "rows": rows, "platform": devices[0].platform,
+                                 "device_kind": devices[0].device_kind, "jax": jax.__version__}))
 
 
 def run_worker(n_devices, args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     flags = " ".join(f for f in [f"--xla_force_host_platform_device_count={n_devices}", args.xla_flags] if f)
-    env.update(XLA_FLAGS=flags, JAX_PLATFORMS=env.get("JAX_PLATFORMS", "cpu"),
+    env.update(XLA_FLAGS=flags, JAX_PLATFORMS=args.platform if args.platform == "cpu" else f"{args.platform},cpu",
                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker", "--devices", str(n_devices),
            "--models", args.models, "--steps", str(args.steps)] + [f"--set={s}" for s in args.set]
@@ -122,7 +138,8 @@ def run_worker(n_devices, args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="vggsnn,ndigits", help="comma-separated: vggsnn, ndigits")
-    p.add_argument("--devices", default="1,2", help="comma-separated host device counts")
+    p.add_argument("--devices", default="1,2", help="comma-separated device counts (on CPU: host devices)")
+    p.add_argument("--platform", default="cpu", help="JAX platform of the workers: cpu, cuda, rocm or tpu")
     p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     p.add_argument("--repeats", type=int, default=1, help="run everything this many times (noise)")
     p.add_argument("--set", action="append", default=[], help="config override for both models, e.g. "
@@ -141,8 +158,9 @@ def main(argv=None):
     for r in range(args.repeats):
         for n in (int(d) for d in args.devices.split(",")):
             res = run_worker(n, args)
-            print(f"\n[repeat {r + 1}/{args.repeats}] {n} device(s): matmul peak "
-                  f"{res['peak_flops'] / 1e9:.0f} GFLOP/s (float32 2048^2, best of 7)")
+            print(f"\n[repeat {r + 1}/{args.repeats}] {n} {res['platform']} device(s) ({res['device_kind']}, jax "
+                  f"{res['jax']}): matmul peak {res['peak_flops'] / 1e9:.0f} GFLOP/s (float32, default precision, "
+                  f"best of 7)")
             print(f"{'model':<9}{'compile s':>10}{'step s (median [min-max])':>28}{'samples/s':>11}"
                   f"{'GFLOP/step':>11}{'GFLOP/s':>9}{'% peak':>8}{'temp MiB':>10}{'cores busy':>11}")
             for row in res["rows"]:
