@@ -27,7 +27,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -58,16 +60,22 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="train every combination of these values together, e.g. reg.alpha=0,0.002 "
                         f"(repeatable; keys: {', '.join(ablation.SWEEP_KEYS)})")
+    p.add_argument("--processes", metavar="N|auto",
+                   help="with --sweep: split the members over N local processes, each on cores of its own "
+                        "(auto: on CPU one per core, at most one per member; on GPU/TPU 1)")
+    p.add_argument("--member-shard", help=argparse.SUPPRESS)  # I/N: a --processes child trains shard I of N
+    p.add_argument("--cores", help=argparse.SUPPRESS)  # a --processes child's cores, comma-separated
     return p.parse_args(argv)
 
 
-def setup_logging(workdir: pathlib.Path):
+def setup_logging(workdir: pathlib.Path, *, to_file: bool = True):
+    """Logs to stdout and, with ``to_file``, to ``workdir/train.log``."""
     log.setLevel(logging.INFO)
     log.propagate = False                      # orbax/absl configure the root logger; print once
     log.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     handlers = [logging.StreamHandler(sys.stdout)]
-    if jax.process_index() == 0:               # several processes share the workdir: one writes its files
+    if to_file and jax.process_index() == 0:   # several processes share the workdir: one writes its files
         handlers.append(logging.FileHandler(workdir / "train.log"))
     for handler in handlers:
         handler.setFormatter(fmt)
@@ -156,28 +164,34 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: pathlib.Path, *, run_eva
 
 
 def train_sweep_and_evaluate(cfg: config_lib.Config, sweep: dict, workdir: pathlib.Path, *,
-                             run_eval: bool = True, strategy: str = "auto") -> dict:
+                             run_eval: bool = True, strategy: str = "auto", shard: tuple[int, int] | None = None) -> dict:
     """Trains every member of ``sweep`` (``ablation.members``) together, then evaluates each.
 
     Writes ``members/<name>/`` (config.json, metrics.jsonl, checkpoints/, report.json, figures, as a single
     run) and ``summary.json`` + ``summary.png``; returns the summary. Resumes when every member holds a
     checkpoint of the same step.
+
+    ``shard=(i, n)``: only ``ablation.shard(members, i, n)``, logged to stdout alone, and no summary
+    (process i of ``train_sweep_in_processes``, which writes it); returns {}.
     """
     member_list = ablation.members(cfg, sweep)
+    if shard is not None:
+        member_list = ablation.shard(member_list, *shard)
     base = ablation.shared_config(member_list)
     if jax.process_count() > 1:
         raise ValueError("--sweep runs in one process (members are split over its devices); "
                          f"this is process {jax.process_index()} of {jax.process_count()}")
     workdir.mkdir(parents=True, exist_ok=True)
-    setup_logging(workdir)
+    setup_logging(workdir, to_file=shard is None)
     dirs = [workdir / "members" / m.name for m in member_list]
     for m, d in zip(member_list, dirs):
         d.mkdir(parents=True, exist_ok=True)
         check_workdir_config(d, m.cfg)
     M = len(member_list)
     mesh, eval_mesh = ablation.member_mesh(M), parallel.data_mesh()
-    log.info("sweep %s: %d members (%s) over %d device(s), strategy %s", dict(sweep), M,
-             ", ".join(m.name for m in member_list), mesh.devices.size, strategy)
+    log.info("sweep %s%s: %d members (%s) over %d device(s), strategy %s", dict(sweep),
+             f", process {shard[0]} of {shard[1]}" if shard else "", M, ", ".join(m.name for m in member_list),
+             mesh.devices.size, strategy)
 
     t0 = time.time()
     train_set, test_set = data.load(base.data)
@@ -241,11 +255,88 @@ def train_sweep_and_evaluate(cfg: config_lib.Config, sweep: dict, workdir: pathl
         fan_out = nnx.merge(g, st.params, st.batch_stats).fan_out
         reports.append(evaluate.evaluate(g, st, c, fan_out, train_set, test_set, d,
                                          ablation.calibration_key(m.cfg.seed), eval_mesh, shared))
+    return {} if shard is not None else write_summary(sweep, member_list, reports, workdir)
+
+
+def write_summary(sweep: dict, member_list, reports, workdir: pathlib.Path) -> dict:
+    """Writes ``summary.json`` (``ablation.summarise``) and ``summary.png``; returns the summary."""
     summary = {"sweep": {k: list(v) for k, v in sweep.items()}, **ablation.summarise(member_list, reports)}
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_summary(summary, workdir / "summary.png")
     log.info("wrote %s and %s", workdir / "summary.json", workdir / "summary.png")
     return summary
+
+
+def usable_cores() -> list[int]:
+    """The cores this process may run on (all of them where the OS cannot say)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def train_sweep_in_processes(cfg: config_lib.Config, sweep: dict, workdir: pathlib.Path, argv: list[str],
+                             n_processes: int, *, run_eval: bool = True) -> dict:
+    """``train_sweep_and_evaluate`` with the members split over ``n_processes`` local processes.
+
+    Process i runs ``python train.py ARGV --member-shard i/n --cores C``: it trains and evaluates
+    ``ablation.shard(members, i, n)`` together on the cores ``ablation.core_groups(usable_cores(), n)[i]``
+    (pinned), logging to ``workdir/process_<i>.log``. This process shows the member epochs written so far,
+    then writes the summary from the members' ``report.json``. The members' files are those of
+    ``train_sweep_and_evaluate``; running the command again resumes each process's members.
+
+    Raises:
+      RuntimeError: a process failed (the others are stopped); the message names its log and quotes
+        its end.
+    """
+    member_list = ablation.members(cfg, sweep)
+    ablation.shared_config(member_list)
+    workdir.mkdir(parents=True, exist_ok=True)
+    setup_logging(workdir)
+    dirs = [workdir / "members" / m.name for m in member_list]
+    for m, d in zip(member_list, dirs):
+        d.mkdir(parents=True, exist_ok=True)
+        check_workdir_config(d, m.cfg)
+    log.info("sweep %s: %d members over %d processes (each on cores of its own; --processes 1 trains them "
+             "all in this one)", dict(sweep), len(member_list), n_processes)
+
+    def epochs_done():
+        return sum(len((d / "metrics.jsonl").read_text().splitlines()) for d in dirs if (d / "metrics.jsonl").exists())
+
+    t0, procs, logs = time.time(), [], []
+    env = dict(os.environ, TQDM_DISABLE="1")                  # progress is shown here, not in the logs
+    try:
+        for i, cores in enumerate(ablation.core_groups(usable_cores(), n_processes)):
+            logs.append(workdir / f"process_{i}.log")
+            cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), *argv, "--member-shard",
+                   f"{i}/{n_processes}", "--cores", ",".join(map(str, cores))]
+            with open(logs[-1], "w") as f:
+                procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env))
+            log.info("process %d on core(s) %s: %s (log %s)", i, ",".join(map(str, cores)),
+                     ", ".join(m.name for m in ablation.shard(member_list, i, n_processes)), logs[-1])
+        with tqdm(total=len(member_list) * cfg.train.epochs, initial=epochs_done(), desc="member epochs",
+                  dynamic_ncols=True) as bar:
+            while True:
+                codes = [p.poll() for p in procs]
+                bar.update(epochs_done() - bar.n)
+                failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+                if failed:
+                    i = failed[0]
+                    tail = logs[i].read_text(errors="replace").replace("\r", "\n").splitlines()[-20:]
+                    raise RuntimeError(f"sweep process {i} ({', '.join(m.name for m in ablation.shard(member_list, i, n_processes))}) "
+                                       f"exited with code {codes[i]}; its log {logs[i]} ends with:\n" + "\n".join(tail))
+                if all(c == 0 for c in codes):
+                    break
+                time.sleep(1.0)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait()
+    log.info("%d processes done in %.1f s", n_processes, time.time() - t0)
+    if not run_eval:
+        return {}
+    reports = [json.loads((d / "report.json").read_text()) for d in dirs]
+    return write_summary(sweep, member_list, reports, workdir)
 
 
 def plot_summary(summary: dict, path: pathlib.Path):
@@ -309,16 +400,31 @@ def convert_ann(graphdef, state, cfg, input_shape):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.cores and hasattr(os, "sched_setaffinity"):    # a --processes child: before XLA starts threads
+        os.sched_setaffinity(0, {int(c) for c in args.cores.split(",")})
     parallel.initialize_distributed()
     cfg = config_lib.load(args.config, overrides=args.set)
     if args.data_dir:
         cfg = config_lib.override(cfg, "data.data_dir", args.data_dir)
-    if args.sweep:
-        train_sweep_and_evaluate(cfg, ablation.parse_sweep(args.sweep), pathlib.Path(args.workdir),
-                                 run_eval=not args.no_eval)
+    workdir, run_eval = pathlib.Path(args.workdir), not args.no_eval
+    if not args.sweep:
+        if args.processes is not None:
+            raise ValueError("--processes splits the members of a --sweep; this command has no --sweep")
+        train_and_evaluate(cfg, workdir, run_eval=run_eval)
+        return
+    sweep = ablation.parse_sweep(args.sweep)
+    if args.member_shard:
+        i, n = (int(x) for x in args.member_shard.split("/"))
+        train_sweep_and_evaluate(cfg, sweep, workdir, run_eval=run_eval, shard=(i, n))
+        return
+    n = 1 if jax.process_count() > 1 else ablation.processes(
+        args.processes or "auto", len(ablation.members(cfg, sweep)), jax.default_backend(), len(usable_cores()))
+    if n > 1:
+        train_sweep_in_processes(cfg, sweep, workdir, argv, n, run_eval=run_eval)
     else:
-        train_and_evaluate(cfg, pathlib.Path(args.workdir), run_eval=not args.no_eval)
+        train_sweep_and_evaluate(cfg, sweep, workdir, run_eval=run_eval)
 
 
 if __name__ == "__main__":

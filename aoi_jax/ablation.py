@@ -278,6 +278,54 @@ def make_multi_step(graphdef, cfg: Config, optimizer: optax.GradientTransformati
     return jax.jit(sharded, donate_argnums=0, compiler_options=options)
 
 
+def processes(spec: str, n_members: int, backend: str, n_cores: int) -> int:
+    """How many local processes ``train.py --sweep --processes SPEC`` splits the members over.
+
+    Members share no work, so on XLA:CPU the cores gain most when each one trains its own members: one
+    process per group of cores (``core_groups``), each running ``make_multi_step`` over its share
+    (``shard``). "auto" is ``min(n_members, n_cores)`` on XLA:CPU and 1 on other backends (one device
+    trains all members at once; several devices share them through ``member_mesh``).
+
+    Args:
+      spec: "auto" or a positive integer (as text).  n_members: the sweep's size.
+      backend: ``jax.default_backend()``.  n_cores: the cores this process may run on.
+    Returns:
+      the number of processes, 1 <= n <= min(n_members, n_cores) (1: train in this process).
+    Raises:
+      ValueError: ``spec`` is neither, or asks for more processes than members or cores.
+    """
+    if spec == "auto":
+        return max(1, min(n_members, n_cores)) if backend == "cpu" else 1
+    try:
+        n = int(spec)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"--processes must be a positive integer or 'auto', got {spec!r}")
+    if n > n_members:
+        raise ValueError(f"--processes {n}: the sweep has only {n_members} member(s); use at most {n_members}")
+    if n > n_cores:
+        raise ValueError(f"--processes {n}: this process may run on only {n_cores} core(s); use at most "
+                         f"{n_cores} (each process gets cores of its own)")
+    return n
+
+
+def shard(member_list: Sequence[Member], index: int, count: int) -> list[Member]:
+    """Process ``index`` of ``count``'s members: every ``count``-th from ``index`` (sizes differ by <= 1)."""
+    if not 0 <= index < count:
+        raise ValueError(f"member shard {index}/{count}: the index must be in 0..{count - 1}")
+    return list(member_list[index::count])
+
+
+def core_groups(cores: Sequence[int], count: int) -> list[tuple[int, ...]]:
+    """``cores`` (sorted) split into ``count`` contiguous groups whose sizes differ by at most one."""
+    cores = sorted(cores)
+    if not 1 <= count <= len(cores):
+        raise ValueError(f"cannot split {len(cores)} core(s) into {count} groups")
+    bounds = [round(i * len(cores) / count) for i in range(count + 1)]
+    return [tuple(cores[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
 def place(tree, mesh):
     """Puts a stacked tree (M, ...) onto ``mesh``, split over ``members`` (as is without a mesh)."""
     if mesh is None:

@@ -121,14 +121,10 @@ def _wait_for_all(ready_dir, n):
 
 
 def worker(args):
-    if args.pin is not None:
-        if args.pin >= 0:
-            os.sched_setaffinity(0, {args.pin})     # before jax starts its thread pool: one core
-        res = step_level(["single"], [float(args.alphas.split(",")[0])], args.rounds, 1, args.set,
-                         ready_dir=args.ready_dir, n_ready=args.n_ready)
-    else:
-        res = step_level(args.strategies.split(","), [float(a) for a in args.alphas.split(",")], args.rounds,
-                         args.devices, args.set)
+    if args.pin:
+        os.sched_setaffinity(0, {int(c) for c in args.pin.split(",")})     # before jax starts its threads
+    res = step_level(args.strategies.split(","), [float(a) for a in args.alphas.split(",")], args.rounds,
+                     args.devices, args.set, ready_dir=args.ready_dir, n_ready=args.n_ready)
     print("RESULT" + json.dumps(res))
 
 
@@ -147,22 +143,39 @@ def _result(stdout):
     return json.loads(next(x for x in stdout.splitlines() if x.startswith("RESULT"))[6:])
 
 
-def _pinned(cores, args, ready_dir):
-    """Starts one single-step worker per entry of ``cores`` (a core number, or -1: not pinned) at once;
-    they time their steps together once all have compiled. Returns their median seconds per step."""
+def _pinned(jobs, args, ready_dir, rounds):
+    """Starts one worker per job at once; they time together once all have compiled. A job is
+    ``(cores, strategy, alphas)``: the cores to pin it to (empty: not pinned), a ``step_level`` strategy and
+    its members' alphas (a list of strings). Returns each job's result (``step_level``'s dict)."""
     env = _worker_env()
-    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.ablation", "--worker", "--pin", str(c), "--ready-dir",
-                               ready_dir, "--n-ready", str(len(cores)), "--alphas", args.alphas, "--rounds",
-                               str(4 * args.rounds)] + [f"--set={s}" for s in args.set],
+    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.ablation", "--worker", "--pin", ",".join(map(str, c)),
+                               "--strategies", strategy, "--ready-dir", ready_dir, "--n-ready", str(len(jobs)),
+                               "--alphas", ",".join(alphas), "--rounds", str(rounds)] + [f"--set={s}" for s in args.set],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c in cores]
+             for c, strategy, alphas in jobs]
     out = []
-    for proc in procs:
+    for proc, (_, strategy, _) in zip(procs, jobs):
         stdout, stderr = proc.communicate()
         if proc.returncode:
             raise RuntimeError(stderr[-3000:])
-        out.append(_result(stdout)["single"]["median_s"])
+        out.append(_result(stdout)[strategy])
     return out
+
+
+def split(args):
+    """The K members split over one process per core (``train.py --sweep``'s default on CPU,
+    ``aoi_jax.ablation.processes``): process i, pinned to core i, loops over members i, i+n, ... A round of
+    K member steps ends when the slowest process ends its round: the max of their medians."""
+    from aoi_jax import ablation  # noqa: PLC0415
+
+    alphas = args.alphas.split(",")
+    n = min(len(alphas), len(os.sched_getaffinity(0)))
+    groups = ablation.core_groups(sorted(os.sched_getaffinity(0)), n)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = _pinned([(g, "loop", alphas[i::n]) for i, g in enumerate(groups)], args, f"{tmp}/split", args.rounds)
+    worst = max(res, key=lambda r: r["median_s"])
+    return {"processes": n, **worst, "compile_s": max(r["compile_s"] for r in res),
+            "cores_busy": sum(r["cores_busy"] for r in res)}
 
 
 def ceiling(args):
@@ -185,10 +198,13 @@ def ceiling(args):
     """
     cores = sorted(os.sched_getaffinity(0))
     K = len(args.alphas.split(","))
+    single = args.alphas.split(",")[:1]
     with tempfile.TemporaryDirectory() as tmp:
-        t_all = _pinned([-1], args, f"{tmp}/all")[0]
-        t_one = _pinned([cores[0]], args, f"{tmp}/one")[0]
-        t_shared = _pinned(cores, args, f"{tmp}/shared")
+        t_all, = (r["median_s"] for r in _pinned([((), "single", single)], args, f"{tmp}/all", 4 * args.rounds))
+        t_one, = (r["median_s"] for r in _pinned([((cores[0],), "single", single)], args, f"{tmp}/one",
+                                                  4 * args.rounds))
+        t_shared = [r["median_s"] for r in _pinned([((c,), "single", single) for c in cores], args, f"{tmp}/shared",
+                                                   4 * args.rounds)]
     per_core = -(-K // len(cores))
     return {"cores": cores, "t_all": t_all, "t_one": t_one, "t_shared": t_shared,
             "bound": K * t_all / (per_core * sum(t_shared) / len(t_shared))}
@@ -205,8 +221,9 @@ def run_worker(n_devices, strategies, args):
 
 
 def end_to_end(args):
-    """K single-run processes, then one sweep process: ``(singles, sweep seconds)``, singles a list of
-    {"seconds": wall-clock, "epochs", "steady_epoch_s": median epoch after the first (its metrics.jsonl)}."""
+    """K single runs, then one sweep per entry of ``--sweep-processes``: ``(singles, {processes: sweep
+    seconds})``, singles a list of {"seconds": wall-clock, "epochs", "steady_epoch_s": median epoch after
+    the first (its metrics.jsonl)}."""
     alphas = args.alphas.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         common = [sys.executable, "train.py", "--config", str(CONFIG), "--set", f"train.epochs={args.e2e}"]
@@ -225,10 +242,12 @@ def end_to_end(args):
                       for line in pathlib.Path(f"{tmp}/single_{a}/metrics.jsonl").read_text().splitlines()]
             steady = sorted(epochs[1:] or epochs)[len(epochs[1:] or epochs) // 2]      # median, compile-free
             singles.append({"seconds": seconds, "epochs": len(epochs), "steady_epoch_s": steady})
-        t0 = time.perf_counter()
-        subprocess.run(common + ["--workdir", f"{tmp}/sweep", "--sweep", f"reg.alpha={args.alphas}"], cwd=ROOT,
-                       env=env, check=True, capture_output=True)
-        together = time.perf_counter() - t0
+        together = {}
+        for n in args.sweep_processes.split(","):
+            t0 = time.perf_counter()
+            subprocess.run(common + ["--workdir", f"{tmp}/sweep_{n}", "--sweep", f"reg.alpha={args.alphas}",
+                                     "--processes", n], cwd=ROOT, env=env, check=True, capture_output=True)
+            together[n] = time.perf_counter() - t0
     return singles, together
 
 
@@ -250,13 +269,15 @@ def main(argv=None):
     p.add_argument("--vmap", action="store_true", help="also time the vmapped program (slow on CPU)")
     p.add_argument("--e2e", type=int, default=0, help="also time whole train.py runs of this many epochs")
     p.add_argument("--with-eval", action="store_true", help="end to end: include the final evaluation")
+    p.add_argument("--sweep-processes", default="auto", help="end to end: the sweep's --processes, "
+                   "comma-separated to time several (e.g. 1,auto)")
     p.add_argument("--set", action="append", default=[], help="config override, e.g. data.timesteps=4")
     p.add_argument("--platform", default="cpu", help="JAX platform: cpu, cuda, rocm or tpu (one device; the "
                    "two-host-device row and --ceiling are CPU only)")
     p.add_argument("--ceiling", action="store_true", help="also measure the most K members together can gain "
                    "on these cores (single steps pinned one per core, stepping at once)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--pin", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--pin", default="", help=argparse.SUPPRESS)
     p.add_argument("--ready-dir", help=argparse.SUPPRESS)
     p.add_argument("--n-ready", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
@@ -272,6 +293,8 @@ def main(argv=None):
     rows = [("sequential (1 device)", one["sequential"]), ("together/loop (1 device)", one["loop"])]
     if args.platform == "cpu":
         rows.append(("together/loop (2 host devices)", run_worker(2, ["loop"], args)["loop"]))
+        sp = split(args)
+        rows.append((f"together/loop, {sp['processes']} processes", sp))
     if args.vmap:
         rows.append(("together/vmap (1 device)", one["vmap"]))
     base = one["sequential"]["median_s"]
@@ -289,13 +312,14 @@ def main(argv=None):
               f"core {c['t_one']:.3f} s alone, {' / '.join(f'{t:.3f}' for t in c['t_shared'])} s with every core "
               f"stepping at once: K members together at most {bound:.2f}x faster than one after another")
     if args.e2e:
-        singles, tog = end_to_end(args)
+        singles, together = end_to_end(args)
         seq = sum(r["seconds"] for r in singles)
         each = " + ".join(f"{r['seconds']:.1f}" for r in singles)
         what = "with" if args.with_eval else "without"
         print(f"\nend to end, {args.e2e} epoch(s), {what} final evaluation: {K} single train.py runs {seq:.1f} s "
-              f"({each}), one --sweep run {tog:.1f} s: "
-              f"{seq / tog:.2f}x")
+              f"({each})")
+        for n, tog in together.items():
+            print(f"one train.py --sweep --processes {n} run: {tog:.1f} s: {seq / tog:.2f}x")
         if bound:
             e = e2e_bound(singles, bound)
             print(f"ceiling end to end: a single run is {e['work_s'][0]:.1f} s of epochs and {e['fixed_s'][0]:.1f} s "

@@ -92,17 +92,31 @@ def build(model_name, T, variant):
     rng = np.random.default_rng(0)
     batch = {"frames": jnp.asarray(rng.poisson(0.3, (T, B, *shape)).astype(np.float32)),
              "label": jnp.asarray(rng.integers(0, cfg.model.num_classes, B), jnp.int32)}
-    lowered = step.make_train_step(graphdef, cfg, opt).lower(state, batch)
+    train_step = step.make_train_step(graphdef, cfg, opt)
+    lowered = train_step.lower(state, batch)
     options = dict(step.compiler_options(cfg), xla_cpu_scheduler_type="CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED") \
         if variant == "plain+memsched" else None
     compiled = lowered.compile(options) if options else lowered.compile()
-    return compiled, state, batch
+    return compiled, state, batch, train_step
 
 
 def analyse(model_name, T, variant):
-    compiled, _, _ = build(model_name, T, variant)
-    return {"temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2 ** 20,
-            "gflop": compiled.cost_analysis()["flops"] / 1e9}
+    """XLA's temporaries and the step's GFLOP (recomputation included). On an accelerator the FLOPs are
+    counted on the step lowered for the CPU (``train_step.model_flops``; needs ``JAX_PLATFORMS=cuda,cpu``,
+    else nan): a GPU's cost analysis leaves out its cuDNN convolutions."""
+    import jax
+
+    from benchmarks.train_step import model_flops
+
+    compiled, state, batch, fn = build(model_name, T, variant)
+    if jax.default_backend() == "cpu":
+        flops = compiled.cost_analysis()["flops"]
+    else:
+        try:
+            flops = model_flops(fn, state, batch)
+        except RuntimeError:                                   # no CPU backend in this process
+            flops = float("nan")
+    return {"temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2 ** 20, "gflop": flops / 1e9}
 
 
 def _status_mib(field):
@@ -117,7 +131,7 @@ def rss_worker(model_name, T, variant):
     prints the resident memory before the step and its peak during the step (``VmHWM``)."""
     import jax
 
-    compiled, state, batch = build(model_name, T, variant)
+    compiled, state, batch, _ = build(model_name, T, variant)
     jax.block_until_ready((state, batch))
     pathlib.Path("/proc/self/clear_refs").write_text("5")        # VmHWM := VmRSS (compilation's peak is gone)
     before = _status_mib("VmRSS")

@@ -1,8 +1,10 @@
 """Ablations in one program: sweep parsing, member data streams, the multi-member step against single
-steps, the summary, and ``train.py --sweep`` against separate single runs."""
+steps, the summary, and ``train.py --sweep`` (in one process, and split over two) against separate single
+runs."""
 
 import json
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -151,25 +153,77 @@ def test_summarise_by_hand():
     assert g1["topk_mean_timestep"] == pytest.approx({"mean": 2.25, "std": np.sqrt(0.125), "min": 2.0, "max": 2.5})
 
 
+def test_processes_auto_and_errors():
+    assert ablation.processes("auto", 4, "cpu", 2) == 2              # one process per core
+    assert ablation.processes("auto", 12, "cpu", 16) == 12           # at most one per member
+    assert ablation.processes("auto", 1, "cpu", 2) == 1
+    assert ablation.processes("auto", 4, "gpu", 8) == 1              # accelerators: all members in one
+    assert ablation.processes("3", 4, "cpu", 4) == 3
+    for spec in ("0", "-1", "two"):
+        with pytest.raises(ValueError, match="positive integer or 'auto'"):
+            ablation.processes(spec, 4, "cpu", 2)
+    with pytest.raises(ValueError, match="only 4 member"):
+        ablation.processes("5", 4, "cpu", 8)
+    with pytest.raises(ValueError, match="only 2 core"):
+        ablation.processes("3", 4, "cpu", 2)
+
+
+def test_shard_and_core_groups():
+    mem = ablation.members(tiny_cfg(), ablation.parse_sweep(["reg.alpha=0,1,2,3,4"]))
+    shards = [ablation.shard(mem, i, 2) for i in range(2)]
+    assert [[m.overrides["reg.alpha"] for m in s] for s in shards] == [[0, 2, 4], [1, 3]]
+    with pytest.raises(ValueError, match="0..1"):
+        ablation.shard(mem, 2, 2)
+    assert ablation.core_groups([1, 0], 2) == [(0,), (1,)]
+    assert ablation.core_groups(range(5), 2) == [(0, 1), (2, 3, 4)]
+    assert ablation.core_groups(range(16), 3) == [(0, 1, 2, 3, 4), (5, 6, 7, 8, 9, 10), (11, 12, 13, 14, 15)]
+    with pytest.raises(ValueError, match="cannot split 2 core"):
+        ablation.core_groups([0, 1], 3)
+
+
+def tiny_args(root):
+    args = ["--config", CONFIG, "--data-dir", str(root / "data")]
+    for item in TINY:
+        args += ["--set", item]
+    return args
+
+
+SWEEP = ["--sweep", "reg.alpha=0.5", "--sweep", "seed=0,1"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A sweep of two seeds at alpha 0.5 (evaluated), and its member seed=1 as a separate single run (not
-    evaluated). Members of different alphas in one program are checked against single steps above."""
+    """A sweep of two seeds at alpha 0.5 in this process (evaluated), and its member seed=1 as a separate
+    single run (not evaluated). Members of different alphas in one program are checked against single
+    steps above."""
     root = tmp_path_factory.mktemp("sweep")
-    common = ["--config", CONFIG, "--data-dir", str(root / "data")]
-    for item in TINY:
-        common += ["--set", item]
-    train.main(common + ["--workdir", str(root / "sweep"), "--sweep", "reg.alpha=0.5", "--sweep", "seed=0,1"])
-    train.main(common + ["--workdir", str(root / "single"), "--set", "reg.alpha=0.5", "--set", "seed=1",
-                         "--no-eval"])
+    train.main(tiny_args(root) + ["--workdir", str(root / "sweep"), "--processes", "1"] + SWEEP)
+    train.main(tiny_args(root) + ["--workdir", str(root / "single"), "--set", "reg.alpha=0.5", "--set", "seed=1",
+                                  "--no-eval"])
     return root / "sweep", root / "single"
 
 
-def test_sweep_member_matches_its_single_run(runs):
+@pytest.fixture(scope="module")
+def split_run(runs):
+    """The same sweep split over two processes, one member each, each pinned to one core."""
+    if len(train.usable_cores()) < 2:
+        pytest.skip("needs two cores")
+    root = runs[0].parent
+    train.main(tiny_args(root) + ["--workdir", str(root / "split"), "--processes", "2"] + SWEEP)
+    return root / "split"
+
+
+@pytest.fixture(params=["one process", "two processes"])
+def sweep_dir(request, runs):
+    return runs[0] if request.param == "one process" else request.getfixturevalue("split_run")
+
+
+def test_sweep_member_matches_its_single_run(sweep_dir, runs):
     """A whole epoch (11 SGD steps, translation augmentation) through train.py: the member's metrics and
-    checkpoint equal its single run's. Tolerance 1e-5 absolute: float32 rounding of the same ops in a
-    larger program; a single flipped spike would show as a difference of order 1e-2."""
-    sweep_dir, single_dir = runs
+    checkpoint equal its single run's, whether the sweep ran in one process or split over two. Tolerance
+    1e-5 absolute: float32 rounding of the same ops in a larger program; a single flipped spike would show
+    as a difference of order 1e-2."""
+    single_dir = runs[1]
     assert sorted(p.name for p in (sweep_dir / "members").iterdir()) == ["alpha=0.5_seed=0", "alpha=0.5_seed=1"]
     member_dir = sweep_dir / "members" / "alpha=0.5_seed=1"
     got = json.loads((member_dir / "metrics.jsonl").read_text())
@@ -185,8 +239,7 @@ def test_sweep_member_matches_its_single_run(runs):
     assert other["train_loss"] != pytest.approx(got["train_loss"], abs=1e-3)     # seeds really differ
 
 
-def test_sweep_writes_reports_and_summary(runs):
-    sweep_dir, _ = runs
+def test_sweep_writes_reports_and_summary(sweep_dir):
     summary = json.loads((sweep_dir / "summary.json").read_text())
     assert summary["sweep"] == {"reg.alpha": [0.5], "seed": [0, 1]}
     (group,) = summary["groups"]
@@ -200,6 +253,37 @@ def test_sweep_writes_reports_and_summary(runs):
         assert (sweep_dir / "members" / row["name"] / "accuracy_vs_latency.png").stat().st_size > 0
     assert group["accuracy_at_T"]["mean"] == pytest.approx(np.mean(accs))
     assert (sweep_dir / "summary.png").stat().st_size > 0
+
+
+def test_split_sweep_logs_each_process_and_matches_one_process(split_run, runs):
+    """Each process logs to its own file; the summary equals the one-process sweep's (same members, same
+    numbers within float32 rounding, as each member equals its single run above)."""
+    for i, name in enumerate(["alpha=0.5_seed=0", "alpha=0.5_seed=1"]):
+        text = (split_run / f"process_{i}.log").read_text()
+        assert f"process {i} of 2: 1 members ({name})" in text and f"epoch   1  {name}" in text
+    assert "2 members over 2 processes" in (split_run / "train.log").read_text()
+    got, want = (json.loads((d / "summary.json").read_text()) for d in (split_run, runs[0]))
+    assert got["sweep"] == want["sweep"]
+    for row_g, row_w in zip(got["members"], want["members"], strict=True):
+        assert row_g["name"] == row_w["name"] and row_g["overrides"] == row_w["overrides"]
+        for key in ("accuracy_at_T", "topk_accuracy", "topk_mean_timestep"):
+            assert row_g[key] == pytest.approx(row_w[key], abs=1e-5), key
+
+
+def test_split_sweep_stops_on_a_failed_process(split_run, tmp_path):
+    """A process that fails (here: a member's checkpoint lost a file) ends the sweep with an error that
+    names the process, its members and its log, and quotes the log's end."""
+    workdir = tmp_path / "split"
+    shutil.copytree(split_run, workdir)
+    (workdir / "members" / "alpha=0.5_seed=1" / "checkpoints" / "11" / "state" / "_METADATA").unlink()
+    with pytest.raises(RuntimeError, match=r"(?s)sweep process 1 \(alpha=0\.5_seed=1\) exited with code 1; "
+                                           r"its log .*process_1\.log ends with:.*does not match the model"):
+        train.main(tiny_args(split_run.parent) + ["--workdir", str(workdir), "--processes", "2", "--no-eval"] + SWEEP)
+
+
+def test_processes_needs_a_sweep(tmp_path):
+    with pytest.raises(ValueError, match="--processes splits the members of a --sweep"):
+        train.main(tiny_args(tmp_path) + ["--workdir", str(tmp_path / "run"), "--processes", "2"])
 
 
 def test_sweep_resumes_and_refuses_another_sweep(runs):
