@@ -14,8 +14,11 @@ same config resumes from the newest one; a different config there is an error.
 With ``--sweep`` (keys of ``aoi_jax.ablation.SWEEP_KEYS``) every combination is a member, trained together
 (``aoi_jax.ablation``): ``members/<name>/`` holds what a single run writes, and the workdir gets
 ``summary.json`` and ``summary.png`` (accuracy and Top-K mean exit timestep against the first swept key
-other than seed, mean and spread over seeds). Members are split over the devices (``member_mesh``), e.g.
-several GPUs; on a CPU one device already keeps the cores busy (benchmarks/ablation.py).
+other than seed, mean and spread over seeds). On GPUs and TPUs all members train in this process, split over
+its devices (``member_mesh``). On a CPU, where members gain most from cores of their own, ``--processes``
+(default auto: one per core, at most one per member) splits them over pinned local processes, each
+training its share in one compiled program and logging to ``process_<i>.log`` (``train_sweep_in_processes``;
+``--processes 1`` keeps them in this one; benchmarks/ablation.py measures both).
 """
 
 if __name__ == "__main__":  # first, before jax loads: it may restart this command with huge pages on

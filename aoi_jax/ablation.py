@@ -10,42 +10,39 @@ Layout: every leaf of the members' ``TrainState``s is stacked on a new leading m
 batches are (M, T, B, ...) (each member its own seeded shuffle and augmentation, exactly as its single
 run: ``member_batches``); metrics come back (M,).
 
-How the members run inside the program (``make_multi_step``), measured with ``python -m
-benchmarks.ablation --ceiling`` on XLA:CPU (2 cores; N-Digits small SNN, T=10, batch 32; 4 alphas; median
-seconds per round of 4 member steps):
+How the members run (``make_multi_step``), measured with ``python -m benchmarks.ablation`` on XLA:CPU (2
+cores; N-Digits small SNN, T=10, batch 32; 4 alphas; median seconds per round of 4 member steps; this VM
+varies by up to ~15 % from run to run):
 
-- four single train steps (separate runs): 4 x 0.072-0.073 s = 0.288-0.292 s (one step on both cores).
-  The benchmark's "sequential" row, four compiled programs alternating in one process, measured
-  0.288-0.333 s;
+- four single train steps (separate runs, each on both cores): 0.279-0.340 s (0.288-0.292 s on an earlier
+  day);
 - ``loop``, a Python loop over the members inside the jitted function (M copies of the step in one
-  program, one compile): 0.276-0.277 s (1.04-1.06x against four single steps). The same kernels as
-  single runs; XLA:CPU may run kernels of different members at once, which only helps while a single
-  step leaves a core idle;
+  program, one compile): 0.262-0.277 s (1.04-1.25x). The same kernels as single runs; XLA:CPU may run
+  kernels of different members at once, which only helps while a single step leaves a core idle;
 - ``vmap`` over the member axis: 1.61 s (0.20x). Under ``vmap`` XLA:CPU splits the BatchNorm statistics
   into padded reduce-windows that YNNPACK runs slowly (three of them: 1.33 s of thread time in a 1.27 s
   profiled round); the grouped convolutions that batching the members' weights makes took 31 ms.
   Earlier, before reductions went through YNNPACK, grouped convolutions made it slow (4.7 s against
   0.91 s) and a convolution whose batching rule looped over members (``custom_vmap`` inside a
   ``custom_vjp``) was slower than ``loop`` (0.49-0.51 s against 0.40-0.41 s). On GPU/TPU batched kernels
-  are fast and ``vmap`` is the natural choice;
+  are fast and ``vmap`` is the natural choice: on one H200, 6 ms per round against 12 ms for four single
+  steps (2.04-2.14x; ``loop`` 1.76-1.84x);
 - members split over a ``members`` mesh axis (``member_mesh``; on CPU
   ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` makes two host devices) with ``shard_map``,
-  each device looping over its share: 0.273-0.274 s (1.05-1.07x); host devices share one thread pool, so
-  two of them do not add compute on two cores. On several GPUs this is what spreads the members.
+  each device looping over its share: 0.258-0.274 s (1.05-1.26x); host devices share one thread pool, so
+  two of them do not add compute on two cores. On several GPUs this is what spreads the members;
+- members split over processes (``processes``, ``shard``, ``core_groups``: ``train.py --sweep
+  --processes``, by default one process per core on CPU), each pinned to its core and looping over its
+  share: 0.223-0.246 s (1.20-1.50x against the same run's single steps).
 
-The ceiling on these cores: members share no work (each has its own weights), so together they can only
-use what a single run leaves idle. One step takes 0.072-0.073 s on both cores, 0.107-0.112 s pinned to one
-core, and 0.116-0.128 s per core when each core steps its own run at the same time (they compete for
-memory bandwidth and the shared cache): at best 2 x 0.072 / 0.116 = 1.23x (1.15x in the second run) for
-any way of training members together. The figure is noisy on this VM: four more ``--ceiling`` runs gave
-1.29-1.58x (the single step on both cores measured 0.070-0.085 s, the pinned ones 0.106-0.116 s).
-
-End to end (``python -m benchmarks.ablation --ceiling --e2e 20 --with-eval``, twice: the default config,
-20 epochs, each member's per-epoch test accuracy and checkpoint and its final evaluation): four
-``train.py`` runs 395-399 s, one ``--sweep`` run 312-328 s (1.22-1.27x: one start-up, one compile, shared
-evaluation functions). A single run is 74-77 s of epochs and 23-26 s of the rest; even with the rest
-shared and the epochs at the ceiling a sweep would take 271-286 s, at most 1.38-1.47x (1.52-1.83x with
-the other runs' step ceilings): ``loop`` is well below what the cores allow.
+Why the split wins on CPU, and where it stops: members share no work (each has its own weights, so its own
+activations and gradients), so together they can only use what a single run leaves idle. A single step takes
+0.104-0.107 s pinned to one core against 0.074 s on both (70 % parallel efficiency), so one member per core
+gains at most 1.4x per step, less the 10-15 % by which two pinned processes slow each other (memory
+bandwidth, shared cache). End to end (``python -m benchmarks.ablation --e2e 20 --with-eval --sweep-processes
+auto,1``, twice: the default config, 20 epochs, each member's per-epoch test accuracy and checkpoint and its
+final evaluation): four ``train.py`` runs 434-438 s, the sweep split over two processes 321-323 s
+(1.34-1.36x; run alone once more, 299 s), in one process 333-346 s (1.27-1.30x).
 
 ``strategy="auto"`` is ``loop`` on CPU and ``vmap`` elsewhere.
 """

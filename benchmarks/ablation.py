@@ -8,7 +8,10 @@ batch 32; seeded random events), the median time of
 - ``together/loop``: one ``ablation.make_multi_step`` program, members unrolled, one device;
 - ``together/loop x2``: the same with the members split over two host devices (a subprocess with
   ``XLA_FLAGS=--xla_force_host_platform_device_count=2``);
-- ``together/vmap`` (``--vmap``): members vmapped; slow on XLA:CPU (grouped convolutions).
+- ``together/vmap`` (``--vmap``): members vmapped; slow on XLA:CPU (padded reduce-windows);
+- ``together/loop, n processes`` (CPU): ``train.py --sweep``'s default there, the members split over one
+  process per core (``aoi_jax.ablation.processes``), each pinned and looping over its share; all time
+  their rounds at once, and a round lasts as long as the slowest process's.
 
 Compile times are listed separately (sequential: the sum of K compiles). "cores busy": the process's CPU
 time over wall time while timing (spinning worker threads count as busy); on 2 cores a strategy can at
@@ -20,15 +23,17 @@ is one independent single run per core: ``ceiling`` times a single step on all c
 alone, and pinned one process per core with all stepping at once (they then compete for memory bandwidth
 and the shared cache), and prints the most a round of K member steps can gain over K single steps.
 
-End to end (``--e2e EPOCHS``): wall-clock of ``python train.py --sweep reg.alpha=...`` against K runs of
-``python train.py --set reg.alpha=...``, each a fresh process (start-up, data from the on-disk cache,
-compile, training, per-epoch test accuracy, checkpoints; ``--no-eval`` unless ``--with-eval``). With
+End to end (``--e2e EPOCHS``): wall-clock of ``python train.py --sweep reg.alpha=... --processes P`` (for each
+P of ``--sweep-processes``) against K runs of ``python train.py --set reg.alpha=...``, each a fresh process
+(start-up, data from the on-disk cache, compile, training, per-epoch test accuracy, checkpoints;
+``--no-eval`` unless ``--with-eval``). With
 ``--ceiling`` too, it also prints the least a sweep could take (``e2e_bound``): everything outside the
 single runs' epochs shared, their epochs at the step-level ceiling.
 
     python -m benchmarks.ablation                            # step level, K = 4 alphas
     python -m benchmarks.ablation --rounds 10 --vmap
-    python -m benchmarks.ablation --ceiling --e2e 20 --with-eval   # the default config, end to end
+    python -m benchmarks.ablation --e2e 20 --with-eval --sweep-processes auto,1   # the default config, end to end
+    python -m benchmarks.ablation --ceiling                  # what one process per core can gain at most
     python -m benchmarks.ablation --platform cuda --vmap --rounds 20       # on one GPU
 """
 
@@ -302,7 +307,7 @@ def main(argv=None):
           f"{K} member steps")
     print(f"{'':32}{'compile s':>10}{'s per round: median [min-max]':>32}{'speed-up':>10}{'cores busy':>11}")
     for name, r in rows:
-        print(f"{name:<32}{r['compile_s']:>10.2f}{r['median_s']:>14.3f} [{r['min_s']:.3f}-{r['max_s']:.3f}]"
+        print(f"{name:<32}{r['compile_s']:>10.2f}{r['median_s']:>14.4f} [{r['min_s']:.4f}-{r['max_s']:.4f}]"
               f"{base / r['median_s']:>9.2f}x{r['cores_busy']:>11.2f}")
     bound = None
     if args.ceiling:

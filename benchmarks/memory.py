@@ -36,6 +36,12 @@ VGGSNN batch 8, 2x128x128 input; MiB; ``vs plain`` = plain / variant; steady-sta
     plain                143         549
     remat                 84 (1.71x) 308 (1.79x)   (a small net: parameters and inputs weigh more)
 
+On one NVIDIA H200 (jax 0.11.2; ``JAX_PLATFORMS=cuda python -m benchmarks.memory --models vggsnn --T 10,40``,
+run once): plain 444 / 1583 MiB of temporaries at T=10 / 40, remat 203 / 797 (2.18x / 1.99x). There the
+optimisation barriers are not kept (``step.compiler_options`` gives other backends no options) and XLA's
+GPU scheduler orders the step; only XLA:CPU was tuned. (The GFLOP that run printed were the GPU cost
+analysis's, which leaves out cuDNN convolutions; the column now counts the CPU lowering off CPU.)
+
 Since reductions go through YNNPACK (``step.CPU_OPTIONS``) the plain step is faster (T=40 5.03 -> 4.14 s)
 but holds more temporaries: before, plain 459 / 1644 MiB (T=10 / T=40), plain+memsched 384 / 1460, remat
 192 / 640 (2.39x / 2.57x), step's RSS at T=40 plain 1673, remat 668 MiB (2.50x), remat step 6.30 s.

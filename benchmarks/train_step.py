@@ -8,14 +8,15 @@ devices the batch is split over the ``data`` mesh (``aoi_jax.parallel``).
 
 FLOPs per step: XLA:CPU's ``cost_analysis()`` of the one-device program lowered for the CPU, on every
 platform (``model_flops``: a GPU's compiled program has its convolutions as cuDNN calls, which its cost
-analysis does not count, 2.4 of VGGSNN's 273 GFLOP on an H200, and its lowered program has no analysis). Peak: the best of several float32
-matmuls (2048x2048 on CPU, 8192x8192 on an accelerator), measured in the same process at JAX's default
-precision, which the model's convolutions use too (on GPUs that lets XLA use TF32 tensor cores); on two
-devices one matmul per device, concurrently. Each device count runs in its own subprocess, since
-``XLA_FLAGS=--xla_force_host_platform_device_count`` must be set before jax starts. ``--platform cuda``
-(or ``tpu``) runs the same on that platform's devices; ``--devices`` then counts those. On a shared machine the step times are noisy: the median and the min-max
-range of ``--steps`` timed steps are printed, and ``--repeats`` reruns everything. "cores busy" is the
-process's CPU time over wall time during the timed steps (spinning worker threads count as busy).
+analysis does not count, 2.4 of VGGSNN's 273 GFLOP on an H200, and its lowered program has no analysis).
+Peak: the best of several float32 matmuls (2048x2048 on CPU, 8192x8192 on an accelerator), measured in the
+same process at JAX's default precision, which the model's convolutions use too (on GPUs that lets XLA use
+TF32 tensor cores); on two devices one matmul per device, concurrently. Each device count runs in its own
+subprocess, since ``XLA_FLAGS=--xla_force_host_platform_device_count`` must be set before jax starts.
+``--platform cuda`` (or ``tpu``) runs the same on that platform's devices (``--devices`` then counts
+those). On a shared machine the step times are noisy: the median and the min-max range of ``--steps``
+timed steps are printed, and ``--repeats`` reruns everything. "cores busy" is the process's CPU time over
+wall time during the timed steps (spinning worker threads count as busy).
 
     python -m benchmarks.train_step                                  # both models, 1 and 2 devices
     python -m benchmarks.train_step --models vggsnn --devices 1 --steps 8 --repeats 3
@@ -169,7 +170,7 @@ def main(argv=None):
                 flops = one_device_flops.get(row["model"], row["flops_per_step_program"] * n)
                 achieved = flops / row["step_s_median"]
                 print(f"{row['model']:<9}{row['compile_s']:>10.2f}"
-                      f"{row['step_s_median']:>12.3f} [{row['step_s_min']:.3f}-{row['step_s_max']:.3f}]"
+                      f"{row['step_s_median']:>12.4f} [{row['step_s_min']:.4f}-{row['step_s_max']:.4f}]"
                       f"{row['samples_per_s']:>11.1f}{flops / 1e9:>11.1f}{achieved / 1e9:>9.0f}"
                       f"{100 * achieved / res['peak_flops']:>8.1f}{row['temp_mib']:>10.0f}{row['cores_busy']:>11.2f}")
                 if row["model"] == "vggsnn":
