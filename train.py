@@ -167,7 +167,8 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: pathlib.Path, *, run_eva
 
 
 def train_sweep_and_evaluate(cfg: config_lib.Config, sweep: dict, workdir: pathlib.Path, *,
-                             run_eval: bool = True, strategy: str = "auto", shard: tuple[int, int] | None = None) -> dict:
+                             run_eval: bool = True, strategy: str = "auto",
+                             shard: tuple[int, int] | None = None) -> dict:
     """Trains every member of ``sweep`` (``ablation.members``) together, then evaluates each.
 
     Writes ``members/<name>/`` (config.json, metrics.jsonl, checkpoints/, report.json, figures, as a single
@@ -303,7 +304,8 @@ def train_sweep_in_processes(cfg: config_lib.Config, sweep: dict, workdir: pathl
              "all in this one)", dict(sweep), len(member_list), n_processes)
 
     def epochs_done():
-        return sum(len((d / "metrics.jsonl").read_text().splitlines()) for d in dirs if (d / "metrics.jsonl").exists())
+        files = [d / "metrics.jsonl" for d in dirs]
+        return sum(len(f.read_text().splitlines()) for f in files if f.exists())
 
     t0, procs, logs = time.time(), [], []
     env = dict(os.environ, TQDM_DISABLE="1")                  # progress is shown here, not in the logs
@@ -324,9 +326,10 @@ def train_sweep_in_processes(cfg: config_lib.Config, sweep: dict, workdir: pathl
                 failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
                 if failed:
                     i = failed[0]
+                    names = ", ".join(m.name for m in ablation.shard(member_list, i, n_processes))
                     tail = logs[i].read_text(errors="replace").replace("\r", "\n").splitlines()[-20:]
-                    raise RuntimeError(f"sweep process {i} ({', '.join(m.name for m in ablation.shard(member_list, i, n_processes))}) "
-                                       f"exited with code {codes[i]}; its log {logs[i]} ends with:\n" + "\n".join(tail))
+                    raise RuntimeError(f"sweep process {i} ({names}) exited with code {codes[i]}; its log {logs[i]} "
+                                       "ends with:\n" + "\n".join(tail))
                 if all(c == 0 for c in codes):
                     break
                 time.sleep(1.0)

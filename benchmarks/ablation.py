@@ -153,9 +153,10 @@ def _pinned(jobs, args, ready_dir, rounds):
     ``(cores, strategy, alphas)``: the cores to pin it to (empty: not pinned), a ``step_level`` strategy and
     its members' alphas (a list of strings). Returns each job's result (``step_level``'s dict)."""
     env = _worker_env()
+    sets = [f"--set={s}" for s in args.set]
     procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.ablation", "--worker", "--pin", ",".join(map(str, c)),
                                "--strategies", strategy, "--ready-dir", ready_dir, "--n-ready", str(len(jobs)),
-                               "--alphas", ",".join(alphas), "--rounds", str(rounds)] + [f"--set={s}" for s in args.set],
+                               "--alphas", ",".join(alphas), "--rounds", str(rounds)] + sets,
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for c, strategy, alphas in jobs]
     out = []
