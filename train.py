@@ -187,10 +187,7 @@ def train_sweep_and_evaluate(cfg: config_lib.Config, sweep: dict, workdir: pathl
                          f"this is process {jax.process_index()} of {jax.process_count()}")
     workdir.mkdir(parents=True, exist_ok=True)
     setup_logging(workdir, to_file=shard is None)
-    dirs = [workdir / "members" / m.name for m in member_list]
-    for m, d in zip(member_list, dirs):
-        d.mkdir(parents=True, exist_ok=True)
-        check_workdir_config(d, m.cfg)
+    dirs = member_dirs(workdir, member_list)
     M = len(member_list)
     mesh, eval_mesh = ablation.member_mesh(M), parallel.data_mesh()
     log.info("sweep %s%s: %d members (%s) over %d device(s), strategy %s", dict(sweep),
@@ -262,6 +259,15 @@ def train_sweep_and_evaluate(cfg: config_lib.Config, sweep: dict, workdir: pathl
     return {} if shard is not None else write_summary(sweep, member_list, reports, workdir)
 
 
+def member_dirs(workdir: pathlib.Path, member_list) -> list[pathlib.Path]:
+    """Each member's ``workdir/members/<name>/``, created and holding its config (``check_workdir_config``)."""
+    dirs = [workdir / "members" / m.name for m in member_list]
+    for m, d in zip(member_list, dirs):
+        d.mkdir(parents=True, exist_ok=True)
+        check_workdir_config(d, m.cfg)
+    return dirs
+
+
 def write_summary(sweep: dict, member_list, reports, workdir: pathlib.Path) -> dict:
     """Writes ``summary.json`` (``ablation.summarise``) and ``summary.png``; returns the summary."""
     summary = {"sweep": {k: list(v) for k, v in sweep.items()}, **ablation.summarise(member_list, reports)}
@@ -296,10 +302,8 @@ def train_sweep_in_processes(cfg: config_lib.Config, sweep: dict, workdir: pathl
     ablation.shared_config(member_list)
     workdir.mkdir(parents=True, exist_ok=True)
     setup_logging(workdir)
-    dirs = [workdir / "members" / m.name for m in member_list]
-    for m, d in zip(member_list, dirs):
-        d.mkdir(parents=True, exist_ok=True)
-        check_workdir_config(d, m.cfg)
+    dirs = member_dirs(workdir, member_list)
+    shards = [ablation.shard(member_list, i, n_processes) for i in range(n_processes)]
     log.info("sweep %s: %d members over %d processes (each on cores of its own; --processes 1 trains them "
              "all in this one)", dict(sweep), len(member_list), n_processes)
 
@@ -317,7 +321,7 @@ def train_sweep_in_processes(cfg: config_lib.Config, sweep: dict, workdir: pathl
             with open(logs[-1], "w") as f:
                 procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env))
             log.info("process %d on core(s) %s: %s (log %s)", i, ",".join(map(str, cores)),
-                     ", ".join(m.name for m in ablation.shard(member_list, i, n_processes)), logs[-1])
+                     ", ".join(m.name for m in shards[i]), logs[-1])
         with tqdm(total=len(member_list) * cfg.train.epochs, initial=epochs_done(), desc="member epochs",
                   dynamic_ncols=True) as bar:
             while True:
@@ -326,7 +330,7 @@ def train_sweep_in_processes(cfg: config_lib.Config, sweep: dict, workdir: pathl
                 failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
                 if failed:
                     i = failed[0]
-                    names = ", ".join(m.name for m in ablation.shard(member_list, i, n_processes))
+                    names = ", ".join(m.name for m in shards[i])
                     tail = logs[i].read_text(errors="replace").replace("\r", "\n").splitlines()[-20:]
                     raise RuntimeError(f"sweep process {i} ({names}) exited with code {codes[i]}; its log {logs[i]} "
                                        "ends with:\n" + "\n".join(tail))

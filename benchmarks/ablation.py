@@ -174,11 +174,11 @@ def split(args):
     K member steps ends when the slowest process ends its round: the max of their medians."""
     from aoi_jax import ablation  # noqa: PLC0415
 
-    alphas = args.alphas.split(",")
-    n = min(len(alphas), len(os.sched_getaffinity(0)))
-    groups = ablation.core_groups(sorted(os.sched_getaffinity(0)), n)
+    alphas, cores = args.alphas.split(","), sorted(os.sched_getaffinity(0))
+    n = ablation.processes("auto", len(alphas), "cpu", len(cores))
+    jobs = [(g, "loop", ablation.shard(alphas, i, n)) for i, g in enumerate(ablation.core_groups(cores, n))]
     with tempfile.TemporaryDirectory() as tmp:
-        res = _pinned([(g, "loop", alphas[i::n]) for i, g in enumerate(groups)], args, f"{tmp}/split", args.rounds)
+        res = _pinned(jobs, args, f"{tmp}/split", args.rounds)
     worst = max(res, key=lambda r: r["median_s"])
     return {"processes": n, **worst, "compile_s": max(r["compile_s"] for r in res),
             "cores_busy": sum(r["cores_busy"] for r in res)}
@@ -206,11 +206,12 @@ def ceiling(args):
     K = len(args.alphas.split(","))
     single = args.alphas.split(",")[:1]
     with tempfile.TemporaryDirectory() as tmp:
-        t_all, = (r["median_s"] for r in _pinned([((), "single", single)], args, f"{tmp}/all", 4 * args.rounds))
-        t_one, = (r["median_s"] for r in _pinned([((cores[0],), "single", single)], args, f"{tmp}/one",
-                                                  4 * args.rounds))
-        t_shared = [r["median_s"] for r in _pinned([((c,), "single", single) for c in cores], args, f"{tmp}/shared",
-                                                   4 * args.rounds)]
+        def medians(pins, name):            # one single-step worker per entry of pins, stepping together
+            jobs = [(c, "single", single) for c in pins]
+            return [r["median_s"] for r in _pinned(jobs, args, f"{tmp}/{name}", 4 * args.rounds)]
+
+        (t_all,), (t_one,) = medians([()], "all"), medians([(cores[0],)], "one")
+        t_shared = medians([(c,) for c in cores], "shared")
     per_core = -(-K // len(cores))
     return {"cores": cores, "t_all": t_all, "t_one": t_one, "t_shared": t_shared,
             "bound": K * t_all / (per_core * sum(t_shared) / len(t_shared))}
