@@ -101,7 +101,11 @@ def restore(directory, step: int | None = None) -> tuple[Any, step_lib.TrainStat
         input_shape = tuple(meta["input_shape"])
         graphdef, abstract = abstract_state(cfg, input_shape)
         stored = mngr.item_metadata(step)["state"]
-        want, have = _describe(abstract), _describe(stored)
+        want, have = _describe(abstract), ({} if stored is None else _describe(stored))
+        if not have:
+            raise ValueError(f"checkpoint {str(directory / str(step))!r} has no readable state metadata "
+                             f"(expected {str(directory / str(step) / 'state' / '_METADATA')!r}): an incomplete "
+                             "or damaged copy; remove this step to resume from an older one")
         if want != have:
             diff = sorted(set(want.items()) ^ set(have.items()))[:10]
             raise ValueError(f"checkpoint {str(directory / str(step))!r} does not match the model its "

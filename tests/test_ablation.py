@@ -277,7 +277,7 @@ def test_split_sweep_stops_on_a_failed_process(split_run, tmp_path):
     shutil.copytree(split_run, workdir)
     (workdir / "members" / "alpha=0.5_seed=1" / "checkpoints" / "11" / "state" / "_METADATA").unlink()
     with pytest.raises(RuntimeError, match=r"(?s)sweep process 1 \(alpha=0\.5_seed=1\) exited with code 1; "
-                                           r"its log .*process_1\.log ends with:.*does not match the model"):
+                                           r"its log .*process_1\.log ends with:.*has no readable state metadata"):
         train.main(tiny_args(split_run.parent) + ["--workdir", str(workdir), "--processes", "2", "--no-eval"] + SWEEP)
 
 

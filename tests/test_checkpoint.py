@@ -58,6 +58,16 @@ def test_architecture_mismatch_is_refused(tmp_path):
         checkpoint.restore(tmp_path)
 
 
+def test_damaged_state_metadata_is_named(tmp_path):
+    """A checkpoint whose state lost its _METADATA (an incomplete copy) is reported as such, naming the
+    missing file, not as a model mismatch."""
+    cfg = small_cfg()
+    checkpoint.save(tmp_path, make_state(cfg), cfg, SHAPE)
+    (tmp_path / "0" / "state" / "_METADATA").unlink()
+    with pytest.raises(ValueError, match=r"has no readable state metadata \(expected .*0/state/_METADATA'\)"):
+        checkpoint.restore(tmp_path)
+
+
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         checkpoint.restore(tmp_path / "nothing")
