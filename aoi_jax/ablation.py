@@ -39,10 +39,11 @@ Why the split wins on CPU, and where it stops: members share no work (each has i
 activations and gradients), so together they can only use what a single run leaves idle. A single step takes
 0.104-0.107 s pinned to one core against 0.074 s on both (70 % parallel efficiency), so one member per core
 gains at most 1.4x per step, less the 10-15 % by which two pinned processes slow each other (memory
-bandwidth, shared cache). End to end (``python -m benchmarks.ablation --e2e 20 --with-eval --sweep-processes
-auto,1``, twice: the default config, 20 epochs, each member's per-epoch test accuracy and checkpoint and its
-final evaluation): four ``train.py`` runs 434-438 s, the sweep split over two processes 321-323 s
-(1.34-1.36x; run alone once more, 299 s), in one process 333-346 s (1.27-1.30x).
+bandwidth, shared cache): ``--ceiling`` puts four member steps at 1.24-1.25x at most. End to end (``python
+-m benchmarks.ablation --e2e 20 --with-eval --sweep-processes auto,1``, on two days: the default config, 20
+epochs, each member's per-epoch test accuracy and checkpoint and its final evaluation): four ``train.py``
+runs 391-438 s, the sweep split over two processes 296-323 s (1.28-1.37x; with everything outside the
+epochs shared it could reach 1.50x at most), in one process 333-346 s (1.27-1.30x).
 
 ``strategy="auto"`` is ``loop`` on CPU and ``vmap`` elsewhere.
 """

@@ -100,15 +100,15 @@ def restore(directory, step: int | None = None) -> tuple[Any, step_lib.TrainStat
         cfg = config_lib.from_dict(meta["config"])
         input_shape = tuple(meta["input_shape"])
         graphdef, abstract = abstract_state(cfg, input_shape)
-        stored = mngr.item_metadata(step)["state"]
-        want, have = _describe(abstract), ({} if stored is None else _describe(stored))
+        where = directory / str(step)
+        want, have = _describe(abstract), _describe(mngr.item_metadata(step)["state"])   # None: {}
         if not have:
-            raise ValueError(f"checkpoint {str(directory / str(step))!r} has no readable state metadata "
-                             f"(expected {str(directory / str(step) / 'state' / '_METADATA')!r}): an incomplete "
-                             "or damaged copy; remove this step to resume from an older one")
+            raise ValueError(f"checkpoint {str(where)!r} has no readable state metadata (expected "
+                             f"{str(where / 'state' / '_METADATA')!r}): an incomplete or damaged copy; remove "
+                             "this step to resume from an older one")
         if want != have:
             diff = sorted(set(want.items()) ^ set(have.items()))[:10]
-            raise ValueError(f"checkpoint {str(directory / str(step))!r} does not match the model its "
+            raise ValueError(f"checkpoint {str(where)!r} does not match the model its "
                              f"config builds ({cfg.model.name}); differing entries: {diff}")
         state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     finally:
