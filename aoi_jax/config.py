@@ -56,6 +56,12 @@ class ModelConfig:
     # and recompute its conv, BatchNorm and cell there (VGGSNN T=40: 0.29x the temporaries, 1.34x the FLOPs)
     remat: bool = False
 
+    @property
+    def is_ann(self) -> bool:
+        """A QCFS ANN (``activation == "qcfs"``): trained on one static frame per sample, then converted to an
+        SNN of IF neurons (``aoi_jax.convert``) before it is evaluated. The one place that says so."""
+        return self.activation == "qcfs"
+
     def __post_init__(self):
         _check_choice("model.activation", self.activation, ("lif", "qcfs", "if"))
         if self.levels < 1:

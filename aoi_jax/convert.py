@@ -11,7 +11,7 @@ Its time-averaged logits approach the ANN's as T grows (tests/test_convert.py me
 
 The result is an ordinary ``models.SpikingNet`` (``__call__``, ``init_membranes``, ``step``,
 ``fan_out``): the training-free evaluation path of directly trained SNNs (``step.make_eval_step``,
-``cutoff``, ``anytime.run_topk``) runs it unchanged.
+``cutoff``, ``anytime``) runs it unchanged. ``to_snn`` is what evaluation calls on a trained run.
 """
 
 import dataclasses
@@ -20,8 +20,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from aoi_jax import models
-from aoi_jax.config import ModelConfig
+from aoi_jax import models, step
+from aoi_jax.config import Config, ModelConfig
 
 
 def snn_config(ann_cfg: ModelConfig) -> ModelConfig:
@@ -33,7 +33,7 @@ def snn_config(ann_cfg: ModelConfig) -> ModelConfig:
     Raises:
       ValueError: ``ann_cfg`` is not a QCFS ANN.
     """
-    if ann_cfg.activation != "qcfs":
+    if not ann_cfg.is_ann:
         raise ValueError(f"only a QCFS ANN (model.activation 'qcfs') converts, got {ann_cfg.activation!r}")
     return dataclasses.replace(ann_cfg, activation="if")
 
@@ -70,3 +70,16 @@ def convert(ann_cfg: ModelConfig, input_shape, params, batch_stats):
 def _describe(state) -> dict[str, tuple]:
     leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
     return {jax.tree_util.keystr(p): (tuple(x.shape), str(x.dtype)) for p, x in leaves}
+
+
+def to_snn(state: step.TrainState, cfg: Config, input_shape):
+    """The SNN a trained QCFS ANN run converts to, as ``(graphdef, state, cfg)`` of an ``activation = "if"`` run.
+
+    ``state`` keeps its step and its parameters and BatchNorm statistics (``convert``); the optimiser state
+    is dropped (the SNN is not trained).
+
+    Raises:
+      ValueError: as ``convert``.
+    """
+    snn_model, graphdef, params, batch_stats = convert(cfg.model, input_shape, state.params, state.batch_stats)
+    return graphdef, step.TrainState(state.step, params, batch_stats, ()), dataclasses.replace(cfg, model=snn_model)

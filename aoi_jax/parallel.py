@@ -56,23 +56,25 @@ def replicate(tree, mesh):
 
 
 def shard_batch(batch: dict, mesh) -> dict:
-    """Splits a global batch over the ``data`` axis: frames (T, B, ...) along B, labels (B,) along B.
+    """Splits a global batch over the ``data`` axis along B: frames (..., T, B, H, W, C), labels (..., B).
 
-    Each process passes the same global batch; it contributes the rows of its own devices.
+    Leading axes (a sweep's member axis) are kept whole. Each process passes the same global batch; it
+    contributes the rows of its own devices.
 
     Raises:
       ValueError: the batch size is not a multiple of the number of devices.
     """
     n_dev = mesh.devices.size
-    B = batch["label"].shape[0]
+    B = batch["label"].shape[-1]
     if B % n_dev:
         raise ValueError(f"batch size {B} is not a multiple of the {n_dev} devices of the data mesh; "
                          f"choose train.batch_size / eval.batch_size divisible by {n_dev}")
-    specs = {"frames": P(None, "data"), "label": P("data")}
     out = {}
-    for name, spec in specs.items():
-        sharding = NamedSharding(mesh, spec)
+    for name, batch_axis in (("frames", -4), ("label", -1)):
         value = np.asarray(batch[name])
+        spec = [None] * value.ndim
+        spec[batch_axis] = "data"
+        sharding = NamedSharding(mesh, P(*spec))
         out[name] = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
     return out
 

@@ -4,6 +4,12 @@ The NNX model is split once into ``graphdef`` (static structure), ``params`` and
 steps are plain ``jax.jit`` functions of those pytrees, and the model is re-merged inside the loss
 (``nnx.merge(..., copy=True)``), so there is one compiled function per config and no Python loop over
 time anywhere in training.
+
+The loss weights that a sweep may vary (``reg.alpha``, ``train.tet_lambda``) are not read from the config
+inside the loss: they arrive as a ``LossWeights`` pytree, always, so a single run and the members of a sweep
+(``aoi_jax.ablation``) run one code path. ``run_keys`` is the one place that derives PRNG keys from a seed.
+XLA compiler options are the caller's choice (``compiler_options=``; ``aoi_jax.xla_tuning`` has the
+measured XLA:CPU ones), never hard-wired here.
 """
 
 import functools
@@ -18,9 +24,6 @@ from aoi_jax import losses, qcfs, regularisers
 from aoi_jax.config import Config, OptimConfig
 
 
-TRACEABLE = ("reg.alpha", "train.tet_lambda")  # config scalars the loss may take as traced arrays
-
-
 class TrainState(NamedTuple):
     """Everything that changes during training; a pytree (orbax saves it as is)."""
 
@@ -30,24 +33,44 @@ class TrainState(NamedTuple):
     opt_state: Any  # optax state
 
 
-def scalar(cfg: Config, key: str, scalars=None):
-    """The loss weight ``key`` (one of ``TRACEABLE``): ``scalars[key]`` when given, else the config's value.
+class LossWeights(NamedTuple):
+    """The loss weights a sweep may vary, passed to the loss as (traced) arrays.
 
-    ``scalars`` lets one compiled step serve several values of a weight (``aoi_jax.ablation`` passes one
-    traced scalar per member); without it the value is the Python float of the config, as before.
+    A field per sweepable config key (``WEIGHT_KEYS``): scalars for one run, (M,) for M members of a sweep.
     """
-    if key not in TRACEABLE:
-        raise KeyError(f"{key!r} is not a traceable loss weight; valid: {list(TRACEABLE)}")
-    if scalars is not None and key in scalars:
-        return scalars[key]
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
+
+    alpha: Any  # reg.alpha: weight of the RCS loss
+    tet_lambda: Any  # train.tet_lambda: TET's MSE weight (read only by the TET loss)
 
 
-def task_loss(logits, labels, cfg: Config, scalars=None):
-    """The configured task loss: ``mean_loss`` or ``tet_loss`` (lam = ``scalar(cfg, "train.tet_lambda")``)."""
+WEIGHT_KEYS = {"reg.alpha": "alpha", "train.tet_lambda": "tet_lambda"}  # config key -> LossWeights field
+
+
+def loss_weights(cfg: Config) -> LossWeights:
+    """The ``LossWeights`` of one run: its config's values as float32 scalars."""
+    return LossWeights(jnp.float32(cfg.reg.alpha), jnp.float32(cfg.train.tet_lambda))
+
+
+class RunKeys(NamedTuple):
+    """The PRNG keys of a run, all derived from its seed by ``run_keys``."""
+
+    init: jax.Array  # model initialisation
+    calibration: jax.Array  # Top-K calibration dropout
+
+
+def run_keys(seed: int) -> RunKeys:
+    """``RunKeys`` of a run of ``seed``: ``jax.random.split(jax.random.key(seed))``, in field order.
+
+    Training, evaluation and every member of a sweep draw from these, so a re-evaluation (``evaluate.py``)
+    calibrates exactly as the training run did.
+    """
+    return RunKeys(*jax.random.split(jax.random.key(seed)))
+
+
+def task_loss(logits, labels, cfg: Config, weights: LossWeights):
+    """The configured task loss: ``mean_loss``, or ``tet_loss`` with ``lam = weights.tet_lambda``."""
     if cfg.train.loss == "tet":
-        return losses.tet_loss(logits, labels, lam=scalar(cfg, "train.tet_lambda", scalars))
+        return losses.tet_loss(logits, labels, lam=weights.tet_lambda)
     return losses.mean_loss(logits, labels)
 
 
@@ -58,6 +81,9 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
 
         sgd:   g <- g + wd * p;  m <- momentum * m + g;  p <- p - lr_t * m
         adamw: optax.adamw(lr_t, b1=momentum, weight_decay=wd)
+
+    Raises:
+      ValueError: total_steps < 1.
     """
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
@@ -74,38 +100,66 @@ def init_state(model: nnx.Module, optimizer: optax.GradientTransformation):
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, batch_stats, optimizer.init(params))
 
 
-def loss_fn(params, batch_stats, batch, *, graphdef, cfg: Config, scalars=None):
-    """Total loss ``task_loss + alpha * rcs_loss`` on one batch, training-mode BatchNorm.
+def loss_fn(params, batch_stats, batch, weights: LossWeights, *, graphdef, cfg: Config):
+    """Total loss ``task_loss + alpha * rcs_loss`` of a spiking model on one batch, training-mode BatchNorm.
 
     Args:
       params, batch_stats: the model's state.  batch: {"frames": (T, N, H, W, C), "label": (N,)}.
-      scalars: optional {key: scalar} for keys of ``TRACEABLE`` (alpha, TET's lambda), else the config's.
+      weights: ``LossWeights`` (alpha, TET's lambda), scalars.
     Returns:
-      (loss, (new batch_stats, metrics dict with task, rcs, accuracy at T)).
+      (loss, (new batch_stats, metrics dict with loss, task, rcs, accuracy at T)).
     """
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
     score = functools.partial(regularisers.rcs_scores, vth=cfg.model.neuron.vth, window=cfg.reg.window)
     logits, scores = model(batch["frames"], train=True, layer_fn=score)   # scores: (N,) per layer
-    task = task_loss(logits, batch["label"], cfg, scalars)
-    scores = jnp.stack(scores)                                                # (L, N)
-    reg = regularisers.rcs_loss(scores, logits, batch["label"], rcs_n=cfg.reg.rcs_n)
+    task = task_loss(logits, batch["label"], cfg, weights)
+    reg = regularisers.rcs_loss(jnp.stack(scores), logits, batch["label"], rcs_n=cfg.reg.rcs_n)   # (L, N)
     acc = jnp.mean(jnp.argmax(logits.sum(0), -1) == batch["label"])
-    loss = task + scalar(cfg, "reg.alpha", scalars) * reg
+    loss = task + weights.alpha * reg
+    return loss, (nnx.state(model, nnx.BatchStat), {"loss": loss, "task": task, "rcs": reg, "accuracy": acc})
+
+
+def ann_loss_fn(params, batch_stats, batch, weights: LossWeights, *, graphdef, cfg: Config):
+    """QCFS ANN loss ``CE + alpha * rcs_ann`` on one batch, training-mode BatchNorm.
+
+    reference-semantics.md sections 3 and 5 (ANN form): the ANN sees one static frame per sample; its
+    logits are one time step, so the task loss (``task_loss``; "mean" is plain cross-entropy) and RCS's
+    correctness mask read the ANN's own prediction::
+
+        loss = CE(o, y) + alpha * rcs_loss([rcs_ann_scores(x_l) for each QCFS layer l], o (1, N, K), y)
+
+    Args:
+      params, batch_stats: the model's state (``ModelConfig.is_ann``).
+      batch: {"frames": (1, N, H, W, C), "label": (N,)}.  weights: as in ``loss_fn``.
+    Returns:
+      (loss, (new batch_stats, metrics dict with loss, task, rcs, accuracy)).
+    Raises:
+      ValueError: frames with more than one time step.
+    """
+    if batch["frames"].shape[0] != 1:
+        raise ValueError(f"the ANN sees one static frame: frames must be (1, N, H, W, C), got "
+                         f"{batch['frames'].shape}")
+    model = nnx.merge(graphdef, params, batch_stats, copy=True)
+    logits, layers = model(batch["frames"], train=True)                      # (1, N, K); (y, x) per layer
+    task = task_loss(logits, batch["label"], cfg, weights)
+    reg = qcfs.ann_rcs_loss([x[0] for _, x in layers], logits, batch["label"], rcs_n=cfg.reg.rcs_n)
+    acc = jnp.mean(jnp.argmax(logits[0], -1) == batch["label"])
+    loss = task + weights.alpha * reg
     return loss, (nnx.state(model, nnx.BatchStat), {"loss": loss, "task": task, "rcs": reg, "accuracy": acc})
 
 
 def make_update(graphdef, cfg: Config, optimizer: optax.GradientTransformation):
-    """Returns the (not jitted) ``update(state, batch, scalars=None) -> (state, metrics)``.
+    """Returns the (not jitted) ``update(state, batch, weights) -> (state, metrics)``: one optimiser step.
 
-    The loss is ``loss_fn`` for spiking models and ``ann_loss_fn`` for a QCFS ANN
-    (``cfg.model.activation == "qcfs"``, batches of one static frame); ``scalars`` as in ``loss_fn``.
-    ``make_train_step`` jits it; ``aoi_jax.ablation`` runs several members of it in one program.
+    The objective is ``ann_loss_fn`` for a QCFS ANN (``cfg.model.is_ann``, batches of one static frame) and
+    ``loss_fn`` otherwise. ``make_train_step`` jits it; ``aoi_jax.ablation`` runs several members of it in
+    one program.
     """
-    objective = ann_loss_fn if cfg.model.activation == "qcfs" else loss_fn
+    objective = ann_loss_fn if cfg.model.is_ann else loss_fn
 
-    def update(state: TrainState, batch, scalars=None):
+    def update(state: TrainState, batch, weights: LossWeights):
         grads, (batch_stats, metrics) = jax.grad(objective, has_aux=True)(
-            state.params, state.batch_stats, batch, graphdef=graphdef, cfg=cfg, scalars=scalars)
+            state.params, state.batch_stats, batch, weights, graphdef=graphdef, cfg=cfg)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
@@ -113,59 +167,16 @@ def make_update(graphdef, cfg: Config, optimizer: optax.GradientTransformation):
     return update
 
 
-# XLA:CPU runs dots and reductions through its YNNPACK library and convolutions through its default kernels
-# (a field of XLA's DebugOptions, passed on XLA:CPU only: ``compiler_options``). Measured with
-# benchmarks/train_step.py on 2 cores, train step, one device:
-# - convolutions off YNNPACK (the default has them on): VGGSNN (T=10, batch 8, 128x128) 1.43 s against 1.69 s;
-# - reductions on YNNPACK (BatchNorm statistics, gradient sums, RCS; XLA's own kernels otherwise split each
-#   into a strided reduce-window): VGGSNN 1.11 -> 0.95 s, with remat 1.48 -> 1.20 s, N-Digits 0.079 ->
-#   0.069 s; it costs XLA temporaries in the plain step (VGGSNN T=10 459 -> 603 MiB, T=40 1644 -> 2220 MiB),
-#   not with remat (192 -> 198 MiB, 640 -> 642 MiB; benchmarks/memory.py).
-CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-               "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+def make_train_step(graphdef, cfg: Config, optimizer: optax.GradientTransformation, *,
+                    compiler_options: dict | None = None):
+    """Returns the jit-compiled ``train_step(state, batch, weights) -> (state, metrics)`` (``make_update``).
 
-
-def compiler_options(cfg: Config | None = None) -> dict:
-    """XLA options for the compiled steps (train, evaluation, ``aoi_jax.ablation``'s) on the default backend.
-
-    On XLA:CPU: ``CPU_OPTIONS``, and for a train step with ``model.remat`` (``cfg`` given) the
-    memory-optimised scheduler with the pass that removes optimisation barriers off. Other backends get
-    none (these are XLA:CPU's fields; only XLA:CPU was measured). Measured on the VGGSNN train step with
-    remat (T=40, batch 8; XLA's temporaries):
-
-    - ``xla_disable_hlo_passes="cse_barrier_expander"``: XLA:CPU otherwise removes optimisation barriers
-      early, and with them the order that remat's barriers impose (``models._remat``: recompute a layer
-      only when its cotangent arrives, finish its gradients before the next layer): 1453 MiB with it,
-      640 MiB without.
-    - ``xla_cpu_scheduler_type``: XLA:CPU's default scheduler favours concurrency: 748 MiB against 640.
-
-    Measured by ``benchmarks/memory.py``.
-
-    Args:
-      cfg: the train step's config, or None for an evaluation function.
-    Returns:
-      a dict for ``jax.jit(..., compiler_options=...)``.
+    ``state`` is donated. ``compiler_options``: XLA options for ``jax.jit`` (None: XLA's defaults).
     """
-    if jax.default_backend() != "cpu":
-        return {}
-    options = dict(CPU_OPTIONS)
-    if cfg is not None and cfg.model.remat:
-        options["xla_cpu_scheduler_type"] = "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
-        options["xla_disable_hlo_passes"] = "cse_barrier_expander"
-    return options
+    return jax.jit(make_update(graphdef, cfg, optimizer), donate_argnums=0, compiler_options=compiler_options)
 
 
-def make_train_step(graphdef, cfg: Config, optimizer: optax.GradientTransformation):
-    """Returns the jit-compiled ``train_step(state, batch) -> (state, metrics)`` (``make_update``)."""
-    update = make_update(graphdef, cfg, optimizer)
-
-    def train_step(state: TrainState, batch):
-        return update(state, batch)
-
-    return jax.jit(train_step, donate_argnums=0, compiler_options=compiler_options(cfg))
-
-
-def make_eval_step(graphdef, *, dropout: float = 0.0):
+def make_eval_step(graphdef, *, dropout: float = 0.0, compiler_options: dict | None = None):
     """Returns the jit-compiled ``eval_step(params, batch_stats, frames, key) -> (logits, spikes)``.
 
     BatchNorm uses its running statistics. With ``dropout > 0`` every spiking layer's output is dropped
@@ -182,33 +193,4 @@ def make_eval_step(graphdef, *, dropout: float = 0.0):
         counts = jnp.stack([s.reshape(*s.shape[:2], -1).sum(-1) for s, _ in layers])
         return logits, counts
 
-    return jax.jit(eval_step, compiler_options=compiler_options())
-
-
-def ann_loss_fn(params, batch_stats, batch, *, graphdef, cfg: Config, scalars=None):
-    """QCFS ANN loss ``CE + alpha * rcs_ann`` on one batch, training-mode BatchNorm.
-
-    reference-semantics.md sections 3 and 5 (ANN form): the ANN sees one static frame per sample; its
-    logits are one time step, so the task loss (``task_loss``; "mean" is plain cross-entropy) and RCS's
-    correctness mask read the ANN's own prediction::
-
-        loss = CE(o, y) + alpha * rcs_loss([rcs_ann_scores(x_l) for each QCFS layer l], o (1, N, K), y)
-
-    Args:
-      params, batch_stats: the model's state (``ModelConfig.activation == "qcfs"``).
-      batch: {"frames": (1, N, H, W, C), "label": (N,)}.  scalars: as in ``loss_fn``.
-    Returns:
-      (loss, (new batch_stats, metrics dict with loss, task, rcs, accuracy)).
-    Raises:
-      ValueError: frames with more than one time step.
-    """
-    if batch["frames"].shape[0] != 1:
-        raise ValueError(f"the ANN sees one static frame: frames must be (1, N, H, W, C), got "
-                         f"{batch['frames'].shape}")
-    model = nnx.merge(graphdef, params, batch_stats, copy=True)
-    logits, layers = model(batch["frames"], train=True)                      # (1, N, K); (y, x) per layer
-    task = task_loss(logits, batch["label"], cfg, scalars)
-    reg = qcfs.ann_rcs_loss([x[0] for _, x in layers], logits, batch["label"], rcs_n=cfg.reg.rcs_n)
-    acc = jnp.mean(jnp.argmax(logits[0], -1) == batch["label"])
-    loss = task + scalar(cfg, "reg.alpha", scalars) * reg
-    return loss, (nnx.state(model, nnx.BatchStat), {"loss": loss, "task": task, "rcs": reg, "accuracy": acc})
+    return jax.jit(eval_step, compiler_options=compiler_options)

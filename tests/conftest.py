@@ -1,12 +1,9 @@
 """Shared test setup: CPU only, strict rank promotion, a seeded key, no network."""
 
 import os
-import pathlib
 import socket
-import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))   # train.py and evaluate.py
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -1,6 +1,5 @@
-"""Ablations in one program: sweep parsing, member data streams, the multi-member step against single
-steps, the summary, and ``train.py --sweep`` (in one process, and split over two) against separate single
-runs."""
+"""Ablations in one program: sweep parsing, the multi-member step against single steps, the summary, and a
+sweep through ``training.train_and_evaluate`` against separate single runs."""
 
 import json
 import pathlib
@@ -11,8 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import train
-from aoi_jax import ablation, checkpoint, config, data, models, step
+from aoi_jax import ablation, checkpoint, config, models, step, training
 
 CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "ndigits.py")
 TINY = ["model.channels=(4, 8)", "train.epochs=1", "train.batch_size=128", "data.timesteps=3",
@@ -41,7 +39,9 @@ def test_parse_sweep_and_members():
                                      "alpha=0.001_seed=1", "alpha=0.004_seed=0", "alpha=0.004_seed=1"]
     assert [(m.cfg.reg.alpha, m.cfg.seed) for m in mem] == [(a, s) for a in (0.0, 0.001, 0.004) for s in (0, 1)]
     assert ablation.shared_config(mem).model == tiny_cfg().model
-    np.testing.assert_array_equal(ablation.scalars(mem)["reg.alpha"], np.float32([0, 0, 1e-3, 1e-3, 4e-3, 4e-3]))
+    np.testing.assert_array_equal(ablation.loss_weights(mem).alpha, np.float32([0, 0, 1e-3, 1e-3, 4e-3, 4e-3]))
+    (single,) = ablation.members(tiny_cfg(), {})                           # a single run: one member
+    assert single.name == "" and single.overrides == {} and single.cfg == tiny_cfg()
 
 
 def test_sweep_errors_name_the_key():
@@ -62,32 +62,14 @@ def test_sweep_errors_name_the_key():
     tet = ablation.members(config.override(tiny_cfg(), "train.loss", "tet"),
                            ablation.parse_sweep(["train.tet_lambda=0.001,0.01"]))
     assert [m.name for m in tet] == ["tet_lambda=0.001", "tet_lambda=0.01"]
-    np.testing.assert_array_equal(ablation.scalars(tet)["train.tet_lambda"], np.float32([0.001, 0.01]))
-    with pytest.raises(KeyError, match="'optim.lr' cannot be swept"):    # the CLI, before any work
-        train.main(["--config", CONFIG, "--workdir", "unused", "--sweep", "optim.lr=0.1,0.2"])
-
-
-def test_member_batches_follow_each_single_run(rng):
-    frames = rng.poisson(0.5, (40, 3, 10, 10, 2)).astype(np.uint8)
-    train_set = data.FrameSet(frames=frames, labels=rng.integers(0, 3, 40).astype(np.int32), num_classes=3,
-                              sensor_hw=(10, 10))
-    cfg = config.apply_overrides(tiny_cfg(), ["train.batch_size=16", "data.translate=3", "data.hflip=True"])
-    mem = ablation.members(cfg, ablation.parse_sweep(["seed=3,4", "reg.alpha=0,1"]))
-    stacked = list(ablation.member_batches(train_set, mem, epoch=2))
-    assert len(stacked) == 2 and stacked[0]["frames"].shape == (4, 3, 16, 10, 10, 2)
-    for i, m in enumerate(mem):
-        single = list(ablation.run_batches(train_set, m.cfg, epoch=2))
-        for got, want in zip(stacked, single, strict=True):
-            np.testing.assert_array_equal(got["frames"][i], want["frames"])
-            np.testing.assert_array_equal(got["label"][i], want["label"])
-    assert not np.array_equal(stacked[0]["frames"][0], stacked[0]["frames"][2])   # seeds differ
+    np.testing.assert_array_equal(ablation.loss_weights(tet).tet_lambda, np.float32([0.001, 0.01]))
 
 
 @pytest.mark.parametrize("strategy,loss,sweep", [("loop", "mean", "reg.alpha=0,0.5"),
                                                   ("vmap", "tet", "train.tet_lambda=0.001,0.5")])
 def test_multi_step_equals_single_steps(strategy, loss, sweep, rng):
-    """Each member of the one program follows its own single train step (3 SGD steps; the swept weight
-    enters as a traced scalar, the single step has it as a Python constant).
+    """Each member of the one program follows its own single train step (3 SGD steps; each member's loss
+    weights are its slice of the stacked ``LossWeights``).
 
     Tolerance 1e-6 absolute on losses and parameters (of size ~0.3): float32 rounding only. loop runs
     the same ops as the single steps, but XLA may fuse them differently in the larger program (seen: one
@@ -101,12 +83,13 @@ def test_multi_step_equals_single_steps(strategy, loss, sweep, rng):
     singles = ablation.unstack(states, len(mem))
     single_steps = [step.make_train_step(graphdef, m.cfg, opt) for m in mem]
     multi = ablation.make_multi_step(graphdef, cfg, opt, strategy=strategy)
-    scalars = ablation.scalars(mem)
+    weights = ablation.loss_weights(mem)
     for _ in range(3):
         batch = member_batch(rng, len(mem))
-        states, metrics = multi(states, batch, scalars)
+        states, metrics = multi(states, batch, weights)
         for i in range(len(mem)):
-            singles[i], single_metrics = single_steps[i](singles[i], {k: v[i] for k, v in batch.items()})
+            singles[i], single_metrics = single_steps[i](singles[i], {k: v[i] for k, v in batch.items()},
+                                                         step.loss_weights(mem[i].cfg))
             np.testing.assert_allclose(metrics["loss"][i], single_metrics["loss"], atol=atol, rtol=0)
     for got, want in zip(ablation.unstack(states, len(mem)), singles):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=0), got, want)
@@ -120,7 +103,7 @@ def test_init_members_matches_single_init():
     opt = step.make_optimizer(cfg.optim, 10)
     _, states = ablation.init_members(mem, (8, 8, 2), opt)
     for i, seed in enumerate((0, 5)):
-        init_key, _ = jax.random.split(jax.random.key(seed))              # train.py's split
+        init_key, _ = jax.random.split(jax.random.key(seed))              # step.run_keys, by hand
         _, want = step.init_state(models.build(cfg.model, (8, 8, 2), rngs=nnx.Rngs(init_key)), opt)
         jax.tree.map(np.testing.assert_array_equal, ablation.unstack(states, 2)[i], want)
 
@@ -153,77 +136,30 @@ def test_summarise_by_hand():
     assert g1["topk_mean_timestep"] == pytest.approx({"mean": 2.25, "std": np.sqrt(0.125), "min": 2.0, "max": 2.5})
 
 
-def test_processes_auto_and_errors():
-    assert ablation.processes("auto", 4, "cpu", 2) == 2              # one process per core
-    assert ablation.processes("auto", 12, "cpu", 16) == 12           # at most one per member
-    assert ablation.processes("auto", 1, "cpu", 2) == 1
-    assert ablation.processes("auto", 4, "gpu", 8) == 1              # accelerators: all members in one
-    assert ablation.processes("3", 4, "cpu", 4) == 3
-    for spec in ("0", "-1", "two"):
-        with pytest.raises(ValueError, match="positive integer or 'auto'"):
-            ablation.processes(spec, 4, "cpu", 2)
-    with pytest.raises(ValueError, match="only 4 member"):
-        ablation.processes("5", 4, "cpu", 8)
-    with pytest.raises(ValueError, match="only 2 core"):
-        ablation.processes("3", 4, "cpu", 2)
+def tiny_config(root, *overrides):
+    return config.load(CONFIG, TINY + [f"data.data_dir={root / 'data'}", *overrides])
 
 
-def test_shard_and_core_groups():
-    mem = ablation.members(tiny_cfg(), ablation.parse_sweep(["reg.alpha=0,1,2,3,4"]))
-    shards = [ablation.shard(mem, i, 2) for i in range(2)]
-    assert [[m.overrides["reg.alpha"] for m in s] for s in shards] == [[0, 2, 4], [1, 3]]
-    with pytest.raises(ValueError, match="0..1"):
-        ablation.shard(mem, 2, 2)
-    assert ablation.core_groups([1, 0], 2) == [(0,), (1,)]
-    assert ablation.core_groups(range(5), 2) == [(0, 1), (2, 3, 4)]
-    assert ablation.core_groups(range(16), 3) == [(0, 1, 2, 3, 4), (5, 6, 7, 8, 9, 10), (11, 12, 13, 14, 15)]
-    with pytest.raises(ValueError, match="cannot split 2 core"):
-        ablation.core_groups([0, 1], 3)
-
-
-def tiny_args(root):
-    args = ["--config", CONFIG, "--data-dir", str(root / "data")]
-    for item in TINY:
-        args += ["--set", item]
-    return args
-
-
-SWEEP = ["--sweep", "reg.alpha=0.5", "--sweep", "seed=0,1"]
+SWEEP = {"reg.alpha": (0.5,), "seed": (0, 1)}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A sweep of two seeds at alpha 0.5 in this process (evaluated), and its member seed=1 as a separate
-    single run (not evaluated). Members of different alphas in one program are checked against single
-    steps above."""
+    """A sweep of two seeds at alpha 0.5 (evaluated), and its member seed=1 as a separate single run (not
+    evaluated), both through ``training.train_and_evaluate``. Members of different alphas in one program are
+    checked against single steps above."""
     root = tmp_path_factory.mktemp("sweep")
-    train.main(tiny_args(root) + ["--workdir", str(root / "sweep"), "--processes", "1"] + SWEEP)
-    train.main(tiny_args(root) + ["--workdir", str(root / "single"), "--set", "reg.alpha=0.5", "--set", "seed=1",
-                                  "--no-eval"])
-    return root / "sweep", root / "single"
+    results = training.train_and_evaluate(tiny_config(root), root / "sweep", sweep=SWEEP)
+    training.train_and_evaluate(tiny_config(root, "reg.alpha=0.5", "seed=1"), root / "single", run_eval=False)
+    return root, results
 
 
-@pytest.fixture(scope="module")
-def split_run(runs):
-    """The same sweep split over two processes, one member each, each pinned to one core."""
-    if len(train.usable_cores()) < 2:
-        pytest.skip("needs two cores")
-    root = runs[0].parent
-    train.main(tiny_args(root) + ["--workdir", str(root / "split"), "--processes", "2"] + SWEEP)
-    return root / "split"
-
-
-@pytest.fixture(params=["one process", "two processes"])
-def sweep_dir(request, runs):
-    return runs[0] if request.param == "one process" else request.getfixturevalue("split_run")
-
-
-def test_sweep_member_matches_its_single_run(sweep_dir, runs):
-    """A whole epoch (11 SGD steps, translation augmentation) through train.py: the member's metrics and
-    checkpoint equal its single run's, whether the sweep ran in one process or split over two. Tolerance
-    1e-5 absolute: float32 rounding of the same ops in a larger program; a single flipped spike would show
-    as a difference of order 1e-2."""
-    single_dir = runs[1]
+def test_sweep_member_matches_its_single_run(runs):
+    """A whole epoch (11 SGD steps, translation augmentation): the member's metrics and checkpoint equal its
+    single run's. Tolerance 1e-5 absolute: float32 rounding of the same ops in a larger program; a single
+    flipped spike would show as a difference of order 1e-2."""
+    root, _ = runs
+    sweep_dir, single_dir = root / "sweep", root / "single"
     assert sorted(p.name for p in (sweep_dir / "members").iterdir()) == ["alpha=0.5_seed=0", "alpha=0.5_seed=1"]
     member_dir = sweep_dir / "members" / "alpha=0.5_seed=1"
     got = json.loads((member_dir / "metrics.jsonl").read_text())
@@ -239,59 +175,27 @@ def test_sweep_member_matches_its_single_run(sweep_dir, runs):
     assert other["train_loss"] != pytest.approx(got["train_loss"], abs=1e-3)     # seeds really differ
 
 
-def test_sweep_writes_reports_and_summary(sweep_dir):
-    summary = json.loads((sweep_dir / "summary.json").read_text())
+def test_sweep_reports_and_summary(runs):
+    root, results = runs
+    assert [r.member.name for r in results] == ["alpha=0.5_seed=0", "alpha=0.5_seed=1"]
+    assert [r.workdir for r in results] == [root / "sweep" / "members" / r.member.name for r in results]
+    summary = training.summarise(SWEEP, results)
     assert summary["sweep"] == {"reg.alpha": [0.5], "seed": [0, 1]}
     (group,) = summary["groups"]
     assert group["settings"] == {"reg.alpha": 0.5} and group["seeds"] == [0, 1]
-    accs = []
-    for row in summary["members"]:
-        report = json.loads((sweep_dir / "members" / row["name"] / "report.json").read_text())
-        assert row["accuracy_at_T"] == report["accuracy_per_timestep"][-1]
-        assert row["topk_mean_timestep"] == report["rules"]["topk"]["mean_timestep"][0]
-        accs.append(row["accuracy_at_T"])
-        assert (sweep_dir / "members" / row["name"] / "accuracy_vs_latency.png").stat().st_size > 0
-    assert group["accuracy_at_T"]["mean"] == pytest.approx(np.mean(accs))
-    assert (sweep_dir / "summary.png").stat().st_size > 0
-
-
-def test_split_sweep_logs_each_process_and_matches_one_process(split_run, runs):
-    """Each process logs to its own file; the summary equals the one-process sweep's (same members, same
-    numbers within float32 rounding, as each member equals its single run above)."""
-    for i, name in enumerate(["alpha=0.5_seed=0", "alpha=0.5_seed=1"]):
-        text = (split_run / f"process_{i}.log").read_text()
-        assert f"process {i} of 2: 1 members ({name})" in text and f"epoch   1  {name}" in text
-    assert "2 members over 2 processes" in (split_run / "train.log").read_text()
-    got, want = (json.loads((d / "summary.json").read_text()) for d in (split_run, runs[0]))
-    assert got["sweep"] == want["sweep"]
-    for row_g, row_w in zip(got["members"], want["members"], strict=True):
-        assert row_g["name"] == row_w["name"] and row_g["overrides"] == row_w["overrides"]
-        for key in ("accuracy_at_T", "topk_accuracy", "topk_mean_timestep"):
-            assert row_g[key] == pytest.approx(row_w[key], abs=1e-5), key
-
-
-def test_split_sweep_stops_on_a_failed_process(split_run, tmp_path):
-    """A process that fails (here: a member's checkpoint lost a file) ends the sweep with an error that
-    names the process, its members and its log, and quotes the log's end."""
-    workdir = tmp_path / "split"
-    shutil.copytree(split_run, workdir)
-    (workdir / "members" / "alpha=0.5_seed=1" / "checkpoints" / "11" / "state" / "_METADATA").unlink()
-    with pytest.raises(RuntimeError, match=r"(?s)sweep process 1 \(alpha=0\.5_seed=1\) exited with code 1; "
-                                           r"its log .*process_1\.log ends with:.*has no readable state metadata"):
-        train.main(tiny_args(split_run.parent) + ["--workdir", str(workdir), "--processes", "2", "--no-eval"] + SWEEP)
-
-
-def test_processes_needs_a_sweep(tmp_path):
-    with pytest.raises(ValueError, match="--processes splits the members of a --sweep"):
-        train.main(tiny_args(tmp_path) + ["--workdir", str(tmp_path / "run"), "--processes", "2"])
+    for row, r in zip(summary["members"], results, strict=True):
+        assert row["accuracy_at_T"] == r.report["accuracy_per_timestep"][-1]
+        assert row["topk_mean_timestep"] == r.report["rules"]["topk"]["mean_timestep"][0]
+        assert r.report["anytime"]["agrees_with_apply_topk"]
+    assert group["accuracy_at_T"]["mean"] == pytest.approx(np.mean([r.report["accuracy_per_timestep"][-1]
+                                                                      for r in results]))
 
 
 def test_sweep_resumes_and_refuses_another_sweep(runs):
-    sweep_dir, _ = runs
-    cfg = config.load(CONFIG, TINY + [f"data.data_dir={sweep_dir.parent / 'data'}"])
-    assert train.train_sweep_and_evaluate(cfg, {"reg.alpha": (0.5,), "seed": (0, 1)}, sweep_dir,
-                                          run_eval=False) == {}            # at its last epoch: nothing to do
+    root, _ = runs
+    sweep_dir = root / "sweep"
+    results = training.train_and_evaluate(tiny_config(root), sweep_dir, sweep=SWEEP, run_eval=False)
+    assert [r.report for r in results] == [None, None]                    # at its last epoch: nothing to do
     assert len((sweep_dir / "members" / "alpha=0.5_seed=0" / "metrics.jsonl").read_text().splitlines()) == 1
     with pytest.raises(ValueError, match="holds a run of a different config"):
-        train.train_sweep_and_evaluate(config.override(cfg, "train.epochs", 2),
-                                       {"reg.alpha": (0.5,), "seed": (0, 1)}, sweep_dir, run_eval=False)
+        training.train_and_evaluate(tiny_config(root, "train.epochs=2"), sweep_dir, sweep=SWEEP, run_eval=False)

@@ -28,7 +28,7 @@ def trained():
         return {"frames": jnp.asarray(frames), "label": jnp.asarray(labels, jnp.int32)}
 
     for _ in range(30):
-        state, _ = train_step(state, batch(16))
+        state, _ = train_step(state, batch(16), step.loss_weights(cfg))
     return graphdef, state, batch(64), batch(64)
 
 

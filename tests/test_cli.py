@@ -1,74 +1,79 @@
-"""End to end: train.py on N-Digits (tiny settings), then evaluate.py on its checkpoint."""
+"""The two scripts as a user runs them, in subprocesses: train.py (a tiny sweep: the shell writes each
+member's report and the summary) and evaluate.py on one member's checkpoint (the same report again)."""
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
-import evaluate
-import train
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["model.channels=(4, 8)", "train.epochs=1", "train.batch_size=128", "data.timesteps=3",
+        "eval.epsilons=(0.0, 0.05)", "eval.bins=20", "eval.batch_size=2048"]
 
-CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "ndigits.py")
-TINY = ["model.channels=(4, 8)", "train.epochs=1", "train.batch_size=64", "data.timesteps=4",
-        "eval.epsilons=(0.0, 0.05)", "eval.bins=20"]
+
+def script(name, *args, cwd):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
+    return subprocess.run([sys.executable, str(ROOT / name), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    workdir = root / "run"
-    args = ["--config", CONFIG, "--workdir", str(workdir), "--data-dir", str(root / "data")]
+    args = ["--config", str(ROOT / "configs" / "ndigits.py"), "--workdir", "sweep", "--data-dir", "data",
+            "--sweep", "reg.alpha=0,0.5"]
     for item in TINY:
         args += ["--set", item]
-    train.main(args)
-    return workdir, args
+    proc = script("train.py", *args, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, proc
 
 
-def test_train_writes_everything(run):
-    workdir, _ = run
-    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in lines] == [1]
-    assert {"train_loss", "train_task", "train_rcs", "train_accuracy", "test_accuracy", "images_per_s"} <= set(lines[0])
-    assert json.loads((workdir / "config.json").read_text())["model"]["channels"] == [4, 8]
-    report = json.loads((workdir / "report.json").read_text())
-    assert len(report["accuracy_per_timestep"]) == 4
-    assert report["oct"]["accuracy"] == pytest.approx(report["accuracy_per_timestep"][-1])
-    assert set(report["rules"]) == {"topk", "confidence", "entropy", "spikecp"}
-    assert report["anytime"]["agrees_with_apply_topk"]
-    assert len(report["synops_per_sample"]) == 2
-    for name in ("accuracy_per_timestep.png", "accuracy_vs_latency.png", "train.log"):
-        assert (workdir / name).stat().st_size > 0
+def test_train_writes_reports_figures_and_summary(sweep):
+    root, proc = sweep
+    workdir = root / "sweep"
+    for name in ("alpha=0.0", "alpha=0.5"):
+        member = workdir / "members" / name
+        report = json.loads((member / "report.json").read_text())
+        assert len(report["accuracy_per_timestep"]) == 3 and report["anytime"]["agrees_with_apply_topk"]
+        for fig in ("accuracy_per_timestep.png", "accuracy_vs_latency.png"):
+            assert (member / fig).read_bytes()[:4] == b"\x89PNG"
+        assert f"== {name}" in proc.stdout
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert [m["name"] for m in summary["members"]] == ["alpha=0.0", "alpha=0.5"]
+    assert (workdir / "summary.png").read_bytes()[:4] == b"\x89PNG"
+    assert "epoch   1  alpha=0.5" in (workdir / "train.log").read_text()
+    assert "anytime loop (Top-K, epsilon 0)" in proc.stdout
 
 
-def test_evaluate_reproduces_train_report(run, tmp_path):
-    workdir, _ = run
-    evaluate.main(["--workdir", str(workdir), "--out", str(tmp_path)])
-    a = json.loads((workdir / "report.json").read_text())
-    b = json.loads((tmp_path / "report.json").read_text())
+def test_evaluate_reproduces_the_members_report(sweep):
+    root, _ = sweep
+    member = root / "sweep" / "members" / "alpha=0.5"
+    proc = script("evaluate.py", "--workdir", str(member), "--out", "again", cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = json.loads((member / "report.json").read_text())
+    b = json.loads((root / "again" / "report.json").read_text())
     # same checkpoint, same calibration key: the whole report is reproduced
     assert a["accuracy_per_timestep"] == b["accuracy_per_timestep"]
     assert a["topk_beta"] == b["topk_beta"] and a["rules"] == b["rules"]
 
 
-def test_rerun_resumes_and_other_config_is_refused(run, capsys):
-    workdir, args = run
-    train.main(args + ["--no-eval"])                 # already at its last epoch: nothing more to train
-    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 1
-    with pytest.raises(ValueError, match="holds a run of a different config"):
-        train.main(args + ["--set", "reg.alpha=0.01", "--no-eval"])
+def test_evaluate_changes_evaluation_settings_only(sweep):
+    root, _ = sweep
+    member = root / "sweep" / "members" / "alpha=0.5"
+    proc = script("evaluate.py", "--workdir", str(member), "--out", "other", "--set", "reg.alpha=1", cwd=root)
+    assert proc.returncode != 0 and "changes evaluation settings (eval.*) only" in proc.stderr
+    proc = script("evaluate.py", "--workdir", str(member), "--out", "nodrop", "--set", "eval.calib_dropout=0.0",
+                  cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((root / "nodrop" / "report.json").read_text())["config"]["eval"]["calib_dropout"] == 0.0
 
 
-def test_train_nmnist_on_fake_folder(tmp_path):
-    """issue 4: train.py --config configs/nmnist.py --data-dir <tiny fake folder> runs end to end."""
-    from fake_event_data import write_fake_nmnist
-
-    write_fake_nmnist(tmp_path / "data", n_per_class=3)
-    workdir = tmp_path / "run"
-    config = str(pathlib.Path(CONFIG).with_name("nmnist.py"))
-    with pytest.warns(UserWarning, match="recordings"):          # the fake folder is far from complete
-        train.main(["--config", config, "--data-dir", str(tmp_path / "data"), "--workdir", str(workdir),
-                    "--set", "train.epochs=1", "--set", "train.batch_size=8", "--set", "model.channels=(4,)",
-                    "--set", "eval.bins=10"])
-    report = json.loads((workdir / "report.json").read_text())
-    assert report["n_test"] == 30 and report["n_calibration"] == 30
-    assert report["anytime"]["agrees_with_apply_topk"]
+def test_unsweepable_key_is_refused_before_any_work(tmp_path):
+    proc = script("train.py", "--config", str(ROOT / "configs" / "ndigits.py"), "--workdir", "w",
+                  "--sweep", "optim.lr=0.1,0.2", cwd=tmp_path)
+    assert proc.returncode != 0 and "'optim.lr' cannot be swept" in proc.stderr
+    assert not (tmp_path / "w").exists()

@@ -110,7 +110,8 @@ def trained_ann():
     train = step.make_train_step(graphdef, cfg, opt)
     for _ in range(120):
         idx = rng.integers(0, len(y), 64)
-        state, metrics = train(state, {"frames": jnp.asarray(x[idx])[None], "label": jnp.asarray(y[idx])})
+        state, metrics = train(state, {"frames": jnp.asarray(x[idx])[None], "label": jnp.asarray(y[idx])},
+                               step.loss_weights(cfg))
     assert np.isfinite(float(metrics["loss"])) and float(metrics["accuracy"]) > 0.9
     return mcfg, graphdef, state, x[:128], y[:128]
 

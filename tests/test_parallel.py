@@ -50,7 +50,7 @@ for n in (1, 2):
     state = parallel.replicate(jax.tree.map(np.asarray, state0), mesh)
     losses = []
     for b in batches:
-        state, metrics = train_step(state, parallel.shard_batch(b, mesh))
+        state, metrics = train_step(state, parallel.shard_batch(b, mesh), step.loss_weights(cfg))
         losses.append(float(metrics["loss"]))
     runs[n] = (losses, jax.device_get(state), state.params["head"]["kernel"][...].sharding.device_set)
 out["dp_loss_diff"] = max(abs(a - b) for a, b in zip(runs[1][0], runs[2][0]))
@@ -67,10 +67,10 @@ for name, mesh, strategy in (("one", None, "loop"), ("two", ablation.member_mesh
                              ("two_vmap", ablation.member_mesh(2), "vmap")):
     multi = ablation.make_multi_step(graphdef, cfg, opt, mesh=mesh, strategy=strategy)
     states = ablation.place(jax.tree.map(np.asarray, states0), mesh)
-    scalars = ablation.place(ablation.scalars(mem), mesh)
+    weights = ablation.place(ablation.loss_weights(mem), mesh)
     losses = []
     for b in member_batches:
-        states, metrics = multi(states, ablation.place(b, mesh), scalars)
+        states, metrics = multi(states, ablation.place(b, mesh), weights)
         losses.append(np.asarray(metrics["loss"]).tolist())
     res[name] = (losses, jax.device_get(states))
     if name == "two":

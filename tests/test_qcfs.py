@@ -108,10 +108,10 @@ def test_ann_train_step_loss_and_update(key):
     ce = optax.softmax_cross_entropy_with_integer_labels(logits[0], batch["label"]).mean()
     rcs = rcs_ann_reference([u[0] for _, u in layers], logits, np.asarray(batch["label"]))
     lam0 = np.asarray(state.params["thresholds"][...])
-    new, metrics = step.make_train_step(graphdef, cfg, opt)(state, batch)
+    new, metrics = step.make_train_step(graphdef, cfg, opt)(state, batch, step.loss_weights(cfg))
     np.testing.assert_allclose(metrics["rcs"], rcs, rtol=1e-5)
     np.testing.assert_allclose(metrics["loss"], ce + 0.5 * rcs, rtol=1e-5)
     assert int(new.step) == 1 and not np.allclose(new.params["thresholds"][...], lam0)   # lam is learnt
     with pytest.raises(ValueError, match=r"one static frame: frames must be \(1, N, H, W, C\)"):
         step.ann_loss_fn(new.params, new.batch_stats, {**batch, "frames": jnp.tile(batch["frames"], (2, 1, 1, 1, 1))},
-                         graphdef=graphdef, cfg=cfg)
+                         step.loss_weights(cfg), graphdef=graphdef, cfg=cfg)

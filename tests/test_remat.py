@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from aoi_jax import config, models, regularisers, step
+from aoi_jax import config, models, regularisers, step, xla_tuning
 
 
 def setup(remat, activation="lif", tebn_steps=0):
@@ -40,7 +40,7 @@ def test_remat_gives_the_same_outputs_loss_and_gradients(activation, tebn, key):
         cfg, graphdef, state, _ = setup(remat, activation, tebn)
 
         def run(p, s, k, cfg=cfg, g=graphdef):
-            grads = jax.value_and_grad(lambda p: objective(p, s, b, graphdef=g, cfg=cfg), has_aux=True)(p)
+            grads = jax.value_and_grad(lambda p: objective(p, s, b, step.loss_weights(cfg), graphdef=g, cfg=cfg), has_aux=True)(p)
             return grads, nnx.merge(g, p, s)(b["frames"], dropout=0.3, key=k)
 
         out[remat] = jax.jit(run)(state.params, state.batch_stats, key)
@@ -95,7 +95,8 @@ def test_remat_keeps_binary_spikes_as_int8_and_changes_nothing(key):
         model = models.build(cfg.model, (8, 8, 2), rngs=nnx.Rngs(0))
         graphdef, state = step.init_state(model, step.make_optimizer(cfg.optim, 10))
         grad = jax.jit(jax.value_and_grad(lambda p, s=state, g=graphdef, cfg=cfg:
-                                          step.loss_fn(p, s.batch_stats, b, graphdef=g, cfg=cfg)[0]))
+                                          step.loss_fn(p, s.batch_stats, b, step.loss_weights(cfg), graphdef=g,
+                                                       cfg=cfg)[0]))
         out[remat] = grad(state.params)
         text[remat] = grad.lower(state.params).as_text()
     assert "xi8>" in text[True] and "xi8>" not in text[False]
@@ -115,7 +116,9 @@ def test_remat_step_needs_fewer_temporaries():
     b = batch(T=16, N=16)
     for remat in (False, True):
         cfg, graphdef, state, opt = setup(remat)
-        compiled = step.make_train_step(graphdef, cfg, opt).lower(state, b).compile()
+        train_step = step.make_train_step(graphdef, cfg, opt,
+                                          compiler_options=xla_tuning.compiler_options(remat=remat))
+        compiled = train_step.lower(state, b, step.loss_weights(cfg)).compile()
         temp[remat] = compiled.memory_analysis().temp_size_in_bytes
         flops[remat] = compiled.cost_analysis()["flops"]
     assert temp[True] < 0.85 * temp[False], temp

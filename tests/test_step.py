@@ -31,7 +31,8 @@ def fixed_batch(seed=0, T=4, N=12):
 
 
 def loss_at(state, batch, graphdef, cfg):
-    return float(step.loss_fn(state.params, state.batch_stats, batch, graphdef=graphdef, cfg=cfg)[0])
+    return float(step.loss_fn(state.params, state.batch_stats, batch, step.loss_weights(cfg), graphdef=graphdef,
+                              cfg=cfg)[0])
 
 
 @pytest.mark.parametrize("loss,optim", [("mean", "sgd"), ("tet", "sgd"), ("mean", "adamw")])
@@ -40,7 +41,7 @@ def test_one_step_lowers_the_loss(loss, optim):
     batch = fixed_batch()
     train_step = step.make_train_step(graphdef, cfg, opt)
     before = loss_at(state, batch, graphdef, cfg)
-    new_state, metrics = train_step(state, batch)
+    new_state, metrics = train_step(state, batch, step.loss_weights(cfg))
     np.testing.assert_allclose(float(metrics["loss"]), before, rtol=1e-5)
     assert loss_at(new_state, batch, graphdef, cfg) < before
     assert int(new_state.step) == 1
@@ -50,7 +51,7 @@ def test_train_step_compiles_once():
     cfg, graphdef, state, opt = setup()
     train_step = step.make_train_step(graphdef, cfg, opt)
     for seed in range(3):
-        state, _ = train_step(state, fixed_batch(seed))
+        state, _ = train_step(state, fixed_batch(seed), step.loss_weights(cfg))
     assert train_step._cache_size() == 1
 
 
@@ -59,9 +60,9 @@ def test_rcs_term_is_in_the_loss_and_gradient():
     cfg0, graphdef, state, _ = setup(alpha=0.0)
     cfg1 = dataclasses.replace(cfg0, reg=config.RegConfig(alpha=0.5))
     (l0, (_, m0)), g0 = jax.value_and_grad(step.loss_fn, has_aux=True)(
-        state.params, state.batch_stats, batch, graphdef=graphdef, cfg=cfg0)
+        state.params, state.batch_stats, batch, step.loss_weights(cfg0), graphdef=graphdef, cfg=cfg0)
     (l1, (_, m1)), g1 = jax.value_and_grad(step.loss_fn, has_aux=True)(
-        state.params, state.batch_stats, batch, graphdef=graphdef, cfg=cfg1)
+        state.params, state.batch_stats, batch, step.loss_weights(cfg1), graphdef=graphdef, cfg=cfg1)
     np.testing.assert_allclose(float(l1), float(m1["task"]) + 0.5 * float(m1["rcs"]), rtol=1e-6)
     np.testing.assert_allclose(float(l0), float(m0["task"]), rtol=1e-6)
     if float(m1["rcs"]) > 0:   # some sample qualifies: the regulariser must move the gradient
@@ -72,7 +73,7 @@ def test_rcs_term_is_in_the_loss_and_gradient():
 def test_batch_stats_are_updated():
     cfg, graphdef, state, opt = setup()
     before = [np.array(x) for x in jax.tree.leaves(state.batch_stats)]   # the step donates its input
-    new_state, _ = step.make_train_step(graphdef, cfg, opt)(state, fixed_batch())
+    new_state, _ = step.make_train_step(graphdef, cfg, opt)(state, fixed_batch(), step.loss_weights(cfg))
     after = jax.tree.leaves(new_state.batch_stats)
     assert any(not np.allclose(a, b) for a, b in zip(before, after))
 

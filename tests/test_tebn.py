@@ -59,8 +59,8 @@ def test_p_t_is_learnt_per_timestep(key):
     full = config.Config(model=cfg)
     graphdef, state = step.init_state(model, step.make_optimizer(full.optim, 10))
     batch = {"frames": frames_with_a_drift(key, N=6), "label": jnp.asarray([0, 1, 2, 0, 1, 2])}
-    grads, _ = jax.grad(step.loss_fn, has_aux=True)(state.params, state.batch_stats, batch, graphdef=graphdef,
-                                                      cfg=full)
+    grads, _ = jax.grad(step.loss_fn, has_aux=True)(state.params, state.batch_stats, batch,
+                                                      step.loss_weights(full), graphdef=graphdef, cfg=full)
     g = np.asarray(grads["norms"][0]["time_scale"][...])
     assert g.shape == (T,) and len(np.unique(g)) == T                         # one free scale per step
 
