@@ -82,6 +82,15 @@ class DataConfig:
     translate: int = 0  # training augmentation: max random integer shift in px at the native resolution
     hflip: bool = False  # training augmentation: random horizontal flip
     cutout: int = 0  # CIFAR training augmentation: side in px of one random square zeroed (Cutout); 0 = off
+    # event sets: the part of each recording that is binned, relative to its first event: () = all of it,
+    # else (start_us, length_us): the T bins span [start, start + length], cut at the recording's last event
+    window: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        w = tuple(self.window)
+        if w != () and (len(w) != 2 or w[0] < 0 or w[1] <= 0):
+            raise ValueError(f"data.window = {self.window!r} must be () (the whole recording) or "
+                             "(start_us, length_us) with start_us >= 0 and length_us > 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_load_default_and_override():
     cfg = config.load(ROOT / "configs/ndigits.py", ["reg.alpha=0.004", "model.channels=(8, 16)",
-                                                  "train.loss=tet", "seed=3", "data.hflip=True"])
-    assert cfg.reg.alpha == 0.004 and isinstance(cfg.reg.alpha, float)
+                                                  "train.loss=tet", "seed=3", "data.hflip=True",
+                                                  "data.window=(0, 1300000)"])
+    assert cfg.reg.alpha == 0.004 and isinstance(cfg.reg.alpha, float) and cfg.data.window == (0, 1300000)
     assert cfg.model.channels == (8, 16) and cfg.train.loss == "tet" and cfg.seed == 3 and cfg.data.hflip
 
 
@@ -33,6 +34,12 @@ def test_unknown_key_names_it_and_lists_valid_keys():
     ("model.neuron.reset=zero", "reset must be one of"),
     ("optim.name=rmsprop", "optim.name must be one of"),
     ("reg.alpha", "KEY=VALUE"),
+    ("data.window=(-1, 1000)", r"data\.window = \(-1, 1000\) must be \(\) \(the whole recording\) or "
+                               r"\(start_us, length_us\) with start_us >= 0 and length_us > 0"),
+    ("data.window=(0, 0)", r"data\.window = \(0, 0\) must be \(\)"),
+    ("data.window=1000", r"data\.window = \(1000,\) must be \(\)"),
+    ("data.window=(0, 10, 20)", r"data\.window = \(0, 10, 20\) must be \(\)"),
+    ("data.window=(0, 1.5)", r"config key 'data.window\[1\]' expects an int"),
 ])
 def test_bad_values(item, msg):
     with pytest.raises(ValueError, match=msg):

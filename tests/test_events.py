@@ -102,6 +102,21 @@ def test_window_longer_than_recording_keeps_relative_time():
     assert frames[0].sum() == 2 and frames[1:].sum() == 0
 
 
+def test_window_bounds_relative_to_first_event():
+    t = np.array([1000, 1500, 4000, 9000], np.uint64)              # unsigned, as CIFAR10-DVS's reader gives
+    assert events.window_bounds(t) == (1000, 9000)                   # whole recording
+    assert events.window_bounds(t, (500, 3000)) == (1500, 4500)      # cuts both ends: L / T per bin
+    assert events.window_bounds(t, (2000, 100_000)) == (3000, 9000)  # shorter than the window: cut at t_1
+    assert events.window_bounds(t, (8000, 1000)) == (9000, 9000)     # only the last event, at the start
+    assert events.window_bounds(t, (9000, 1000)) == (10000, 11000)   # after the last event: kept whole
+    bounds = events.window_bounds(np.array([2.5, 7.0]), (1, 3))
+    assert bounds == (3.5, 6.5) and all(type(b) is float for b in bounds)
+    ev = make_events([0, 1, 2, 3], [0, 0, 0, 0], t, [0, 1, 0, 1])
+    with pytest.warns(UserWarning, match=r"r.bin: no event in the window \[10000, 11000\] "
+                                         r"\(events span \[1000, 9000\]\)"):
+        events.integrate(ev, 2, SENSOR, *events.window_bounds(t, (9000, 1000)), source="r.bin")
+
+
 @pytest.mark.parametrize("field,value,msg", [
     ("x", 7, r"x = 7 outside the sensor: need 0 <= x < W = 7 \(sensor_size \(W, H, P\) = \(7, 5, 2\)\)"),
     ("y", 5, r"y = 5 outside the sensor.*H = 5"),
@@ -156,6 +171,14 @@ def test_frameset_validation(rng):
         events.FrameSet(frames, np.zeros(4), 10)
     with pytest.raises(ValueError, match="num_classes must be >= 1"):
         events.FrameSet(frames, np.zeros(4, int), 0)
+    assert fs.bin_us is None
+    with_bins = events.FrameSet(frames, np.arange(4), 10, bin_us=[1000, 0, 2.5, 1000])
+    assert with_bins.bin_us.dtype == np.float64 and with_bins.bin_us.tolist() == [1000, 0, 2.5, 1000]
+    for bad, got in [(np.ones(3), r"\(3,\), range \[1.0, 1.0\]"), ([1, -1, 1, 1], r"\(4,\), range \[-1.0, 1.0\]"),
+                     ([1, np.nan, 1, 1], r"\(4,\), range \[nan, nan\]")]:
+        with pytest.raises(ValueError, match=r"bin_us must be None or \(4,\) finite microseconds >= 0, got shape "
+                                             + got):
+            events.FrameSet(frames, np.arange(4), 10, bin_us=bad)
 
 
 def test_batches_time_major_and_cover_each_sample_once(rng):

@@ -198,8 +198,13 @@ def test_registry_and_config_checks(tmp_path, small_digits):
         data.load(DataConfig(name="mnist"))
     with pytest.raises(ValueError, match=r"N-Digits frames are \(34, 34\); data.size = \(16, 16\)"):
         data.load(DataConfig(data_dir=str(tmp_path), size=(16, 16)))
+    with pytest.raises(ValueError, match=r"N-Digits frames span the fixed window \[0, 300000\] us; "
+                                         r"data.window = \(0, 1000\) is not supported \(use data.window=\(\) \)"):
+        data.load(DataConfig(data_dir=str(tmp_path), window=(0, 1000)))
     train, test = data.load(DataConfig(data_dir=str(tmp_path), timesteps=3))
     assert train.num_classes == 10 and train.sensor_hw == (34, 34) and len(train) + len(test) == 60
+    for fs in (train, test):  # 3 saccades of 100 ms in 3 bins
+        np.testing.assert_array_equal(fs.bin_us, np.full(len(fs), 100_000.0))
     with pytest.raises(ValueError, match="not a multiple of dt_us"):
         ndigits.NDigitsParams(saccade_ms=0.3)
 

@@ -1,13 +1,15 @@
 """Event data sets read through tonic from tiny fake folders in the real on-disk formats (fake_event_data.py).
 
 Oracle: ``expected_frames`` counts the written events one by one (bin = floor((t - t0) T / (t1 - t0)),
-clipped to T - 1; coordinates floor(x W' / W)), independently of aoi_jax's integrator. Each bad-data case is
+clipped to T - 1, over [t0, t1] = the recording's span or its window; coordinates floor(x W' / W)),
+independently of aoi_jax's integrator, and gives the bin duration (t1 - t0) / T. Each bad-data case is
 asserted with its message and the offending file; the cache is checked to be read (raw reader disabled),
 rebuilt for other settings, and never trusted after an interrupted build.
 """
 
 import json
 import os
+import pathlib
 import sys
 
 import numpy as np
@@ -21,33 +23,41 @@ from aoi_jax import config
 from aoi_jax.data import cache, cifar10_dvs, dvs_gesture, ncaltech101, nmnist
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*incompletely extracted:UserWarning")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def cfg(root, **kw):
     return config.DataConfig(name="test", data_dir=str(root), **{"timesteps": 4, **kw})
 
 
-def expected_frames(rec, T, native_hw, out_hw=None, shift=False):
-    """(T, H', W', 2) counts of one Recording, event by event."""
+def expected_frames(rec, T, native_hw, out_hw=None, shift=False, window=()):
+    """(T, H', W', 2) counts of one Recording, event by event, and its bin duration in us (0 if no event
+    lies in the window). ``window = (s, L)``: [t0, t1] = [first + s, min(first + s + L, last)]."""
     (H, W), (Ho, Wo) = native_hw, out_hw or native_hw
     x, y = rec.x.astype(int), rec.y.astype(int)
     if shift:  # tonic's N-Caltech101 reader moves the smallest x and y to 0
         x, y = x - x.min(), y - y.min()
     out = np.zeros((T, Ho, Wo, 2), np.int64)
     t0, t1 = int(rec.t.min()), int(rec.t.max())
+    if window:
+        t0, t1 = t0 + window[0], min(t0 + window[0] + window[1], t1)
     for xi, yi, ti, pi in zip(x, y, rec.t.astype(int), rec.p.astype(int)):
+        if not t0 <= ti <= t1:
+            continue
         b = 0 if t1 == t0 else min((ti - t0) * T // (t1 - t0), T - 1)
         out[b, yi * Ho // H, xi * Wo // W, pi] += 1
-    return out
+    return out, (t1 - t0) / T if out.any() else 0.0
 
 
-def check_frames(frameset, recordings, T, native_hw, out_hw=None, shift=False):
+def check_frames(frameset, recordings, T, native_hw, out_hw=None, shift=False, window=()):
     assert len(frameset) == len(recordings)
     np.testing.assert_array_equal(frameset.labels, [r.label for r in recordings])
     for i, r in enumerate(recordings):
-        want = expected_frames(r, T, native_hw, out_hw, shift)
+        want, bin_us = expected_frames(r, T, native_hw, out_hw, shift, window)
         np.testing.assert_array_equal(frameset.frames[i], want, err_msg=str(r.path))
-        assert frameset.frames[i].sum() == len(r.t)  # no event lost
+        assert frameset.bin_us[i] == bin_us, r.path
+        if not window:
+            assert frameset.frames[i].sum() == len(r.t)  # no event lost
 
 
 def sorted_by_path(recs, split):
@@ -99,7 +109,7 @@ def test_ncaltech101_canvas_class_map_and_seeded_split(tmp_path):
         for i in range(len(fs)):
             by_frames.setdefault(fs.frames[i].tobytes(), []).append(int(fs.labels[i]))
     for r in recs:
-        want = expected_frames(r, 2, (180, 240), shift=True).astype(np.uint8).tobytes()
+        want = expected_frames(r, 2, (180, 240), shift=True)[0].astype(np.uint8).tobytes()
         assert by_frames.pop(want) == [r.label], r.path
     assert not by_frames
     train1, test1 = ncaltech101.load_splits(cfg(tmp_path, timesteps=2, seed=1))
@@ -143,6 +153,65 @@ def test_cifar10dvs_without_aedat_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "aedat", None)  # import aedat fails as if not installed
     with pytest.raises(ImportError, match=r"cifar10_airplane_0.aedat4: .*needs the 'aedat' package"):
         cifar10_dvs.load_splits(cfg(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------ windows
+
+def test_window_cuts_both_ends_event_by_event(tmp_path):
+    """data.window = (50 ms, 200 ms) on N-MNIST files (integer us): events just outside and on both bounds."""
+    window = (50_000, 200_000)
+    recs = fake.write_fake_nmnist(tmp_path, n_per_class=2, classes=(1, 2), t_max=300_000)
+    assert all((r.t < r.t.min() + 50_000).any() and (r.t > r.t.min() + 250_000).any() for r in recs)
+    r = sorted_by_path(recs, "train")[0]
+    r.x, r.y, r.p = np.arange(6), np.arange(6), np.array([0, 1, 0, 1, 0, 1])
+    r.t = np.array([1000, 50_999, 51_000, 151_000, 251_000, 251_001])
+    fake.write_atis(r.path, r.x, r.y, r.t, r.p)
+    train, test = nmnist.load_splits(cfg(tmp_path, window=window))
+    # by hand: [51000, 251000] in 4 bins of 50 ms; 51000 -> bin 0, 151000 -> bin 2, the end 251000 -> bin 3
+    f = train.frames[0]
+    assert f.sum() == 3 and f[0, 2, 2, 0] == f[2, 3, 3, 1] == f[3, 4, 4, 0] == 1 and train.bin_us[0] == 50_000
+    for fs, split in ((train, "train"), (test, "test")):
+        check_frames(fs, sorted_by_path(recs, split), 4, (34, 34), window=window)
+        assert np.all(fs.bin_us == 50_000)
+
+
+@pytest.mark.parametrize("t_max", [2_000_000, 600_000])  # recordings longer / shorter than the window's end
+def test_cifar10dvs_reference_window(tmp_path, monkeypatch, t_max):
+    window = config.load(ROOT / "configs/cifar10_dvs.py").data.window
+    assert window == (100_000, 1_100_000)
+    recs = fake.write_fake_cifar10dvs(tmp_path, n_per_class=2, classes=(0, 9), n_events=300, t_max=t_max,
+                                      aedat=False)
+    monkeypatch.setattr(tonic.datasets.cifar10dvs, "read_aedat4", fake.fake_read_aedat4(recs))
+    train, test = cifar10_dvs.load_splits(cfg(tmp_path, timesteps=10, window=window))
+    check_frames(train, [recs[0], recs[2]], 10, (128, 128), window=window)   # int(0.9 * 2) = 1 per class
+    check_frames(test, [recs[1], recs[3]], 10, (128, 128), window=window)
+    bin_us = np.concatenate([train.bin_us, test.bin_us])
+    ends = np.array([r.t.max() - r.t.min() for r in (recs[0], recs[2], recs[1], recs[3])])
+    if t_max > 1_200_000:  # the window [0.1 s, 1.2 s] lies inside each recording: 110 ms bins
+        assert np.all(ends > 1_200_000) and np.all(bin_us == 110_000)
+    else:  # the part that exists: from 0.1 s to the last event
+        np.testing.assert_array_equal(bin_us, (ends - 100_000) / 10)
+        assert np.all(bin_us < 110_000)
+
+
+def test_dvs_gesture_reference_window(tmp_path):
+    window = config.load(ROOT / "configs/dvs_gesture.py").data.window
+    assert window == (0, 1_300_000)
+    recs = fake.write_fake_dvs_gesture(tmp_path, users={"train": (1,), "test": (24,)}, classes=(0, 10),
+                                       n_events=150, t_max_ms=2000)
+    train, test = dvs_gesture.load_splits(cfg(tmp_path, timesteps=16, size=(32, 32), window=window))
+    for fs, split in ((train, "train"), (test, "test")):
+        check_frames(fs, [r for r in recs if r.split == split], 16, (128, 128), (32, 32), window=window)
+        assert np.all(fs.bin_us == 1_300_000 / 16)
+
+
+def test_no_event_in_the_window_is_zero_frames_and_a_warning(tmp_path):
+    path = _nmnist_with(tmp_path, "00009.bin", fake.atis_bytes([1, 2], [3, 4], [10, 40_000], [0, 1]))
+    msg = fr"{path}: no event in the window \[50010, 250010\] \(events span \[10, 40000\]\)"
+    with pytest.warns(UserWarning, match=msg):
+        train, _ = nmnist.load_splits(cfg(tmp_path, window=(50_000, 200_000)))
+    assert train.frames.shape == (3, 4, 34, 34, 2) and not train.frames[-1].any() and train.bin_us[-1] == 0
+    assert train.frames[0].any() and train.bin_us[0] > 0
 
 
 # ----------------------------------------------------------------------------------------- missing data
@@ -201,8 +270,8 @@ def test_empty_recording_is_zero_frames_and_a_warning(tmp_path):
     path = _nmnist_with(tmp_path, "00009.bin", b"")
     with pytest.warns(UserWarning, match=f"{path}: empty recording"):
         train, _ = nmnist.load_splits(cfg(tmp_path))
-    assert train.frames[-1].shape == (4, 34, 34, 2) and not train.frames[-1].any()
-    assert train.frames[0].any()
+    assert train.frames[-1].shape == (4, 34, 34, 2) and not train.frames[-1].any() and train.bin_us[-1] == 0
+    assert train.frames[0].any() and train.bin_us[0] > 0
 
 
 def test_ncaltech101_empty_and_off_canvas_recordings(tmp_path):
@@ -271,10 +340,17 @@ def test_second_load_reads_the_cache_and_new_settings_rebuild(tmp_path, monkeypa
         np.testing.assert_array_equal(a.frames, b.frames)
     nmnist.load_splits(cfg(tmp_path, timesteps=3))
     nmnist.load_splits(cfg(tmp_path, size=(17, 17)))
-    assert len(calls) == 18  # each new setting read the raw files again
+    windowed = nmnist.load_splits(cfg(tmp_path, window=(0, 100_000)))
+    assert len(calls) == 24  # each new setting, the window included, read the raw files again
     names = sorted(p.name.rsplit("_", 1)[0] for p in (tmp_path / "frame_cache" / "nmnist").iterdir())
-    assert names == ["test_T3_34x34", "test_T4_17x17", "test_T4_34x34",
-                     "train_T3_34x34", "train_T4_17x17", "train_T4_34x34"]
+    assert names == ["test_T3_34x34", "test_T4_17x17", "test_T4_34x34", "test_T4_34x34",
+                     "train_T3_34x34", "train_T4_17x17", "train_T4_34x34", "train_T4_34x34"]
+    again = nmnist.load_splits(cfg(tmp_path, window=(0, 100_000)))
+    assert len(calls) == 24
+    for a, b, whole in zip(windowed, again, first):
+        np.testing.assert_array_equal(a.frames, b.frames)
+        np.testing.assert_array_equal(a.bin_us, b.bin_us)
+        assert np.all(a.bin_us == 25_000) and a.frames.sum() < whole.frames.sum()
 
 
 def test_cache_reads_no_raw_file(tmp_path, monkeypatch):
@@ -287,6 +363,7 @@ def test_cache_reads_no_raw_file(tmp_path, monkeypatch):
     monkeypatch.setattr(tonic.datasets.nmnist, "read_mnist_file", broken)
     again, _ = nmnist.load_splits(cfg(tmp_path))
     np.testing.assert_array_equal(again.frames, first.frames)
+    np.testing.assert_array_equal(again.bin_us, first.bin_us)
 
 
 def test_changed_raw_file_rebuilds(tmp_path):
@@ -322,6 +399,16 @@ def test_tampered_cache_is_rebuilt(tmp_path):
     check_frames(train, sorted_by_path(recs, "train"), 4, (34, 34))
 
 
+def test_cache_without_bin_us_is_rebuilt(tmp_path):
+    recs = fake.write_fake_nmnist(tmp_path, n_per_class=1, classes=(1, 2))
+    nmnist.load_splits(cfg(tmp_path))
+    folder = next((tmp_path / "frame_cache" / "nmnist").glob("train_*"))
+    os.remove(folder / "bin_us.npy")
+    with pytest.warns(UserWarning, match=f"frame cache {folder} cannot be trusted .*bin_us.npy.*rebuilding"):
+        train, _ = nmnist.load_splits(cfg(tmp_path))
+    check_frames(train, sorted_by_path(recs, "train"), 4, (34, 34))
+
+
 def test_counts_beyond_uint8_grow_the_cache_dtype(tmp_path):
     recs = fake.write_fake_nmnist(tmp_path, n_per_class=1, classes=(1, 2))
     r = next(r for r in recs if r.split == "train" and r.label == 2)  # the second train recording
@@ -337,5 +424,6 @@ def test_counts_beyond_uint8_grow_the_cache_dtype(tmp_path):
 def test_cache_key_covers_every_setting():
     base = {"dataset": "nmnist", "split": "train", "timesteps": 4, "size": [34, 34]}
     keys = {cache.cache_key(base)} | {cache.cache_key({**base, k: v}) for k, v in
-                                      [("split", "test"), ("timesteps", 5), ("size", [17, 17])]}
-    assert len(keys) == 4
+                                      [("split", "test"), ("timesteps", 5), ("size", [17, 17]),
+                                       ("window", [100_000, 1_100_000])]}
+    assert len(keys) == 5

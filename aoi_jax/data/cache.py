@@ -11,20 +11,34 @@ against the native sensor, event-level spatial downsampling to ``size = (H', W')
 
     x' = floor(x * W' / W),   y' = floor(y * H' / H)          (every event kept, counts preserved)
 
-then ``events.integrate`` (T equal time bins from the first to the last event, no event lost).
+then ``events.integrate`` over the span ``events.window_bounds`` gives for ``data.window``: T equal time bins
+from the first to the last event by default (no event lost); for a window ``(s, L)`` relative to the first
+event ``t_0``, the events in ``[t_0 + s, t_0 + s + L]`` in bins of ``L / T`` us, or, when the recording ends
+at ``t_1`` inside the window, in bins of ``(t_1 - t_0 - s) / T`` us over ``[t_0 + s, t_1]``.
+
+The reference's preprocessing (SNN-Regularisation-Cutoff ``preprocessing/cifar10dvs.py``, snncutoff
+``snncutoff/preprocessing/cifar10dvs.py``, ``dvs128gesture.py``, ``np2dataset.py``) also re-zeroes time at
+the first event, but keeps the events strictly inside ``(s, s + L)``, re-zeroes again at the first event
+kept, and divides the span from the first to the last kept event into T half-open slots, so that the last
+kept event falls in no slot. Ours differs only at the edges: events exactly on a bound are kept (with
+``s = 0`` the reference drops every event at the recording's first timestamp), the bins divide the window
+rather than the span of the events in it (on these dense recordings the two differ by the microseconds
+before the first and after the last event kept), and the last event is counted.
 
 Cache. ``cached_frames`` builds the frames of one split once and stores them under
 ``<data_dir>/frame_cache/<dataset>/<split>_T<T>_<H'>x<W'>_<key>/``:
 
 - ``frames.npy``: (N, T, H', W', 2) counts in the smallest of uint8 / uint16 / uint32 that holds them,
   opened with ``mmap_mode='r'`` (an epoch reads no raw events and does not load the split into memory);
-- ``labels.npy``: (N,) int32;  ``meta.json``: the key, the settings it hashes, shape, dtype, empty recordings.
+- ``labels.npy``: (N,) int32;  ``bin_us.npy``: (N,) float64, each recording's bin duration in us (the span
+  binned / T; 0 without an event in the window);  ``meta.json``: the key, the settings it hashes, shape,
+  dtype, empty recordings.
 
 The key is 16 hex digits of the SHA-256 of every setting that changes the frames: ``CACHE_VERSION``, the
-loader's reader version, data set, split, T, output size, native sensor, number of classes and a digest of
-the split's recordings (path relative to the data set folder, size in bytes, label, in order). A cache is
-used only if its ``meta.json`` repeats the key and settings and the arrays have the recorded shape;
-otherwise it is rebuilt (with a warning). A build writes into a temporary sibling folder
+loader's reader version, data set, split, T, output size, window, native sensor, number of classes and a
+digest of the split's recordings (path relative to the data set folder, size in bytes, label, in order). A
+cache is used only if its ``meta.json`` repeats the key and settings and the three arrays have the recorded
+shapes; otherwise it is rebuilt (with a warning). A build writes into a temporary sibling folder
 ``.tmp-<name>-<pid>-<random>`` and publishes it with one ``os.replace``, so an interrupted build never
 leaves a folder that a later load trusts (a leftover ``.tmp-*`` folder is junk and may be deleted).
 """
@@ -43,7 +57,7 @@ import numpy as np
 
 from aoi_jax.data import events as events_lib
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the window in the key, bin_us.npy
 CACHE_DIRNAME = "frame_cache"
 COUNT_DTYPES = (np.uint8, np.uint16, np.uint32)  # the cache's frame dtype grows along this list
 
@@ -183,18 +197,24 @@ def downsample(events: np.ndarray, native_hw: tuple[int, int], out_hw: tuple[int
     return out
 
 
-def recording_frames(events: np.ndarray, timesteps: int, sensor_size, out_hw: tuple[int, int],
-                     source: str) -> np.ndarray:
-    """One recording's counts, (T, H', W', 2) float32, channels last (channel 0 = polarity 0).
+def recording_frames(events: np.ndarray, timesteps: int, sensor_size, out_hw: tuple[int, int], source: str,
+                     window=()) -> tuple[np.ndarray, float]:
+    """One recording's counts, (T, H', W', 2) float32, channels last (channel 0 = polarity 0), and its bin
+    duration in us.
 
     Validates against the native ``sensor_size`` (W, H, P) (errors and warnings name ``source``),
-    downsamples to ``out_hw`` and integrates over the recording's own span (``events.integrate``).
+    downsamples to ``out_hw`` and integrates over ``[t_start, t_end] = events.window_bounds(t, window)``
+    (``window`` = ``DataConfig.window``; () = the recording's own span)::
+
+        bin_us = (t_end - t_start) / T,   or 0 when no event lies in the window (an empty recording too)
     """
     events_lib.check_events(events, sensor_size, source)
     W, H, P = (int(s) for s in sensor_size)
     ev = downsample(events, (H, W), out_hw)
-    frames = events_lib.integrate(ev, timesteps, (out_hw[1], out_hw[0], P), source=source)
-    return frames.transpose(0, 2, 3, 1)
+    t_start, t_end = events_lib.window_bounds(ev["t"], window) if len(ev) else (None, None)
+    frames = events_lib.integrate(ev, timesteps, (out_hw[1], out_hw[0], P), t_start, t_end, source=source)
+    bin_us = (t_end - t_start) / int(timesteps) if frames.any() else 0.0
+    return frames.transpose(0, 2, 3, 1), float(bin_us)
 
 
 # ------------------------------------------------------------------------------------------------- cache
@@ -218,8 +238,8 @@ def cache_dir(data_dir, dataset: str, split: str, timesteps: int, out_hw, key: s
 
 
 def _open_valid(folder: pathlib.Path, key: str, settings: dict, n: int):
-    """(frames memmap, labels) of a complete cache matching ``key``/``settings``; None if absent; raises
-    ValueError describing the mismatch if the folder exists but cannot be trusted."""
+    """(frames memmap, labels, bin_us) of a complete cache matching ``key``/``settings``; None if absent;
+    raises ValueError describing the mismatch if the folder exists but cannot be trusted."""
     meta_path = folder / "meta.json"
     if not folder.is_dir():
         return None
@@ -229,26 +249,31 @@ def _open_valid(folder: pathlib.Path, key: str, settings: dict, n: int):
             raise ValueError("meta.json holds other settings")
         frames = np.load(folder / "frames.npy", mmap_mode="r")
         labels = np.load(folder / "labels.npy")
+        bin_us = np.load(folder / "bin_us.npy")
     except (OSError, ValueError, EOFError) as e:
         raise ValueError(f"frame cache {folder} cannot be trusted ({type(e).__name__}: {e})") from e
-    if list(frames.shape) != meta.get("shape") or str(frames.dtype) != meta.get("dtype") or labels.shape != (n,):
+    if (list(frames.shape) != meta.get("shape") or str(frames.dtype) != meta.get("dtype") or labels.shape != (n,)
+            or bin_us.shape != (n,) or bin_us.dtype != np.float64):
         raise ValueError(f"frame cache {folder} cannot be trusted: arrays {frames.shape} {frames.dtype}, "
-                         f"labels {labels.shape} differ from meta.json {meta.get('shape')} {meta.get('dtype')}")
-    return frames, labels
+                         f"labels {labels.shape}, bin_us {bin_us.shape} {bin_us.dtype} differ from meta.json "
+                         f"{meta.get('shape')} {meta.get('dtype')}")
+    return frames, labels, bin_us
 
 
 def _build(tmp: pathlib.Path, frame_shape: tuple, read: Callable[[int], np.ndarray], sources: Sequence[str],
-           sensor_size, progress) -> dict:
-    """Writes ``frames.npy`` into ``tmp``, growing the dtype along COUNT_DTYPES as counts require."""
+           sensor_size, window, progress) -> dict:
+    """Writes ``frames.npy`` and ``bin_us.npy`` into ``tmp``, growing the frames' dtype along COUNT_DTYPES
+    as counts require."""
     n, level, path = len(sources), 0, tmp / "frames_uint8.npy"
     out = np.lib.format.open_memmap(path, mode="w+", dtype=COUNT_DTYPES[0], shape=(n, *frame_shape))
+    bin_us = np.zeros(n, np.float64)
     empty, top = [], 0
     T, H, W, _ = frame_shape
     for i in range(n):
         ev = read(i)
         if len(ev) == 0:
             empty.append(os.path.basename(sources[i]))
-        f = recording_frames(ev, T, sensor_size, (H, W), sources[i])
+        f, bin_us[i] = recording_frames(ev, T, sensor_size, (H, W), sources[i], window)
         m = int(f.max(initial=0))
         while m > np.iinfo(COUNT_DTYPES[level]).max:
             if level + 1 == len(COUNT_DTYPES):
@@ -269,13 +294,15 @@ def _build(tmp: pathlib.Path, frame_shape: tuple, read: Callable[[int], np.ndarr
     dtype = str(out.dtype)
     del out
     os.replace(path, tmp / "frames.npy")
+    np.save(tmp / "bin_us.npy", bin_us)
     return {"dtype": dtype, "max_count": top, "empty_recordings": empty}
 
 
 def cached_frames(data_dir, *, dataset: str, split: str, sources: Sequence[str], labels: np.ndarray,
                   read: Callable[[int], np.ndarray], sensor_size, timesteps: int, out_hw: tuple[int, int],
-                  base, settings: dict, progress: Callable[[int, int], None] | None = None):
-    """Frames (N, T, H', W', 2) of one split, read from the cache or built once and cached.
+                  window, base, settings: dict, progress: Callable[[int, int], None] | None = None):
+    """Frames (N, T, H', W', 2) of one split and their bin durations, read from the cache or built once
+    and cached.
 
     Args:
       data_dir: root of the data (the cache goes to ``<data_dir>/frame_cache/``).
@@ -283,18 +310,21 @@ def cached_frames(data_dir, *, dataset: str, split: str, sources: Sequence[str],
       sources: the N recordings' file paths, in the order of the frames.  labels: (N,) int32.
       read: ``read(i) -> events`` of recording i (structured array, native coordinates).
       sensor_size: native (W, H, P).  timesteps: T.  out_hw: frame size (H', W').
+      window: ``DataConfig.window``, () or (start_us, length_us) relative to each recording's first event.
       base: folder the ``sources`` are keyed relative to (the tonic data set folder).
       settings: the loader's extra key entries (reader version, split rule, ...).
       progress: optional ``progress(done, total)`` called while building.
     Returns:
-      ``(frames, labels)``: a read-only ``np.memmap`` in the cache's count dtype, and (N,) int32.
+      ``(frames, labels, bin_us)``: a read-only ``np.memmap`` in the cache's count dtype, (N,) int32 and
+      (N,) float64 microseconds per bin (``recording_frames``).
     """
     labels = np.asarray(labels, np.int32)
     T, (H, W) = int(timesteps), out_hw
     if T < 1:
         raise ValueError(f"data.timesteps must be >= 1, got {timesteps}")
     full = {"cache_version": CACHE_VERSION, "dataset": dataset, "split": split, "timesteps": T,
-            "size": [int(H), int(W)], "sensor_size": [int(s) for s in sensor_size], "recordings": len(sources),
+            "size": [int(H), int(W)], "window": [int(w) for w in window],
+            "sensor_size": [int(s) for s in sensor_size], "recordings": len(sources),
             "files_sha256": files_digest(sources, labels, base), **settings}
     key = cache_key(full)
     folder = cache_dir(data_dir, dataset, split, T, out_hw, key)
@@ -311,7 +341,7 @@ def cached_frames(data_dir, *, dataset: str, split: str, sources: Sequence[str],
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-{os.getpid()}-"))
     try:
-        info = _build(tmp, (T, H, W, 2), read, sources, sensor_size, progress)
+        info = _build(tmp, (T, H, W, 2), read, sources, sensor_size, window, progress)
         np.save(tmp / "labels.npy", labels)
         meta = {"key": key, "settings": full, "shape": [len(sources), T, int(H), int(W), 2], **info}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))

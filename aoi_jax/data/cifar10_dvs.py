@@ -11,8 +11,8 @@ saying so is raised when a frame cache has to be built without it)::
 Labels: tonic's ``classes`` dict (airplane 0 ... truck 9). Split (reference-semantics.md section 10): within
 each class, recordings in natural sorted file order (digit runs compared as numbers, so ``..._9`` comes
 before ``..._10``); the first ``int(0.9 * n_c)`` are train, the rest test (900/100 per class on the full
-set). Frames: T equal time bins over each recording's span, per-polarity counts, optionally downsampled,
-cached under ``<data_dir>/frame_cache/cifar10_dvs/``.
+set). Frames: T equal time bins over each recording's ``data.window``, per-polarity counts, optionally
+downsampled, cached under ``<data_dir>/frame_cache/cifar10_dvs/``.
 """
 
 import os
@@ -55,7 +55,7 @@ def split_indices(sources: list[str], labels: np.ndarray) -> tuple[np.ndarray, n
 def load_splits(data_cfg, *, progress: Callable[[int, int], None] | None = None):
     """``(train, test)`` FrameSets of CIFAR10-DVS for an ``aoi_jax.config.DataConfig``.
 
-    Uses ``data_dir``, ``timesteps`` and ``size`` (() = 128x128).
+    Uses ``data_dir``, ``timesteps``, ``size`` (() = 128x128) and ``window`` (() = whole recordings).
 
     Raises:
       FileNotFoundError: the archive or the extracted files are missing (says what is expected where).
@@ -74,13 +74,13 @@ def load_splits(data_cfg, *, progress: Callable[[int, int], None] | None = None)
     labels = cache.check_labels([ds.targets[i] for i in order], sources, NUM_CLASSES)
     out = []
     for split, idx in zip(("train", "test"), split_indices(sources, labels)):
-        frames, lab = cache.cached_frames(
+        frames, lab, bin_us = cache.cached_frames(
             root, dataset=NAME, split=split, sources=[sources[i] for i in idx], labels=labels[idx],
             read=lambda j, idx=idx: cache.read_recording(ds, order[idx[j]]), sensor_size=SENSOR_SIZE,
-            timesteps=data_cfg.timesteps, out_hw=out_hw, base=base,
+            timesteps=data_cfg.timesteps, out_hw=out_hw, window=data_cfg.window, base=base,
             settings={"reader": f"{NAME}-{READER_VERSION}", "split_rule": "first_90_percent_per_class"},
             progress=progress)
-        out.append(events_lib.FrameSet(frames, lab, NUM_CLASSES, NATIVE_HW))
+        out.append(events_lib.FrameSet(frames, lab, NUM_CLASSES, NATIVE_HW, bin_us))
     return tuple(out)
 
 

@@ -9,7 +9,7 @@ preprocessed version (multi-gesture recordings already cut, timestamps in ms), n
     <data_dir>/DVSGesture/ibmGestureTest.tar.gz, ibmGestureTest/...                                      264 files
 
 tonic does not sort files within a folder; recordings here are in (folder, numeric label) order. Label =
-the file stem (0..10). Frames: T equal time bins over each recording's span, per-polarity counts,
+the file stem (0..10). Frames: T equal time bins over each recording's ``data.window``, per-polarity counts,
 optionally downsampled to ``data.size``, cached under ``<data_dir>/frame_cache/dvs_gesture/``.
 """
 
@@ -59,18 +59,19 @@ def load_split(data_cfg, split: str, *, progress: Callable[[int, int], None] | N
     sources = [ds.data[i] for i in order]
     cache.warn_if_incomplete(root / "DVSGesture" / folder, len(sources), official, f"DVS128 Gesture {split} split")
     labels = cache.check_labels([ds.targets[i] for i in order], sources, NUM_CLASSES)
-    frames, labels = cache.cached_frames(
+    frames, labels, bin_us = cache.cached_frames(
         root, dataset=NAME, split=split, sources=sources, labels=labels,
         read=lambda i: cache.read_recording(ds, order[i]), sensor_size=SENSOR_SIZE,
-        timesteps=data_cfg.timesteps, out_hw=out_hw, base=root / "DVSGesture",
+        timesteps=data_cfg.timesteps, out_hw=out_hw, window=data_cfg.window, base=root / "DVSGesture",
         settings={"reader": f"{NAME}-{READER_VERSION}"}, progress=progress)
-    return events_lib.FrameSet(frames, labels, NUM_CLASSES, NATIVE_HW)
+    return events_lib.FrameSet(frames, labels, NUM_CLASSES, NATIVE_HW, bin_us)
 
 
 def load_splits(data_cfg, *, progress: Callable[[int, int], None] | None = None):
     """``(train, test)`` FrameSets of DVS128 Gesture for an ``aoi_jax.config.DataConfig`` (official split).
 
-    Uses ``data_dir``, ``timesteps`` and ``size`` (() = 128x128). See ``load_split`` for the errors.
+    Uses ``data_dir``, ``timesteps``, ``size`` (() = 128x128) and ``window`` (() = whole recordings). See
+    ``load_split`` for the errors.
     """
     return (load_split(data_cfg, "train", progress=progress), load_split(data_cfg, "test", progress=progress))
 

@@ -101,7 +101,8 @@ def integrate(events: np.ndarray, timesteps: int, sensor_size, t_start=None, t_e
     and a window shorter than T microseconds still counts its events. Edge cases:
 
     - ``t_start`` / ``t_end`` default to the first / last event, so by default every event is counted.
-      Events outside an explicit window are excluded.
+      Events outside an explicit window are excluded; ``window_bounds`` gives the window of a
+      ``DataConfig.window``.
     - Zero-duration window (``D == 0``: one event, or all events at one time): every event goes to bin 0.
     - Empty recording, or no event inside the window: zeros, with a ``warnings.warn`` naming ``source``.
 
@@ -153,6 +154,33 @@ def integrate(events: np.ndarray, timesteps: int, sensor_size, t_start=None, t_e
     return frames
 
 
+def window_bounds(t: np.ndarray, window=()) -> tuple:
+    """The absolute span ``[t_start, t_end]`` that ``integrate`` bins for a window relative to the first event.
+
+    With ``t_0``, ``t_1`` the recording's first and last timestamps::
+
+        window == ()                      [t_0, t_1]                              the whole recording
+        window == (s, L), t_1 >= t_0 + s  [t_0 + s, min(t_0 + s + L, t_1)]        cut at the last event
+        window == (s, L), t_1 <  t_0 + s  [t_0 + s, t_0 + s + L]                  no event inside
+
+    So the T bins divide the window itself, ``L / T`` us each, or, for a recording that ends inside the
+    window, only the part that exists, ``(t_1 - t_0 - s) / T`` us each (never stretched to the events).
+
+    Args:
+      t: (E,) sorted timestamps in us (E >= 1).
+      window: ``()`` or ``(start_us, length_us)``, start_us >= 0, length_us > 0 (``DataConfig.window``).
+    Returns:
+      ``(t_start, t_end)`` as Python numbers (int for integer timestamps), ``t_start <= t_end``.
+    """
+    cast = float if t.dtype.kind == "f" else int
+    t0, t1 = cast(t[0]), cast(t[-1])
+    if tuple(window) == ():
+        return t0, t1
+    start, length = (int(w) for w in window)
+    t_start = t0 + start
+    return t_start, (t_start + length if t1 < t_start else min(t_start + length, t1))
+
+
 @dataclasses.dataclass(frozen=True)
 class FrameSet:
     """Count frames of a split, one recording per row.
@@ -165,15 +193,19 @@ class FrameSet:
       num_classes: K >= 1.
       sensor_hw: (H, W) of the native sensor the frames come from (differs from the frame size after
         spatial downsampling); defaults to the frames' (H, W).
+      bin_us: (N,) float64 microseconds of sensor time per frame bin, per sample (event sets; 0 for a
+        sample with no event in its window), or None (static images). A decision after k of the T frames
+        is taken ``k * bin_us[n]`` us of sensor time after the start of sample n's window.
     Raises (in ``__post_init__``):
       ValueError naming the problem: frames not 5-D with channels last, non-numeric frames, labels not
-        (N,) integers, a label outside [0, num_classes), num_classes < 1.
+        (N,) integers, a label outside [0, num_classes), num_classes < 1, bin_us not (N,) finite and >= 0.
     """
 
     frames: np.ndarray
     labels: np.ndarray
     num_classes: int
     sensor_hw: tuple[int, int] | None = None
+    bin_us: np.ndarray | None = None
 
     def __post_init__(self):
         f = self.frames
@@ -199,6 +231,13 @@ class FrameSet:
         if len(hw) != 2:
             raise ValueError(f"FrameSet.sensor_hw must be (H, W), got {self.sensor_hw!r}")
         object.__setattr__(self, "sensor_hw", hw)
+        if self.bin_us is not None:
+            bin_us = np.asarray(self.bin_us, np.float64)
+            if bin_us.shape != (f.shape[0],) or not np.all(np.isfinite(bin_us) & (bin_us >= 0)):
+                raise ValueError(f"FrameSet.bin_us must be None or ({f.shape[0]},) finite microseconds >= 0, "
+                                 f"got shape {bin_us.shape}, range [{bin_us.min(initial=np.inf)}, "
+                                 f"{bin_us.max(initial=-np.inf)}]")
+            object.__setattr__(self, "bin_us", bin_us)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -231,4 +270,4 @@ def batches(frameset: FrameSet, batch_size: int, *, rng: np.random.Generator | N
                "label": frameset.labels[idx]}
 
 
-__all__ = ["check_events", "integrate", "FrameSet", "batches", "num_batches", "REQUIRED_FIELDS"]
+__all__ = ["check_events", "integrate", "window_bounds", "FrameSet", "batches", "num_batches", "REQUIRED_FIELDS"]

@@ -83,7 +83,8 @@ def label_of(path: str) -> int:
 def load_splits(data_cfg, *, progress: Callable[[int, int], None] | None = None):
     """``(train, test)`` FrameSets of N-Caltech101 for an ``aoi_jax.config.DataConfig``.
 
-    Uses ``data_dir``, ``timesteps``, ``size`` (() = 180x240) and ``seed`` (the split).
+    Uses ``data_dir``, ``timesteps``, ``size`` (() = 180x240), ``window`` (() = whole recordings) and
+    ``seed`` (the split).
 
     Raises:
       FileNotFoundError: the archive or the extracted files are missing (says what is expected where).
@@ -105,13 +106,13 @@ def load_splits(data_cfg, *, progress: Callable[[int, int], None] | None = None)
     train_idx, test_idx = split_indices(labels, TEST_FRACTION, data_cfg.seed)
     out = []
     for split, idx in (("train", train_idx), ("test", test_idx)):
-        frames, lab = cache.cached_frames(
+        frames, lab, bin_us = cache.cached_frames(
             root, dataset=NAME, split=split, sources=[sources[i] for i in idx], labels=labels[idx],
             read=lambda j, idx=idx: _read(ds, order[idx[j]]), sensor_size=SENSOR_SIZE,
-            timesteps=data_cfg.timesteps, out_hw=out_hw, base=base,
+            timesteps=data_cfg.timesteps, out_hw=out_hw, window=data_cfg.window, base=base,
             settings={"reader": f"{NAME}-{READER_VERSION}", "split_rule": "stratified",
                       "test_fraction": TEST_FRACTION, "seed": int(data_cfg.seed)}, progress=progress)
-        out.append(events_lib.FrameSet(frames, lab, NUM_CLASSES, CANVAS_HW))
+        out.append(events_lib.FrameSet(frames, lab, NUM_CLASSES, CANVAS_HW, bin_us))
     return tuple(out)
 
 

@@ -346,20 +346,26 @@ def load_splits(data_cfg, *, params: NDigitsParams = NDigitsParams(),
     """``(train, test)`` FrameSets of N-Digits for an ``aoi_jax.config.DataConfig``.
 
     Uses ``data_cfg.data_dir`` (cache root), ``data_cfg.timesteps`` (T) and ``data_cfg.seed`` (generator
-    and split seed). Frames are (N, T, 34, 34, 2) counts (uint8/uint16; ``batches`` gives float32).
+    and split seed). Frames are (N, T, 34, 34, 2) counts (uint8/uint16; ``batches`` gives float32) over
+    the fixed window [0, duration_us], so every sample's ``bin_us`` is ``duration_us / T``.
 
     Raises:
-      ValueError: ``data_cfg.size`` asks for a frame size other than the native 34x34.
+      ValueError: ``data_cfg.size`` asks for a frame size other than the native 34x34, or ``data_cfg.window``
+        is not () (N-Digits has its own fixed window).
     """
     native = (params.sensor_px, params.sensor_px)
     if tuple(data_cfg.size) not in ((), native):
         raise ValueError(f"N-Digits frames are {native}; data.size = {tuple(data_cfg.size)} is not supported "
                          "(use data.size=() )")
+    if tuple(data_cfg.window) != ():
+        raise ValueError(f"N-Digits frames span the fixed window [0, {params.duration_us}] us; data.window = "
+                         f"{tuple(data_cfg.window)} is not supported (use data.window=() )")
     frames, labels = load_frames(data_cfg.data_dir, data_cfg.timesteps, params=params, seed=data_cfg.seed,
                                  progress=progress)
     train, test = split_indices(labels, params.test_fraction, data_cfg.seed)
-    return (events_lib.FrameSet(frames[train], labels[train], NUM_CLASSES, native),
-            events_lib.FrameSet(frames[test], labels[test], NUM_CLASSES, native))
+    bin_us = np.full(len(labels), params.duration_us / data_cfg.timesteps)
+    return (events_lib.FrameSet(frames[train], labels[train], NUM_CLASSES, native, bin_us[train]),
+            events_lib.FrameSet(frames[test], labels[test], NUM_CLASSES, native, bin_us[test]))
 
 
 __all__ = ["NDigitsParams", "generate", "split_events", "load_events", "load_frames", "frames_from_events",

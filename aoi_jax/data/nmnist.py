@@ -8,8 +8,9 @@ downloaded::
     <data_dir>/NMNIST/test.zip, Test/<digit>/NNNNN.bin                             (10000 files)
 
 Recordings in sorted path order; label = the digit folder. Frames: T equal time bins over each
-recording's span, per-polarity counts, optionally downsampled to ``data.size`` (``cache.recording_frames``),
-cached per (split, T, size, files) under ``<data_dir>/frame_cache/nmnist/`` (``cache.cached_frames``).
+recording's span (or its ``data.window``), per-polarity counts, optionally downsampled to ``data.size``
+(``cache.recording_frames``), cached per (split, T, size, window, files) under
+``<data_dir>/frame_cache/nmnist/`` (``cache.cached_frames``).
 """
 
 import pathlib
@@ -57,17 +58,18 @@ def load_split(data_cfg, split: str, *, progress: Callable[[int, int], None] | N
     sources = [ds.data[i] for i in order]
     cache.warn_if_incomplete(root / "NMNIST" / folder, len(sources), official, f"N-MNIST {split} split")
     labels = cache.check_labels([ds.targets[i] for i in order], sources, NUM_CLASSES)
-    frames, labels = cache.cached_frames(
+    frames, labels, bin_us = cache.cached_frames(
         root, dataset=NAME, split=split, sources=sources, labels=labels, read=lambda i: _read(ds, order[i]),
-        sensor_size=SENSOR_SIZE, timesteps=data_cfg.timesteps, out_hw=out_hw, base=root / "NMNIST",
-        settings={"reader": f"{NAME}-{READER_VERSION}"}, progress=progress)
-    return events_lib.FrameSet(frames, labels, NUM_CLASSES, NATIVE_HW)
+        sensor_size=SENSOR_SIZE, timesteps=data_cfg.timesteps, out_hw=out_hw, window=data_cfg.window,
+        base=root / "NMNIST", settings={"reader": f"{NAME}-{READER_VERSION}"}, progress=progress)
+    return events_lib.FrameSet(frames, labels, NUM_CLASSES, NATIVE_HW, bin_us)
 
 
 def load_splits(data_cfg, *, progress: Callable[[int, int], None] | None = None):
     """``(train, test)`` FrameSets of N-MNIST for an ``aoi_jax.config.DataConfig`` (official split).
 
-    Uses ``data_dir``, ``timesteps`` and ``size`` (() = 34x34). See ``load_split`` for the errors.
+    Uses ``data_dir``, ``timesteps``, ``size`` (() = 34x34) and ``window`` (() = whole recordings). See
+    ``load_split`` for the errors.
     """
     return (load_split(data_cfg, "train", progress=progress), load_split(data_cfg, "test", progress=progress))
 
