@@ -14,11 +14,6 @@
     python -m benchmarks.data --cached 10000      # the full 3.3 GB cache (needs that much free disk)
 """
 
-if __name__ == "__main__":  # first, before jax loads: it may restart this command with huge pages on
-    from aoi_jax import hugepages
-
-    hugepages.reexec_with_huge_pages()
-
 import argparse
 import pathlib
 import sys

@@ -24,11 +24,6 @@ wall time during the timed steps (spinning worker threads count as busy).
     python -m benchmarks.train_step --platform cuda --devices 1 --steps 20    # on one GPU
 """
 
-if __name__ == "__main__":  # first, before jax loads: it may restart this command with huge pages on
-    from aoi_jax import hugepages
-
-    hugepages.reexec_with_huge_pages()
-
 import argparse
 import json
 import os
@@ -38,7 +33,6 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-REFERENCE_VGG_SECONDS = 2.3  # the reference PyTorch VGGSNN step (T=10, batch 8, 128x128) on these 2 cores
 
 MODELS = {
     "vggsnn": ("configs/cifar10_dvs.py", ["train.batch_size=8"], (128, 128, 2)),
@@ -65,20 +59,20 @@ def matmul_peak(devices, n=None, repeats=7):
     return 2 * n ** 3 * len(devices) / best
 
 
-def model_flops(train_step, state, batch):
-    """FLOPs of one ``train_step(state, batch)``: XLA:CPU's cost analysis of the step lowered for the CPU."""
+def model_flops(train_step, *args):
+    """FLOPs of one ``train_step(*args)``: XLA:CPU's cost analysis of the step lowered for the CPU."""
     import jax
 
-    return float(train_step.lower(*jax.device_put((state, batch), jax.devices("cpu")[0])).cost_analysis()["flops"])
+    return float(train_step.lower(*jax.device_put(args, jax.devices("cpu")[0])).cost_analysis()["flops"])
 
 
-def measure(model_name, n_devices, steps, overrides=()):
+def measure(model_name, n_devices, steps, overrides=(), tuning="auto"):
     """One model on the first ``n_devices`` devices: compile and step times, FLOPs, samples/s."""
     import jax
     import numpy as np
     from flax import nnx
 
-    from aoi_jax import config, models, parallel, step
+    from aoi_jax import config, models, parallel, step, xla_tuning
 
     path, sets, shape = MODELS[model_name]
     cfg = config.load(ROOT / path, list(sets) + list(overrides))
@@ -91,17 +85,19 @@ def measure(model_name, n_devices, steps, overrides=()):
     rng = np.random.default_rng(0)
     batch = parallel.shard_batch({"frames": rng.poisson(0.3, (T, B, *shape)).astype(np.float32),
                                   "label": rng.integers(0, cfg.model.num_classes, B).astype(np.int32)}, mesh)
-    train_step = step.make_train_step(graphdef, cfg, opt)
+    weights = parallel.replicate(step.loss_weights(cfg), mesh)
+    train_step = step.make_train_step(graphdef, cfg, opt,
+                                      compiler_options=xla_tuning.compiler_options(tuning, remat=cfg.model.remat))
     t0 = time.perf_counter()
-    compiled = train_step.lower(state, batch).compile()
+    compiled = train_step.lower(state, batch, weights).compile()
     compile_s = time.perf_counter() - t0
-    state, metrics = compiled(state, batch)                                   # warm-up
+    state, metrics = compiled(state, batch, weights)                          # warm-up
     jax.block_until_ready(metrics)
     times = []
     cpu0, wall0 = os.times(), time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, batch, weights)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     cpu1, wall1 = os.times(), time.perf_counter()
@@ -109,7 +105,7 @@ def measure(model_name, n_devices, steps, overrides=()):
     return {"model": model_name, "devices": n_devices, "T": T, "batch": B, "input": list(shape),
             "compile_s": compile_s, "step_s_median": float(np.median(times)), "step_s_min": min(times),
             "step_s_max": max(times), "samples_per_s": B / float(np.median(times)),
-            "flops_per_step_program": model_flops(train_step, state, batch),
+            "flops_per_step_program": model_flops(train_step, state, batch, weights),
             "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2 ** 20, "cores_busy": cores}
 
 
@@ -117,7 +113,7 @@ def worker(args):
     import jax
 
     peak = matmul_peak(jax.devices()[:args.devices])
-    rows = [measure(m, args.devices, args.steps, args.set) for m in args.models.split(",")]
+    rows = [measure(m, args.devices, args.steps, args.set, args.xla_tuning) for m in args.models.split(",")]
     devices = jax.devices()[:args.devices]
     print("RESULT" + json.dumps({"peak_flops": peak, "rows": rows, "platform": devices[0].platform,
                                  "device_kind": devices[0].device_kind, "jax": jax.__version__}))
@@ -129,7 +125,8 @@ def run_worker(n_devices, args):
     env.update(XLA_FLAGS=flags, JAX_PLATFORMS=args.platform if args.platform == "cpu" else f"{args.platform},cpu",
                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker", "--devices", str(n_devices),
-           "--models", args.models, "--steps", str(args.steps)] + [f"--set={s}" for s in args.set]
+           "--models", args.models, "--steps", str(args.steps), "--xla-tuning", args.xla_tuning]
+    cmd += [f"--set={s}" for s in args.set]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"worker with {n_devices} device(s) failed:\n{proc.stderr[-3000:]}")
@@ -146,13 +143,14 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], help="config override for both models, e.g. "
                                                              "model.remat=True")
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the workers")
+    p.add_argument("--xla-tuning", default="auto", choices=("auto", "none"),
+                   help="compiler options of aoi_jax.xla_tuning (auto) or XLA's defaults (none)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         args.devices = int(args.devices)
         return worker(args)
 
-    print(f"reference PyTorch VGGSNN step on these cores: {REFERENCE_VGG_SECONDS} s (given, not measured here)")
     if args.xla_flags:
         print(f"extra XLA_FLAGS: {args.xla_flags}")
     one_device_flops = {}
@@ -173,9 +171,6 @@ def main(argv=None):
                       f"{row['step_s_median']:>12.4f} [{row['step_s_min']:.4f}-{row['step_s_max']:.4f}]"
                       f"{row['samples_per_s']:>11.1f}{flops / 1e9:>11.1f}{achieved / 1e9:>9.0f}"
                       f"{100 * achieved / res['peak_flops']:>8.1f}{row['temp_mib']:>10.0f}{row['cores_busy']:>11.2f}")
-                if row["model"] == "vggsnn":
-                    print(f"{'':9}vs reference {REFERENCE_VGG_SECONDS} s: {REFERENCE_VGG_SECONDS / row['step_s_median']:.2f}x"
-                          f" (median), {REFERENCE_VGG_SECONDS / row['step_s_min']:.2f}x (best)")
 
 
 if __name__ == "__main__":
