@@ -3,6 +3,7 @@
     python evaluate.py --workdir runs/ndigits          # the newest checkpoint of a train.py run
     python evaluate.py --checkpoint runs/x/checkpoints --step 900 --out runs/x/eval_900
                        [--data-dir DIR] [--set eval.calib_dropout=0] [--set eval.min_support=5]
+                       [--set eval.calibration=validation]   # needs a run trained with data.validation_fraction > 0
 
 The model is rebuilt from the config stored in the checkpoint (neuron settings included); a mismatch between
 stored weights and that config is an error. ``--set`` changes evaluation settings (``eval.*`` keys) only.
@@ -19,7 +20,7 @@ import sys
 
 from tqdm import tqdm
 
-from aoi_jax import checkpoint, config, data, evaluation, parallel, reporting, step, xla_tuning
+from aoi_jax import checkpoint, config, data, evaluation, input_pipeline, parallel, reporting, step, xla_tuning
 
 log = logging.getLogger("aoi_jax")
 
@@ -59,7 +60,8 @@ def main(argv=None):
                          f"{tuple(input_shape)}")
     graphdef, state, cfg = evaluation.spiking_run(graphdef, state, cfg, input_shape)
     functions = evaluation.make_eval_functions(graphdef, cfg, compiler_options=xla_tuning.compiler_options(args.xla_tuning))
-    report = evaluation.evaluate(graphdef, parallel.replicate(state, parallel.data_mesh()), cfg, train_set, test_set,
+    calib_set = input_pipeline.calibration_set(*input_pipeline.split_validation(train_set, cfg.data), cfg)
+    report = evaluation.evaluate(graphdef, parallel.replicate(state, parallel.data_mesh()), cfg, calib_set, test_set,
                                  step.run_keys(cfg.seed).calibration, functions=functions,
                                  progress=functools.partial(tqdm, leave=False, dynamic_ncols=True))
     reporting.write_report(report, out)

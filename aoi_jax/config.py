@@ -85,8 +85,14 @@ class DataConfig:
     # event sets: the part of each recording that is binned, relative to its first event: () = all of it,
     # else (start_us, length_us): the T bins span [start, start + length], cut at the recording's last event
     window: tuple[int, ...] = ()
+    # fraction of each class of the training split held out as a validation split (seeded by ``seed``,
+    # ``aoi_jax.input_pipeline.split_validation``): never trained on; Top-K and SpikeCP calibrate on it when
+    # eval.calibration = "validation"; 0 trains on the whole training split
+    validation_fraction: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
         w = tuple(self.window)
         if w != () and (len(w) != 2 or w[0] < 0 or w[1] <= 0):
             raise ValueError(f"data.window = {self.window!r} must be () (the whole recording) or "
@@ -137,8 +143,14 @@ class EvalConfig:
     epsilons: tuple[float, ...] = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09)
     bins: int = 100  # Top-K threshold grid size
     min_support: int = 0  # Top-K: selected calibration samples a bin needs (0 = reference rule)
-    calib_dropout: float = 0.3  # dropout on spikes in the calibration pass (0 switches it off)
+    # the split Top-K and SpikeCP calibrate on: "train" (the samples trained on; the reference's choice) or
+    # "validation" (the held-out data.validation_fraction of the training split, which must then be > 0)
+    calibration: str = "train"
+    calib_dropout: float = 0.3  # dropout on spikes in the calibration pass, either split (0 switches it off)
     batch_size: int = 256  # evaluation batch size
+
+    def __post_init__(self):
+        _check_choice("eval.calibration", self.calibration, ("train", "validation"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Evaluation of a trained SNN with every exit rule: accuracy against latency, as a report dict.
 
-One pass over the training split (calibration, with the configured dropout on spikes, seeded) and one over
-the test split give per-step logits; ``aoi_jax.cutoff`` scores every exit rule at every epsilon on their
+One pass over the calibration split (``input_pipeline.calibration_set``: the training samples or a held-out
+validation split, with the configured dropout on spikes, seeded) and one over the test split give per-step
+logits; ``aoi_jax.cutoff`` scores every exit rule at every epsilon on their
 cumulative sums; the step-by-step anytime loop (``aoi_jax.anytime``) is checked against the multistep
 Top-K. Nothing here writes files: ``aoi_jax.reporting`` writes the report and its figures.
 
@@ -90,13 +91,14 @@ def anytime_topk(run_topk, state, frameset, beta, batch_size, mesh, *, progress=
     return np.concatenate(preds), np.concatenate(steps), computed / total
 
 
-def evaluate(graphdef, state: step.TrainState, cfg: config_lib.Config, train_set, test_set, key, *, mesh=None,
+def evaluate(graphdef, state: step.TrainState, cfg: config_lib.Config, calib_set, test_set, key, *, mesh=None,
              functions: EvalFunctions | None = None, progress=no_progress) -> dict:
-    """Calibrates on ``train_set``, scores every rule on ``test_set``; returns the report.
+    """Calibrates on ``calib_set``, scores every rule on ``test_set``; returns the report.
 
     Args:
       graphdef, state, cfg: a spiking run (``spiking_run`` converts a QCFS ANN first).
-      train_set, test_set: ``data.FrameSet``s (calibration and test splits).
+      calib_set, test_set: ``data.FrameSet``s: the calibration split (``input_pipeline.calibration_set``)
+        and the test split.
       key: the calibration dropout key (``step.run_keys(seed).calibration``).
       mesh: a ``parallel.data_mesh`` (default: all devices).  functions: ``make_eval_functions(graphdef,
         cfg)``, built here when not given (a sweep passes the same ones for every member).
@@ -111,7 +113,7 @@ def evaluate(graphdef, state: step.TrainState, cfg: config_lib.Config, train_set
     mesh = parallel.data_mesh() if mesh is None else mesh
     fns = make_eval_functions(graphdef, cfg) if functions is None else functions
     batch_size = cfg.eval.batch_size
-    logits_c, labels_c, _ = collect(fns.calib_step, state, train_set, batch_size, key, mesh, progress=progress,
+    logits_c, labels_c, _ = collect(fns.calib_step, state, calib_set, batch_size, key, mesh, progress=progress,
                                     desc="calibration")
     logits_t, labels_t, spikes = collect(fns.test_step, state, test_set, batch_size, key, mesh, progress=progress,
                                          desc="test")

@@ -5,6 +5,9 @@
   sweep's members, each exactly its single run's.
 - Evaluation: ``eval_batches`` walks a split in file order, the last batch padded to a multiple of the
   device count.
+- Calibration: ``split_validation`` holds ``data.validation_fraction`` of each class of the training split
+  out (never trained on); ``calibration_set`` is the split Top-K and SpikeCP calibrate on
+  (``eval.calibration``): the samples trained on, or the held-out ones.
 - A QCFS ANN (``ModelConfig.is_ann``) trains on one static frame per sample: the first time step of each
   recording (``model_input``), repeated nowhere; its converted SNN is evaluated on all T steps.
 
@@ -17,8 +20,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from aoi_jax import data
-from aoi_jax.config import Config
+from aoi_jax.config import Config, DataConfig
 from aoi_jax.data import FrameSet
+from aoi_jax.data.ndigits import split_indices
 
 
 def steps_per_epoch(n_train: int, cfg: Config) -> int:
@@ -34,6 +38,43 @@ def static_input(frameset: FrameSet) -> FrameSet:
 def model_input(frameset: FrameSet, cfg: Config) -> FrameSet:
     """What the model of ``cfg`` trains on: ``static_input`` for a QCFS ANN, else the frame set itself."""
     return static_input(frameset) if cfg.model.is_ann else frameset
+
+
+def subset(frameset: FrameSet, index: np.ndarray) -> FrameSet:
+    """The rows ``index`` of a frame set (frames copied into memory, also from a ``np.memmap``)."""
+    return dataclasses.replace(frameset, frames=np.asarray(frameset.frames[index]), labels=frameset.labels[index],
+                               bin_us=None if frameset.bin_us is None else frameset.bin_us[index])
+
+
+def split_validation(train_set: FrameSet, data_cfg: DataConfig) -> tuple[FrameSet, FrameSet | None]:
+    """Splits the data set's training split into (fit, validation); training sees only ``fit``.
+
+    The validation split is ``round(data.validation_fraction * n_c)`` samples of each class c, drawn with
+    ``data.seed`` (``ndigits.split_indices`` on the training labels), so it is the same for every training
+    seed and every member of a sweep. Both parts keep file order.
+
+    Returns:
+      (fit, validation); ``(train_set, None)`` when ``data.validation_fraction`` is 0.
+    """
+    if data_cfg.validation_fraction == 0:
+        return train_set, None
+    fit, validation = split_indices(train_set.labels, data_cfg.validation_fraction, data_cfg.seed)
+    return subset(train_set, fit), subset(train_set, validation)
+
+
+def calibration_set(fit: FrameSet, validation: FrameSet | None, cfg: Config) -> FrameSet:
+    """The split Top-K and SpikeCP calibrate on (``eval.calibration``), from ``split_validation``'s parts:
+    "train": ``fit``, the samples trained on; "validation": ``validation``, the held-out ones.
+
+    Raises:
+      ValueError: "validation" without a held-out split (``data.validation_fraction`` 0).
+    """
+    if cfg.eval.calibration == "train":
+        return fit
+    if validation is None:
+        raise ValueError('eval.calibration = "validation" needs a held-out split: set data.validation_fraction '
+                         "> 0 (e.g. 0.2), which also removes those samples from training")
+    return validation
 
 
 def train_batches(train_set: FrameSet, cfg: Config, epoch: int) -> Iterator[dict]:

@@ -3,7 +3,9 @@
 ``train_and_evaluate(cfg, workdir, sweep=...)`` trains every member of the sweep (``ablation.members``; a
 single run is a sweep of one member) in one compiled step per batch, writes per-member metrics and
 checkpoints, then evaluates each member with every exit rule and returns the reports; the caller writes
-them (``aoi_jax.reporting``). Per member, in its folder (the workdir itself for a single run,
+them (``aoi_jax.reporting``). Training sees the data set's training split less the held-out validation
+split (``data.validation_fraction``, ``input_pipeline.split_validation``); Top-K and SpikeCP calibrate on
+``input_pipeline.calibration_set`` (``eval.calibration``). Per member, in its folder (the workdir itself for a single run,
 ``workdir/members/<name>/`` in a sweep):
 
 - ``config.json``: the member's whole config (a folder that already holds checkpoints of another config
@@ -97,10 +99,14 @@ def train_and_evaluate(cfg: config_lib.Config, workdir, *, sweep: dict | None = 
              f" ({', '.join(m.name for m in members)})" if M > 1 else "", jax.devices(), data_mesh.devices.size)
 
     t0 = time.time()
-    train_set, test_set = data.load(base.data)
+    train_split, test_set = data.load(base.data)
+    train_set, validation_set = input_pipeline.split_validation(train_split, base.data)
+    calib_set = input_pipeline.calibration_set(train_set, validation_set, base)
     input_shape = train_set.frames.shape[2:]
-    log.info("data %s: train %d, test %d, frames (T, H, W, C) = %s, %d classes (%.1f s)", base.data.name,
-             len(train_set), len(test_set), train_set.frames.shape[1:], train_set.num_classes, time.time() - t0)
+    log.info("data %s: train %d, validation %d (held out), test %d, frames (T, H, W, C) = %s, %d classes; "
+             "calibration on %s (%.1f s)", base.data.name, len(train_set),
+             0 if validation_set is None else len(validation_set), len(test_set), train_set.frames.shape[1:],
+             train_set.num_classes, base.eval.calibration, time.time() - t0)
     if train_set.num_classes != base.model.num_classes:
         raise ValueError(f"model.num_classes = {base.model.num_classes} but data set {base.data.name!r} has "
                          f"{train_set.num_classes} classes")
@@ -168,7 +174,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir, *, sweep: dict | None = 
         if eval_functions is None:                                          # a QCFS ANN's SNN: once
             eval_functions = evaluation.make_eval_functions(g, c, compiler_options=eval_options)
         log.info("evaluating %s", r.member.name or "the run")
-        r.report = evaluation.evaluate(g, st, c, train_set, test_set, step.run_keys(c.seed).calibration,
+        r.report = evaluation.evaluate(g, st, c, calib_set, test_set, step.run_keys(c.seed).calibration,
                                        mesh=data_mesh, functions=eval_functions, progress=progress)
     return results
 

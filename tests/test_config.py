@@ -40,6 +40,9 @@ def test_unknown_key_names_it_and_lists_valid_keys():
     ("data.window=1000", r"data\.window = \(1000,\) must be \(\)"),
     ("data.window=(0, 10, 20)", r"data\.window = \(0, 10, 20\) must be \(\)"),
     ("data.window=(0, 1.5)", r"config key 'data.window\[1\]' expects an int"),
+    ("data.validation_fraction=1.0", r"data\.validation_fraction must be in \[0, 1\), got 1\.0"),
+    ("data.validation_fraction=-0.1", r"data\.validation_fraction must be in \[0, 1\), got -0\.1"),
+    ("eval.calibration=test", r"eval\.calibration must be one of \['train', 'validation'\], got 'test'"),
 ])
 def test_bad_values(item, msg):
     with pytest.raises(ValueError, match=msg):

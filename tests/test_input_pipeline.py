@@ -1,5 +1,6 @@
 """The input pipeline: each run's epoch is a function of its seed and the epoch; members stack their own
-runs' batches; evaluation batches pad to the device count; a QCFS ANN sees the first frame."""
+runs' batches; evaluation batches pad to the device count; a QCFS ANN sees the first frame; the held-out
+validation split and the calibration split."""
 
 import numpy as np
 import pytest
@@ -76,3 +77,38 @@ def test_eval_batches_pad_to_the_devices(rng, n_devices):
     if n_devices == 4:                                                          # padding repeats the last sample
         assert last["label"][3] == fs.labels[10]
         np.testing.assert_array_equal(last["frames"][:, 3], fs.frames[10].astype(np.float32))
+
+
+def test_split_validation_is_stratified_seeded_and_disjoint(rng):
+    """Per class round(0.25 * n_c) samples held out, drawn with data.seed only (not the training seed); the
+    two parts partition the training split in file order, frames, labels and bin_us row by row."""
+    fs = frameset(rng, n=41)
+    fs = data.FrameSet(fs.frames, fs.labels, 3, fs.sensor_hw, bin_us=np.arange(41.0))
+    cfg = tiny_cfg("data.validation_fraction=0.25", "data.seed=3")
+    fit, val = input_pipeline.split_validation(fs, cfg.data)
+    counts = np.bincount(fs.labels, minlength=3)
+    np.testing.assert_array_equal(np.bincount(val.labels, minlength=3), np.round(0.25 * counts))
+    rows_fit, rows_val = fit.bin_us.astype(int), val.bin_us.astype(int)        # bin_us[i] = i: the row index
+    assert np.all(np.diff(rows_fit) > 0) and np.all(np.diff(rows_val) > 0)      # file order
+    np.testing.assert_array_equal(np.sort(np.concatenate([rows_fit, rows_val])), np.arange(41))
+    for part, rows in ((fit, rows_fit), (val, rows_val)):
+        np.testing.assert_array_equal(part.frames, fs.frames[rows])
+        np.testing.assert_array_equal(part.labels, fs.labels[rows])
+    _, again = input_pipeline.split_validation(fs, config.override(cfg, "seed", 9).data)
+    np.testing.assert_array_equal(again.bin_us, val.bin_us)                     # the training seed plays no part
+    _, other = input_pipeline.split_validation(fs, config.override(cfg, "data.seed", 4).data)
+    assert not np.array_equal(other.bin_us, val.bin_us)
+    same, none = input_pipeline.split_validation(fs, tiny_cfg().data)           # fraction 0: nothing held out
+    assert same is fs and none is None
+
+
+def test_calibration_set_selects_the_split(rng):
+    fs = frameset(rng)
+    cfg = tiny_cfg("data.validation_fraction=0.25")
+    fit, val = input_pipeline.split_validation(fs, cfg.data)
+    assert input_pipeline.calibration_set(fit, val, cfg) is fit
+    assert input_pipeline.calibration_set(fit, val, config.override(cfg, "eval.calibration", "validation")) is val
+    whole, none = input_pipeline.split_validation(fs, tiny_cfg().data)
+    with pytest.raises(ValueError, match=r'eval.calibration = "validation" needs a held-out split: set '
+                                         r"data.validation_fraction > 0"):
+        input_pipeline.calibration_set(whole, none, tiny_cfg("eval.calibration=validation"))

@@ -53,6 +53,16 @@ def test_rerun_resumes_and_other_config_is_refused(run):
         training.train_and_evaluate(tiny(root, "reg.alpha=0.01"), root / "run", run_eval=False)
 
 
+def test_held_out_validation_split_is_not_trained_on_and_calibrates(tmp_path):
+    """data.validation_fraction = 0.2 holds 287 of N-Digits' 1438 training samples out (round(0.2 n_c) of
+    each class): training steps count the other 1151; Top-K calibrates on the 287 (eval.calibration)."""
+    (result,) = training.train_and_evaluate(
+        tiny(tmp_path, "data.validation_fraction=0.2", "eval.calibration=validation", "eval.calib_dropout=0.0"),
+        tmp_path / "run")
+    assert checkpoint.latest_step(tmp_path / "run" / "checkpoints") == 1151 // 64
+    assert result.report["n_calibration"] == 287 and result.report["n_test"] == 359
+
+
 def test_train_nmnist_on_fake_folder(tmp_path):
     """A tonic-backed data set (N-MNIST, a tiny fake folder) runs through the same loop end to end."""
     from fake_event_data import write_fake_nmnist
