@@ -94,36 +94,52 @@ def plot_accuracy_vs_latency(report: dict, path) -> None:
 
 
 def plot_summary(summary: dict, path) -> None:
-    """Accuracy and Top-K mean exit timestep against the first swept key other than seed (one line per
-    setting of the others), mean over seeds with min-max bars."""
+    """Writes ``summary_figure(summary)`` to ``path``."""
+    fig = summary_figure(summary)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary_figure(summary: dict):
+    """Accuracy and mean exit timestep against the first swept key other than seed (one line per setting
+    of the others): the mean over seeds with its 95 % Student t interval (``ablation.summarise``; no bar for
+    a single seed). The x axis is symmetric-log (linear within the smallest non-zero |value|), so 0 and
+    small values stay apart."""
     keys = [k for k in summary["sweep"] if k != "seed"]
     x_key = keys[0] if keys else None
     lines = {}
     for g in summary["groups"]:
         rest = tuple((k, v) for k, v in g["settings"].items() if k != x_key)
         lines.setdefault(rest, []).append(g)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    topk = [f for f in summary["fields"] if f.startswith("topk_")]
+    panels = ((0, "accuracy_at_T", "accuracy at T"),
+              *((0, f, f"Top-K accuracy, epsilon {f.partition('@')[2]}") for f in topk if "accuracy" in f),
+              *((1, f, f"Top-K mean exit, epsilon {f.partition('@')[2]}") for f in topk if "timestep" in f),
+              (1, "oct_mean_timestep", "OCT mean exit (oracle)"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for rest, groups in lines.items():
-        xs = [g["settings"][x_key] if x_key else 0 for g in groups]
-        label = ", ".join(f"{k}={v}" for k, v in rest) or None
-        for ax, field, what in ((axes[0], "accuracy_at_T", "accuracy at T"),
-                                (axes[0], "topk_accuracy", "Top-K accuracy"),
-                                (axes[1], "topk_mean_timestep", "Top-K mean exit timestep")):
-            mean = np.asarray([g[field]["mean"] for g in groups])
-            err = np.asarray([[g[field]["mean"] - g[field]["min"], g[field]["max"] - g[field]["mean"]]
-                              for g in groups]).T
+        xs = np.asarray([g["settings"][x_key] if x_key else 0 for g in groups], np.float64)
+        label = ", ".join(f"{k}={v}" for k, v in rest)
+        for panel, field, what in panels:
             scale = 100 if "accuracy" in field else 1
-            ax.errorbar(xs, mean * scale, yerr=err * scale, fmt="o-", capsize=3,
-                        label=f"{what}" + (f" ({label})" if label else ""))
-    eps = summary["members"][0]["topk_epsilon"]
-    for ax, ylabel in ((axes[0], "test accuracy (%)"), (axes[1], f"mean exit timestep (Top-K, epsilon {eps})")):
-        ax.set_xticks(sorted({g["settings"][x_key] for g in summary["groups"]}) if x_key else [0])
+            mean = np.asarray([g[field]["mean"] for g in groups]) * scale
+            err = np.asarray([[0.0, 0.0] if g[field]["ci95"] is None else
+                              [g[field]["mean"] - g[field]["ci95"][0], g[field]["ci95"][1] - g[field]["mean"]]
+                              for g in groups]).T * scale
+            axes[panel].errorbar(xs, mean, yerr=err, fmt="o-", ms=4, capsize=3,
+                                 label=what + (f" ({label})" if label else ""))
+    values = sorted({g["settings"][x_key] for g in summary["groups"]}) if x_key else [0]
+    nonzero = [abs(v) for v in values if v != 0]
+    for ax, ylabel in ((axes[0], "test accuracy (%)"), (axes[1], "mean exit timestep")):
+        if x_key:
+            ax.set_xscale("symlog", linthresh=min(nonzero) if nonzero else 1.0)
+        ax.set_xticks(values)
+        ax.set_xticklabels([f"{v:g}" for v in values])
         ax.set_xlabel(x_key or "(seeds only)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     seeds = summary["sweep"].get("seed", [])
-    fig.suptitle(f"sweep: mean over {max(len(seeds), 1)} seed(s), bars min-max")
+    fig.suptitle(f"sweep: mean over {max(len(seeds), 1)} seed(s), bars: 95 % Student t interval of the mean")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

@@ -1,0 +1,41 @@
+"""The sweep summary figure: a symmetric-log alpha axis (0 and the smallest alpha apart) and bars that are
+the summary's 95 % intervals."""
+
+import numpy as np
+import pytest
+
+from aoi_jax import ablation, config, reporting
+
+
+@pytest.fixture
+def summary():
+    cfg = config.Config(model=config.ModelConfig(channels=(4, 8), num_classes=3))
+    mem = ablation.members(cfg, ablation.parse_sweep(["reg.alpha=0,0.005,0.08", "seed=0,1,2"]))
+    reports = []
+    for i, m in enumerate(mem):
+        acc = 0.5 + 0.01 * i
+        reports.append({"epsilons": [0.0, 0.05], "accuracy_per_timestep": [0.1, acc],
+                        "oct": {"accuracy": acc, "mean_timestep": 1.0 + 0.1 * i}, "synops_per_sample": [10.0],
+                        "rules": {"topk": {"accuracy": [acc, acc - 0.1], "mean_timestep": [3.0 + (i % 3), 2.0]}}})
+    return {"sweep": {"reg.alpha": [0.0, 0.005, 0.08], "seed": [0, 1, 2]}, **ablation.summarise(mem, reports)}
+
+
+def test_summary_figure_symlog_axis_and_interval_bars(summary, tmp_path):
+    fig = reporting.summary_figure(summary)
+    acc_ax, exit_ax = fig.axes
+    for ax in (acc_ax, exit_ax):
+        assert ax.get_xscale() == "symlog"
+        assert ax.xaxis.get_transform().linthresh == 0.005               # the smallest non-zero alpha
+        np.testing.assert_array_equal(ax.get_xticks(), [0.0, 0.005, 0.08])
+        x0, x1 = ax.transData.transform([(0.0, 0.0), (0.005, 0.0)])[:, 0]
+        assert x1 - x0 > 20                                                 # pixels apart at 100 dpi
+    labels = [c.get_label() for c in exit_ax.containers]
+    assert labels == ["Top-K mean exit, epsilon 0", "Top-K mean exit, epsilon 0.05", "OCT mean exit (oracle)"]
+    # Top-K exit at epsilon 0 is 3, 4, 5 over the seeds of every alpha: mean 4, interval 4 +- t(0.975, 2) / sqrt(3)
+    topk = exit_ax.containers[0]
+    segments = topk.lines[2][0].get_segments()
+    half = 4.302653 * 1.0 / np.sqrt(3)
+    for seg in segments:
+        np.testing.assert_allclose(seg[:, 1], [4 - half, 4 + half], atol=1e-5)
+    reporting.plot_summary(summary, tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
