@@ -251,8 +251,9 @@ def headline(report: dict, epsilons: Sequence[float] = SUMMARY_EPSILONS) -> dict
     return out
 
 
-def _spread(values, level: float = 0.95) -> dict:
-    """{mean, std (ddof 1; 0 for one value), min, max, ci95: [low, high] (Student t; None for one value)}."""
+def spread(values, level: float = 0.95) -> dict:
+    """{mean, std (ddof 1; 0 for one value), min, max, ci95: [low, high] (Student t interval of the mean,
+    ``stats.mean_interval``; None for one value)} of ``values`` (n,)."""
     v = np.asarray(values, np.float64)
     ci = stats.mean_interval(v, level) if len(v) > 1 else None
     return {"mean": float(v.mean()), "std": ci["std"] if ci else 0.0, "min": float(v.min()), "max": float(v.max()),
@@ -280,7 +281,7 @@ def summarise(member_list: Sequence[Member], reports: Sequence[dict],
         settings = tuple((k, v) for k, v in row["overrides"].items() if k != "seed")
         groups.setdefault(settings, []).append(row)
     out = [{"settings": dict(settings), "seeds": [r["overrides"].get("seed") for r in group],
-            **{f: _spread([r[f] for r in group]) for f in fields}} for settings, group in groups.items()]
+            **{f: spread([r[f] for r in group]) for f in fields}} for settings, group in groups.items()]
     return {"fields": fields, "members": rows, "groups": out}
 
 

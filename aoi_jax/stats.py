@@ -101,8 +101,9 @@ def paired_differences(treated: dict, baseline: dict) -> tuple[list, np.ndarray]
       ValueError: the key sets differ (the message names the unpaired keys).
     """
     if set(treated) != set(baseline):
-        raise ValueError(f"paired differences need the same keys on both sides; only treated: "
-                         f"{sorted(set(treated) - set(baseline))}, only baseline: {sorted(set(baseline) - set(treated))}")
+        only_t, only_b = sorted(set(treated) - set(baseline)), sorted(set(baseline) - set(treated))
+        raise ValueError(f"paired differences need the same keys on both sides; only treated: {only_t}, "
+                         f"only baseline: {only_b}")
     keys = sorted(treated)
     return keys, np.asarray([treated[k] - baseline[k] for k in keys], np.float64)
 

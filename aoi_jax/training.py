@@ -5,8 +5,8 @@ single run is a sweep of one member) in one compiled step per batch, writes per-
 checkpoints, then evaluates each member with every exit rule and returns the reports; the caller writes
 them (``aoi_jax.reporting``). Training sees the data set's training split less the held-out validation
 split (``data.validation_fraction``, ``input_pipeline.split_validation``); Top-K and SpikeCP calibrate on
-``input_pipeline.calibration_set`` (``eval.calibration``). Per member, in its folder (the workdir itself for a single run,
-``workdir/members/<name>/`` in a sweep):
+``input_pipeline.calibration_set`` (``eval.calibration``). Per member, in its folder (the workdir itself
+for a single run, ``workdir/members/<name>/`` in a sweep):
 
 - ``config.json``: the member's whole config (a folder that already holds checkpoints of another config
   is refused);

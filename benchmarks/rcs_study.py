@@ -1,0 +1,433 @@
+"""Does RCS shorten latency? The study of issue 17: writes docs/results.md and its figures.
+
+    python -m benchmarks.rcs_study                  # the grid below -> docs/results.md, docs/results/*.png
+    python -m benchmarks.rcs_study --quick          # a small slice (smoke test) into a temporary folder
+
+Grid: for each data set (``configs/<name>.py``) and loss (mean, tet), one sweep ``reg.alpha`` x ``seed``
+trained together in one compiled program by ``training.train_and_evaluate`` in ``<runs>/<data>_<loss>/``
+(resumable: a cell resumes from its members' checkpoints, and reports already written are read back).
+Every cell holds ``data.validation_fraction`` of each class of the training split out (never trained on),
+and every trained member is evaluated twice from its last checkpoint:
+
+- ``validation``: Top-K and SpikeCP calibrated on the held-out split, without dropout;
+- ``train``: calibrated on the samples it was trained on with the reference's 0.3 dropout on spikes
+  (today's default rule), so the two calibrations are compared on the same weights.
+
+Numbers (``ablation.summarise``): accuracy at T, Top-K accuracy and mean exit at epsilon 0 and 0.05, OCT's
+mean exit, synaptic operations per sample; the mean over seeds with a 95 % Student t interval. The effect of
+alpha is the difference against alpha = 0 with the same seed (``ablation.paired_contrasts``); the effect of
+the calibration the difference between the two evaluations of each member. Every number in the written
+file comes from the runs; the file's first lines give the command that made it.
+"""
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import platform
+import shlex
+import sys
+import tempfile
+import time
+
+import jax
+import matplotlib
+import numpy as np
+
+from aoi_jax import ablation, checkpoint, config, data, evaluation, input_pipeline, parallel, reporting, stats, step
+from aoi_jax import training, xla_tuning
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+log = logging.getLogger("aoi_jax")
+
+# The two calibration rules compared, as eval overrides of each trained member's config.
+CALIBRATIONS = {"validation": ("eval.calibration=validation", "eval.calib_dropout=0.0"),
+                "train": ("eval.calibration=train", "eval.calib_dropout=0.3")}
+ARM_TEXT = {"validation": "held-out validation split, no dropout", "train": "training samples, dropout 0.3"}
+EPSILONS = (0.0, 0.05)
+QUICK = {"datasets": "ndigits", "alphas": "0,0.05", "seeds": "0,1", "epochs": ["ndigits=1"]}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", default="ndigits,ndigits_hard", help="config names (configs/<name>.py)")
+    p.add_argument("--losses", default="mean,tet")
+    p.add_argument("--alphas", default="0,0.002,0.01,0.05", help="reg.alpha values; the first is the baseline")
+    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--epochs", action="append", default=[], metavar="DATA=E",
+                   help="training epochs of a data set (default: its config's)")
+    p.add_argument("--validation-fraction", type=float, default=0.2,
+                   help="data.validation_fraction of every cell (the held-out calibration split)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every cell")
+    p.add_argument("--runs", help="run folders (default runs/rcs_study; --quick: a temporary folder)")
+    p.add_argument("--out", help="where results.md and results/ go (default docs; --quick: the temporary folder)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke test: {QUICK['datasets']}, alphas {QUICK['alphas']}, seeds {QUICK['seeds']}, 1 epoch")
+    args = p.parse_args(argv)
+    if args.quick:
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix="rcs_study_"))
+        args.datasets, args.alphas, args.seeds = QUICK["datasets"], QUICK["alphas"], QUICK["seeds"]
+        args.epochs = args.epochs or QUICK["epochs"]
+        args.runs, args.out = args.runs or str(tmp / "runs"), args.out or str(tmp)
+    args.runs, args.out = pathlib.Path(args.runs or "runs/rcs_study"), pathlib.Path(args.out or "docs")
+    return args
+
+
+def cell_config(args, dataset: str, loss: str) -> config.Config:
+    epochs = dict(item.split("=") for item in args.epochs)
+    overrides = [f"train.loss={loss}", f"data.validation_fraction={args.validation_fraction}",
+                 *CALIBRATIONS["validation"], *args.set]
+    if dataset in epochs:
+        overrides.append(f"train.epochs={int(epochs[dataset])}")
+    return config.load(ROOT / "configs" / f"{dataset}.py", overrides)
+
+
+def stored_report(path: pathlib.Path, cfg: config.Config):
+    """The report at ``path`` if it exists and was made with ``cfg``, else None."""
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    return report if config.from_dict(report["config"]) == cfg else None
+
+
+def run_cell(cfg: config.Config, workdir: pathlib.Path, sweep: dict) -> dict:
+    """Trains (or resumes) one cell, evaluates each member with both calibrations; returns
+    {arm: [report per member]} and the evaluation seconds spent in this call."""
+    members = ablation.members(cfg, sweep)
+    dirs = [training.member_dir(workdir, m) for m in members]
+    arm_cfgs = {arm: [config.apply_overrides(m.cfg, CALIBRATIONS[arm]) for m in members] for arm in CALIBRATIONS}
+    reports = {arm: [stored_report(d / f"eval_{arm}" / "report.json", c) for d, c in zip(dirs, arm_cfgs[arm])]
+               for arm in CALIBRATIONS}
+    if all(r is not None for arm in reports for r in reports[arm]):
+        log.info("%s: all reports present", workdir)
+        return reports
+    training.train_and_evaluate(cfg, workdir, sweep=sweep, run_eval=False)
+    train_split, test_set = data.load(cfg.data)
+    fit, validation = input_pipeline.split_validation(train_split, cfg.data)
+    mesh, options = parallel.data_mesh(), xla_tuning.compiler_options("auto")
+    for arm in CALIBRATIONS:
+        t0, functions = time.time(), None
+        for i, (d, c) in enumerate(zip(dirs, arm_cfgs[arm])):
+            if reports[arm][i] is not None:
+                continue
+            graphdef, state, stored, _ = checkpoint.restore(d / "checkpoints")
+            if stored != members[i].cfg:
+                raise ValueError(f"{d} holds a checkpoint of another config")
+            functions = functions or evaluation.make_eval_functions(graphdef, c, compiler_options=options)
+            reports[arm][i] = evaluation.evaluate(graphdef, parallel.replicate(state, mesh), c,
+                                                  input_pipeline.calibration_set(fit, validation, c), test_set,
+                                                  step.run_keys(c.seed).calibration, mesh=mesh, functions=functions)
+            reporting.write_report(reports[arm][i], d / f"eval_{arm}")
+        seconds = time.time() - t0
+        timing = workdir / "eval_seconds.json"
+        spent = json.loads(timing.read_text()) if timing.exists() else {}
+        spent[arm] = spent.get(arm, 0.0) + seconds
+        timing.write_text(json.dumps(spent))
+        log.info("%s: evaluated (%s calibration) in %.0f s", workdir, arm, seconds)
+    return reports
+
+
+def training_record(workdir: pathlib.Path, members) -> dict:
+    """Per epoch: mean and min test accuracy over the members, and the epoch's seconds (the slowest
+    member's record: members share one epoch); from the members' metrics.jsonl."""
+    lines = [[json.loads(x) for x in (training.member_dir(workdir, m) / "metrics.jsonl").read_text().splitlines()]
+             for m in members]
+    acc = np.asarray([[r["test_accuracy"] for r in rows] for rows in lines])          # (M, E)
+    seconds = np.asarray([[r["epoch_seconds"] for r in rows] for rows in lines]).max(0)
+    return {"test_accuracy_mean": acc.mean(0).tolist(), "test_accuracy_min": acc.min(0).tolist(),
+            "epoch_seconds": seconds.tolist()}
+
+
+def fmt(spread: dict, scale: float = 1.0, digits: int = 2) -> str:
+    """'mean ± half width of the 95 % interval' (just the mean for one seed)."""
+    m = spread["mean"] * scale
+    if spread["ci95"] is None:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {(spread['ci95'][1] - spread['mean']) * scale:.{digits}f}"
+
+
+def fmt_interval(mean: float, ci, scale: float = 1.0, digits: int = 2) -> str:
+    """'mean [low, high]' with signs; the mean alone without an interval."""
+    if ci is None:
+        return f"{mean * scale:+.{digits}f}"
+    return f"{mean * scale:+.{digits}f} [{ci[0] * scale:+.{digits}f}, {ci[1] * scale:+.{digits}f}]"
+
+
+def verdict(ci) -> str:
+    """What a 95 % interval of a difference says: below 0, above 0, or containing 0."""
+    if ci is None:
+        return "(one seed)"
+    return "lower" if ci[1] < 0 else "higher" if ci[0] > 0 else "no detectable difference"
+
+
+def main_table(cells, dataset, arm) -> list[str]:
+    head = ("| loss | alpha | acc at T (%) | Top-K acc eps 0 (%) | Top-K exit eps 0 | Top-K acc eps 0.05 (%) "
+            "| Top-K exit eps 0.05 | OCT mean exit | synops per sample (M) |")
+    out = [head, "|" + "---|" * 9]
+    for (d, loss), cell in cells.items():
+        if d != dataset:
+            continue
+        for g in cell["summary"][arm]["groups"]:
+            out.append(f"| {loss} | {g['settings']['reg.alpha']:g} | {fmt(g['accuracy_at_T'], 100)} "
+                       f"| {fmt(g['topk_accuracy@0'], 100)} | {fmt(g['topk_mean_timestep@0'])} "
+                       f"| {fmt(g['topk_accuracy@0.05'], 100)} | {fmt(g['topk_mean_timestep@0.05'])} "
+                       f"| {fmt(g['oct_mean_timestep'])} | {fmt(g['synops_per_sample'], 1e-6, 3)} |")
+    return out
+
+
+PAIRED_FIELDS = (("validation", "topk_mean_timestep@0", "Top-K exit eps 0 (validation cal.)", 1),
+                 ("validation", "topk_mean_timestep@0.05", "Top-K exit eps 0.05 (validation cal.)", 1),
+                 ("train", "topk_mean_timestep@0", "Top-K exit eps 0 (train cal.)", 1),
+                 ("train", "topk_mean_timestep@0.05", "Top-K exit eps 0.05 (train cal.)", 1),
+                 ("validation", "oct_mean_timestep", "OCT mean exit", 1),
+                 ("validation", "accuracy_at_T", "acc at T (points)", 100))
+
+
+def paired_table(cells, baseline) -> tuple[list[str], dict]:
+    out = ["| data | loss | alpha | " + " | ".join(f[2] for f in PAIRED_FIELDS) + " |",
+           "|" + "---|" * (3 + len(PAIRED_FIELDS))]
+    contrasts = {}
+    for (d, loss), cell in cells.items():
+        per_field = [ablation.paired_contrasts(cell["summary"][arm], field, "reg.alpha", baseline)
+                     for arm, field, _, _ in PAIRED_FIELDS]
+        contrasts[(d, loss)] = per_field
+        for row in zip(*per_field):
+            alpha = row[0]["settings"]["reg.alpha"]
+            out.append(f"| {d} | {loss} | {alpha:g} | " + " | ".join(
+                fmt_interval(c["mean"], c["ci95"], f[3]) for c, f in zip(row, PAIRED_FIELDS)) + " |")
+    return out, contrasts
+
+
+def calibration_rows(cells) -> tuple[list[str], list[str]]:
+    """Per cell, both calibrations pooled over the cell's members (all alphas and seeds), and the paired
+    difference validation - train per member."""
+    fields = [("topk_accuracy@0", "Top-K acc eps 0 (%)", 100), ("topk_mean_timestep@0", "Top-K exit eps 0", 1),
+              ("topk_accuracy@0.05", "Top-K acc eps 0.05 (%)", 100),
+              ("topk_mean_timestep@0.05", "Top-K exit eps 0.05", 1)]
+    means = ["| data | loss | members | acc at T (%) | calibration | " + " | ".join(f[1] for f in fields) + " |",
+             "|" + "---|" * (5 + len(fields))]
+    diffs = ["| data | loss | members | " + " | ".join(f"{f[1]}: validation - train" for f in fields) + " |",
+             "|" + "---|" * (3 + len(fields))]
+    for (d, loss), cell in cells.items():
+        rows = {arm: {m["name"]: m for m in cell["summary"][arm]["members"]} for arm in CALIBRATIONS}
+        n = len(rows["validation"])
+        acc_t = fmt(ablation.spread([m["accuracy_at_T"] for m in rows["validation"].values()]), 100)
+        for arm in CALIBRATIONS:
+            cols = [fmt(ablation.spread([m[field] for m in rows[arm].values()]), scale) for field, _, scale in fields]
+            means.append(f"| {d} | {loss} | {n} | {acc_t} | {ARM_TEXT[arm]} | " + " | ".join(cols) + " |")
+        cols = []
+        for field, _, scale in fields:
+            _, dv = stats.paired_differences({k: v[field] for k, v in rows["validation"].items()},
+                                             {k: v[field] for k, v in rows["train"].items()})
+            ci = ablation.spread(dv)["ci95"]
+            cols.append(f"{fmt_interval(float(dv.mean()), ci, scale)} ({verdict(ci)})")
+        diffs.append(f"| {d} | {loss} | {n} | " + " | ".join(cols) + " |")
+    return means, diffs
+
+
+def plot_paired(contrasts, alphas, path):
+    """One panel per (data set, loss): the paired exit differences against alpha, 95 % intervals as bars
+    (the lines' x positions slightly offset so the bars do not hide each other)."""
+    keys = list(contrasts)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 4.2), squeeze=False, sharey=True)
+    treated = [a for a in alphas if a != alphas[0]]
+    for ax, key in zip(axes[0], keys):
+        fields = PAIRED_FIELDS[:5]
+        for j, ((_, _, what, _), cs) in enumerate(zip(fields, contrasts[key][:5])):
+            xs = np.asarray([c["settings"]["reg.alpha"] for c in cs]) * 1.06 ** (j - (len(fields) - 1) / 2)
+            mean = np.asarray([c["mean"] for c in cs])
+            err = np.asarray([[0, 0] if c["ci95"] is None else [c["mean"] - c["ci95"][0], c["ci95"][1] - c["mean"]]
+                              for c in cs]).T
+            ax.errorbar(xs, mean, yerr=err, fmt="o-", ms=3, capsize=3, label=what)
+        ax.axhline(0, c="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xticks(treated)
+        ax.set_xticklabels([f"{a:g}" for a in treated])
+        ax.minorticks_off()
+        ax.set_xlabel("reg.alpha")
+        ax.set_title(f"{key[0]}, {key[1]} loss", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"mean exit: alpha minus alpha = {alphas[0]:g}, same seed")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("paired differences in mean exit timestep: mean over seeds, bars 95 % Student t interval")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_convergence(cells, path):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (d, loss), cell in cells.items():
+        rec = cell["training"]
+        epochs = np.arange(1, len(rec["test_accuracy_mean"]) + 1)
+        line, = ax.plot(epochs, np.asarray(rec["test_accuracy_mean"]) * 100, "o-", ms=3, label=f"{d}, {loss}: mean")
+        ax.plot(epochs, np.asarray(rec["test_accuracy_min"]) * 100, ":", c=line.get_color(), label=f"{d}, {loss}: min")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy at T (%) over the cell's members")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy_per_timestep(cells, alphas, path):
+    datasets = list(dict.fromkeys(d for d, _ in cells))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    for ax, d in zip(axes[0], datasets):
+        for (dd, loss), cell in cells.items():
+            if dd != d:
+                continue
+            for alpha in (alphas[0], alphas[-1]):
+                acc = np.asarray([r["accuracy_per_timestep"]
+                                  for r, m in zip(cell["reports"]["validation"], cell["members"])
+                                  if m.cfg.reg.alpha == alpha])                     # (seeds, T)
+                t = np.arange(1, acc.shape[1] + 1)
+                ax.plot(t, acc.mean(0) * 100, "o-", ms=3, label=f"{loss}, alpha {alpha:g}")
+        ax.set_xlabel("timestep t")
+        ax.set_ylabel("test accuracy of the cumulative output (%)")
+        ax.set_title(f"{d}: mean over seeds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return (f"{cpu}, {os.cpu_count()} logical cores visible, {jax.default_backend()} backend ({jax.devices()}), "
+            f"jax {jax.__version__}, Python {platform.python_version()}")
+
+
+def write_results(args, cells, command, wall_s, load_start, load_end):
+    out, fig_dir = args.out, args.out / "results"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    datasets = list(dict.fromkeys(d for d, _ in cells))
+    alphas = [float(a) for a in args.alphas.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rel = lambda p: p.relative_to(out).as_posix()  # noqa: E731
+    lines = ["# RCS study: does RCS shorten the Top-K exit? (generated)", "",
+             f"Generated by `{command}` (run from the repository root); every number below comes from the runs "
+             f"in `{args.runs}/`.", ""]
+    lines += ["## Setup", ""]
+    train_total = sum(sum(c["training"]["epoch_seconds"]) for c in cells.values())
+    eval_total = sum(sum(c["eval_seconds"].values()) for c in cells.values())
+    lines += [f"- Machine: {machine()}; shared with other jobs (load average {load_start:.1f} when this "
+              f"invocation started, {load_end:.1f} when it ended), so times are indicative only.",
+              f"- Wall time: training {train_total / 3600:.2f} h (sum of the cells' epochs, from metrics.jsonl), "
+              f"evaluation {eval_total / 3600:.2f} h (both calibrations, all members), this invocation "
+              f"{wall_s / 3600:.2f} h (a resumed invocation reuses what earlier ones trained and evaluated).",
+              f"- Grid: data sets {', '.join(datasets)}; losses {args.losses}; "
+              f"reg.alpha {', '.join(f'{a:g}' for a in alphas)}; "
+              f"seeds {', '.join(map(str, seeds))} (each (data set, loss) is one sweep of "
+              f"{len(alphas) * len(seeds)} members trained together).",
+              f"- Every cell trains on the training split less a held-out {args.validation_fraction:g} of each class "
+              "(`data.validation_fraction`); each member is evaluated twice from the same weights: calibrated on the "
+              "held-out split without dropout (`eval.calibration=validation`) and on its training samples with the "
+              "reference's dropout 0.3 (`eval.calibration=train`).",
+              f"- Extra overrides: {', '.join(args.set) or 'none'}.", ""]
+    lines += ["| data | loss | epochs | train samples | validation | test | T |", "|---|---|---|---|---|---|---|"]
+    for (d, loss), cell in cells.items():
+        r = cell["reports"]["validation"][0]
+        cfg = cell["members"][0].cfg
+        lines.append(f"| {d} | {loss} | {cfg.train.epochs} | {cell['n_fit']} | {r['n_calibration']} | {r['n_test']} "
+                     f"| {cfg.data.timesteps} |")
+    lines += ["", "## Convergence", "",
+              "Test accuracy at T after each epoch, mean and minimum over the cell's members (metrics.jsonl). "
+              "The cosine schedule decays to 0 at the last epoch.", "",
+              "| data | loss | " + " | ".join(f"epoch {e}" for e in ("1", "E/2", "E-2", "E-1", "E"))
+              + " | epoch seconds (mean) |",
+              "|" + "---|" * 8]
+    for (d, loss), cell in cells.items():
+        acc = cell["training"]["test_accuracy_mean"]
+        E = len(acc)
+        picks = [0, E // 2 - 1, E - 3, E - 2, E - 1]
+        lines.append(f"| {d} | {loss} | " + " | ".join(f"{acc[i] * 100:.2f}" if 0 <= i < E else "-" for i in picks)
+                     + f" | {np.mean(cell['training']['epoch_seconds']):.0f} |")
+    plot_convergence(cells, fig_dir / "convergence.png")
+    lines += ["", f"![convergence]({rel(fig_dir / 'convergence.png')})", ""]
+
+    lines += ["## Results per setting", "",
+              "Mean over seeds ± half width of the 95 % Student t interval of the mean. Top-K exit: mean exit "
+              "timestep (1-based) on the test set; OCT: the oracle's mean exit (the earliest step from which the "
+              "prediction stays correct); synops: synaptic operations per test sample (spikes times fan-out).", ""]
+    for d in datasets:
+        for arm in CALIBRATIONS:
+            lines += [f"### {d}, Top-K calibrated on the {ARM_TEXT[arm]}", "", *main_table(cells, d, arm), ""]
+        for (dd, loss), cell in cells.items():
+            if dd != d:
+                continue
+            for arm in CALIBRATIONS:
+                name = f"{d}_{loss}_{arm}.png"
+                fig = reporting.summary_figure({"sweep": {"reg.alpha": alphas, "seed": seeds}, **cell["summary"][arm]})
+                fig.suptitle(f"{d}, {loss} loss, Top-K calibrated on the {ARM_TEXT[arm]}: mean over {len(seeds)} "
+                             "seeds, bars 95 % t interval")
+                fig.savefig(fig_dir / name, dpi=120)
+                plt.close(fig)
+                lines.append(f"![{d} {loss} {arm}]({rel(fig_dir / name)})")
+        lines.append("")
+    plot_accuracy_per_timestep(cells, alphas, fig_dir / "accuracy_per_timestep.png")
+    lines += [f"![accuracy per timestep]({rel(fig_dir / 'accuracy_per_timestep.png')})", ""]
+
+    table, contrasts = paired_table(cells, alphas[0])
+    lines += [f"## Paired differences against alpha = {alphas[0]:g} (same seed)", "",
+              f"Per seed, the setting's number minus the alpha = {alphas[0]:g} run's of the same seed; mean over "
+              f"{len(seeds)} seeds and 95 % Student t interval ({len(seeds) - 1} degrees of freedom, "
+              "`aoi_jax.stats`). Negative exit differences mean RCS exits earlier.", "", *table, ""]
+    lines += ["Reading of each interval (lower: the whole interval below 0; higher: above 0):", "",
+              "| data | loss | alpha | " + " | ".join(f[2] for f in PAIRED_FIELDS) + " |",
+              "|" + "---|" * (3 + len(PAIRED_FIELDS))]
+    for (d, loss), per_field in contrasts.items():
+        for row in zip(*per_field):
+            lines.append(f"| {d} | {loss} | {row[0]['settings']['reg.alpha']:g} | "
+                         + " | ".join(verdict(c["ci95"]) for c in row) + " |")
+    plot_paired(contrasts, alphas, fig_dir / "paired_exit.png")
+    lines += ["", f"![paired differences]({rel(fig_dir / 'paired_exit.png')})", ""]
+
+    means, diffs = calibration_rows(cells)
+    lines += ["## Calibration: held-out validation split (no dropout) against training samples (dropout 0.3)", "",
+              "Same weights, two calibrations; pooled over each cell's members (every alpha and seed): mean ± "
+              "half width of the 95 % t interval over the members.", "", *means, "",
+              "Paired per member (validation - train), mean [95 % t interval]:", "", *diffs, ""]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    log.info("wrote %s", out / "results.md")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    log.propagate = False
+    log.handlers[:] = [logging.StreamHandler(sys.stdout)]
+    log.handlers[0].setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.setLevel(logging.INFO)
+    argv = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m benchmarks.rcs_study", *(shlex.quote(a) for a in argv)])
+    t0, load_start = time.time(), os.getloadavg()[0]
+    sweep = ablation.parse_sweep([f"reg.alpha={args.alphas}", f"seed={args.seeds}"])
+    cells = {}
+    for dataset in args.datasets.split(","):
+        for loss in args.losses.split(","):
+            cfg = cell_config(args, dataset, loss)
+            workdir = args.runs / f"{dataset}_{loss}"
+            log.info("cell %s, %s loss: %d epochs, %d members", dataset, loss, cfg.train.epochs,
+                     len(ablation.members(cfg, sweep)))
+            reports = run_cell(cfg, workdir, sweep)
+            members = ablation.members(cfg, sweep)
+            timing = workdir / "eval_seconds.json"
+            train_split, _ = data.load(cfg.data)
+            cells[(dataset, loss)] = {
+                "members": members, "reports": reports,
+                "summary": {arm: ablation.summarise(members, reports[arm], EPSILONS) for arm in CALIBRATIONS},
+                "training": training_record(workdir, members),
+                "eval_seconds": json.loads(timing.read_text()) if timing.exists() else {},
+                "n_fit": len(input_pipeline.split_validation(train_split, cfg.data)[0])}
+    write_results(args, cells, command, time.time() - t0, load_start, os.getloadavg()[0])
+
+
+if __name__ == "__main__":
+    main()
