@@ -43,8 +43,8 @@ parameters, the seed and ``FORMAT_VERSION`` so changed settings are never reused
 uint16). Frames come from ``events.integrate`` over ``[0, duration_us]``. A fixed stratified split
 (``split_indices``: ``test_fraction`` of each class, seeded) gives train/test.
 
-With the defaults: about 2400 events per sample (ON/OFF about 50/50), about 5 s to generate all 1797 on one
-core, 15 MB of events and 42 MB of frames at T = 10 on disk; a cached load takes milliseconds.
+With the defaults: about 2400 events per sample (ON/OFF about 50/50), 15 MB of events and 42 MB of frames
+at T = 10 on disk.
 """
 
 import dataclasses
