@@ -4,11 +4,14 @@
 ``FrameSet``s; ``load(data_cfg)`` resolves it and raises listing the valid names.
 """
 
+import functools
+
 from aoi_jax.data import augment, cifar, cifar10_dvs, dvs_gesture, events, ncaltech101, ndigits, nmnist, static
 from aoi_jax.data.events import FrameSet, batches, check_events, integrate, num_batches
 
 DATASETS = {
     "ndigits": ndigits.load_splits,            # built-in event data set (34x34, 10 classes)
+    "ndigits_hard": functools.partial(ndigits.load_splits, params=ndigits.HARD),  # N-Digits, worse conditions
     "ndigits_summed": static.ndigits_summed,   # N-Digits as static images, for QCFS conversion
     "cifar10": cifar.load_splits,              # python-pickle batches from data_dir
     "cifar100": cifar.load_splits,
