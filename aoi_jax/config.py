@@ -53,7 +53,7 @@ class ModelConfig:
     levels: int = 4  # QCFS quantisation steps L (activation == "qcfs"; 4 in the reference, also 8)
     tebn_steps: int = 0  # TEBN: BatchNorm followed by a learnt scale p_t for each of this many steps T; 0 = off
     # rematerialise in training: keep only each spiking layer's input for the backward pass (spikes as int8)
-    # and recompute its conv, BatchNorm and cell there (VGGSNN T=40: 0.29x the temporaries, 1.34x the FLOPs)
+    # and recompute its conv, BatchNorm and cell there (VGGSNN T=40: 0.34x the temporaries, 1.34x the FLOPs)
     remat: bool = False
 
     def __post_init__(self):

@@ -127,9 +127,7 @@ def _multistep(model, h, *, T, train, dropout, key, layer_fn=None):
     layer i's (spikes, membranes) or, for qcfs, (activations, pre-activations), each (T, N, ...).
 
     With ``ModelConfig.remat`` each spiking layer (its ``pre``: conv, BatchNorm, ...; its cell; its
-    dropout; ``layer_fn``) is rematerialised on its own (``_remat``): the backward pass keeps only the
-    layer's input (binary spikes straight from a LIF layer as int8) and recomputes the layer when its
-    cotangent arrives.
+    dropout; its ``post``; ``layer_fn``) is one ``jax.checkpoint`` (``_remat``).
     """
     N = h.shape[0] // T
     keys = [None] * len(model.fan_out) if dropout == 0.0 or key is None \
@@ -152,22 +150,15 @@ def _multistep(model, h, *, T, train, dropout, key, layer_fn=None):
     def layer(i, pre, x, *modules, post=None):
         lam = None if model.thresholds is None else model.thresholds[i]
 
-        def run(u, lam, key):
-            out, record = cell(i, u, lam, key)
+        def run(x, lam, modules, key):
+            out, record = cell(i, pre(x, *modules), lam, key)
             return (out if post is None else post(out)), record
 
         if model.remat:
-            graphdef, params, others = nnx.split(modules, nnx.Param, ...)
-
-            def f(x, lam, params, others, key):
-                mods = nnx.merge(graphdef, params, others, copy=True)
-                return run(pre(x, *mods), lam, key), nnx.split(mods, nnx.Param, ...)[2]
-
-            binary = jax.tree.map(lambda a: jnp.dtype(a.dtype).name if any(a is s for s in spikes) else "", x)
-            (out, record), others = _remat(f, binary, x, lam, params, others, keys[i])
-            nnx.update(modules, others)
+            binary = jax.tree.map(lambda a: any(a is s for s in spikes), x)
+            out, record = _remat(run, x, binary, lam, modules, keys[i])
         else:
-            out, record = run(pre(x, *modules), lam, keys[i])
+            out, record = run(x, lam, modules, keys[i])
         if model.activation == "lif" and dropout == 0.0 and post is None:
             spikes.append(out)
         layers.append(record)
@@ -177,41 +168,47 @@ def _multistep(model, h, *, T, train, dropout, key, layer_fn=None):
     return logits, tuple(layers)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _remat(f, binary, x, lam, params, others, key):
-    """``f(x, lam, params, others, key)``, rematerialised: the backward pass keeps only the inputs and
-    runs f again once the cotangents of its outputs arrive.
+def _remat(run, x, binary, lam, modules, key):
+    """``run(x, lam, modules, key)`` rematerialised: one ``jax.checkpoint``, so the backward pass keeps
+    only its inputs and recomputes the layer from them when it needs the layer's intermediates.
 
-    ``binary``: a tree like x, the leaf's dtype name where the leaf is exactly 0/1 (spikes), else "";
-    those leaves are kept as int8 (exact, a quarter of float32). ``others``: the modules' non-parameter
-    state (BatchNorm statistics), ``key``: the dropout key; neither gets a gradient.
+    ``binary``: a tree like x, True where the leaf is exactly 0/1 (spikes straight from a LIF layer);
+    those leaves are kept as int8 (exact, a quarter of float32): cast outside the checkpoint, back inside
+    (``_from_int8``, which takes its derivative from the float leaf, so the gradient still reaches x).
+    The modules are split into parameters (differentiated) and the rest (BatchNorm statistics, updated
+    in training and returned).
 
-    Optimisation barriers fix the schedule (XLA:CPU keeps them with ``step.compiler_options``): in the
-    forward pass f's outputs (its ``layer_fn`` result too) and the int8 copies are all computed before
-    any leaves, so XLA neither defers the RCS reductions nor keeps x in float32 for a late cast; in the
-    backward pass the recomputation waits for the cotangents, and the layer's gradients (input,
-    threshold, parameters) are all complete before any leaves, so its cotangents are freed with it
-    instead of waiting for the optimiser's update.
+    Two optimisation barriers order the layer as one block (XLA:CPU keeps them only with
+    ``xla_disable_hlo_passes="cse_barrier_expander"``; without it, it merges the recomputation with the
+    forward pass): one over the layer's inputs, whose transpose makes the layer's gradients (input,
+    threshold, parameters) complete together, and one over its outputs (``layer_fn``'s result too).
     """
-    return f(x, lam, params, others, key)
-
-
-def _remat_fwd(f, binary, x, lam, params, others, key):
+    graphdef, params, others = nnx.split(modules, nnx.Param, ...)
     kept = jax.tree.map(lambda b, a: a.astype(jnp.int8) if b else a, binary, x)
-    out, kept = jax.lax.optimization_barrier((f(x, lam, params, others, key), kept))
-    return out, (kept, lam, params, others, key)
+
+    @functools.partial(jax.checkpoint, prevent_cse=True)
+    def f(kept, x, lam, params, others, key):
+        x = jax.tree.map(lambda b, k, a: _from_int8(k, a) if b else a, binary, kept, x)
+        x, lam, params = jax.lax.optimization_barrier((x, lam, params))
+        mods = nnx.merge(graphdef, params, others, copy=True)
+        return jax.lax.optimization_barrier((run(x, lam, mods, key), nnx.split(mods, nnx.Param, ...)[2]))
+
+    result, others = f(kept, x, lam, params, others, key)
+    nnx.update(modules, others)
+    return result
 
 
-def _remat_bwd(f, binary, residuals, cotangents):
-    residuals, cotangents = jax.lax.optimization_barrier((residuals, cotangents))
-    kept, lam, params, others, key = residuals
-    x = jax.tree.map(lambda b, a: a.astype(b) if b else a, binary, kept)
-    _, vjp = jax.vjp(lambda x, lam, params: f(x, lam, params, others, key), x, lam, params)
-    dx, dlam, dparams = jax.lax.optimization_barrier(vjp(cotangents))
-    return dx, dlam, dparams, None, None
+@jax.custom_jvp
+def _from_int8(kept, x):
+    """``kept`` (an exact int8 copy of x) in x's dtype, with x's tangent: the value needs only ``kept``,
+    the derivative is that of the identity in x (the cast to int8 alone would have none)."""
+    return kept.astype(x.dtype)
 
 
-_remat.defvjp(_remat_fwd, _remat_bwd)
+@_from_int8.defjvp
+def _from_int8_jvp(primals, tangents):
+    kept, x = primals
+    return kept.astype(x.dtype), tangents[1]
 
 
 def _conv_norm(norm):
