@@ -181,7 +181,7 @@ def _multistep(model, h, *, T, train, dropout, key, layer_fn=None):
 
     def cell(i, u, lam, key):
         """(output, reduce(pair)) of spiking layer i on its pre-activation u; lam its threshold (qcfs/if)."""
-        if model.activation == "qcfs":
+        if model.is_ann:
             y = qcfs.qcfs(u, lam, model.levels)
             return _dropout(y, dropout, key), reduce(*(a.reshape(T, N, *a.shape[1:]) for a in (y, u)))
         if model.activation == "lif":
@@ -304,6 +304,7 @@ class SpikingNet(nnx.Module):
         """
         self.neuron = cfg.neuron
         self.activation = cfg.activation
+        self.is_ann = cfg.is_ann  # a QCFS ANN (ModelConfig.is_ann): QCFS activations instead of cells
         self.levels = cfg.levels
         self.fan_out = tuple(fan_out)
         self.remat = cfg.remat
@@ -340,7 +341,7 @@ class SpikingNet(nnx.Module):
         return logits.reshape(T, N, -1), layers
 
     def _check_spiking(self, what):
-        if self.activation == "qcfs":
+        if self.is_ann:
             raise ValueError(f"{what} needs a spiking model; this is a QCFS ANN (activation 'qcfs'): "
                              "convert it first with aoi_jax.convert")
 
