@@ -23,10 +23,11 @@ A new rule is one function here and one entry in ``FIRES`` (and, for ``sweep``, 
 
     predictions, timesteps = first_exit(margin_fires, cum, 0.05)        # all steps at once, (N,) each
 
-    y, done = jnp.zeros((N, K)), jnp.zeros(N, bool)                     # or one step at a time
+    y, done, pred = jnp.zeros((N, K)), jnp.zeros(N, bool), jnp.zeros(N, int)   # or one step at a time
     for t in range(T):
         y = y + logits[t]
         leave = ~done & (margin_fires(y, t, 0.05) | (t == T - 1))      # the same exits
+        pred = jnp.where(leave, jnp.argmax(y, axis=-1), pred)
         done = done | leave
 """
 
@@ -71,8 +72,9 @@ def _check_per_step(values, cum, name):
 def _gap(y):
     """top1 - top2 of y (..., K) over K: the largest entry minus the largest of the others (0 on a tie)."""
     first = jnp.argmax(y, axis=-1)
-    runner_up = jnp.max(jnp.where(jax.nn.one_hot(first, y.shape[-1], dtype=bool), -jnp.inf, y), axis=-1)
-    return jnp.max(y, axis=-1) - runner_up
+    others = jnp.where(jax.nn.one_hot(first, y.shape[-1], dtype=bool), -jnp.inf, y)
+    second = jnp.argmax(others, axis=-1)         # argmax, then take: XLA:CPU fuses the mask into an argmax, not a max
+    return jnp.max(y, axis=-1) - jnp.take_along_axis(y, second[..., None], axis=-1)[..., 0]
 
 
 def _entropy(y):
@@ -319,7 +321,7 @@ def calibrate_topk(cum, labels, epsilon=0.0, bins=100, min_support=0):
     # keeps bins opaque so that delta is the correctly rounded quotient, as in the reference.
     delta = jnp.max(gap) / lax.optimization_barrier(jnp.float32(bins))
     grid = jnp.arange(bins, dtype=jnp.float32) * delta                              # beta_m, (bins,)
-    above = jnp.searchsorted(grid, gap, side="left")                                # (T, N) in [0, bins]
+    above = jnp.searchsorted(grid, gap, side="left", method="scan_unrolled")        # (T, N) in [0, bins]
     support = _count_above(above, 1, bins)                                          # (bins, T)
     hits = _count_above(above, settled.astype(jnp.int32), bins)
     conf = hits.astype(jnp.float32) / support.astype(jnp.float32)                  # (bins, T), NaN on 0 / 0
