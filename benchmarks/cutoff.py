@@ -10,6 +10,9 @@ pass is excluded. Two pieces of work are timed, each side in turn within every r
   ``apply_topk``), called from Python as the README does, after one warm-up call (its time is the first column);
 - sweep: ``cutoff.sweep`` (compiled ahead: the first column is trace + compile) on the cumulative logits.
 
+Each is the median over interleaved rounds of the wall time and, in parentheses, of this process's CPU time
+(all threads), which on a shared machine compares the work done rather than the share of the cores each side got.
+
     python -m benchmarks.cutoff                              # T=10, N=50000 per split, K=10, 10 epsilons
     python -m benchmarks.cutoff --n 1438 --n-test 359        # the N-Digits split sizes
 """
@@ -132,13 +135,16 @@ def seconds(fn):
 
 
 def interleaved(fns, repeats):
-    """Median wall time of each function over ``repeats`` rounds that call them in turn, and their last results."""
-    times, outs = [[] for _ in fns], [None] * len(fns)
+    """Median wall and CPU (this process, all threads) seconds of each function over ``repeats`` rounds that
+    call them in turn, and their last results. On a shared machine the CPU times compare the work done."""
+    wall, cpu, outs = [[] for _ in fns], [[] for _ in fns], [None] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
+            c0 = time.process_time()
             t, outs[i] = seconds(fn)
-            times[i].append(t)
-    return [float(np.median(t)) for t in times], outs
+            wall[i].append(t)
+            cpu[i].append(time.process_time() - c0)
+    return [float(np.median(t)) for t in wall], [float(np.median(c)) for c in cpu], outs
 
 
 def main(argv=None):
@@ -167,19 +173,20 @@ def main(argv=None):
     t0 = time.perf_counter()
     sweep_c = cutoff.sweep.lower(*dev_sweep, bins=args.bins).compile()
     compile_sweep = time.perf_counter() - t0
-    (t_readme, tl_readme), ((pred, steps), (pred_l, steps_l)) = interleaved(
+    wall_readme, cpu_readme, ((pred, steps), (pred_l, steps_l)) = interleaved(
         [lambda: readme(*dev_logits, args.bins), lambda: loop_readme(logits_c, y_c, logits_t, args.bins)],
         args.repeats)
-    (t_sweep, tl_sweep), (res, res_l) = interleaved(
+    wall_sweep, cpu_sweep, (res, res_l) = interleaved(
         [lambda: sweep_c(*dev_sweep), lambda: loop_sweep(cum_c, y_c, cum_t, y_t, eps, args.bins)], args.repeats)
 
     print(f"per-step logits (T, N, K) = ({args.T}, {args.n}, {args.K}) calibration, ({args.T}, {n_test}, "
           f"{args.K}) test, {args.epsilons} epsilons, {len(cutoff.RULES)} rules, {args.bins} bins; "
-          f"{jax.devices()[0].platform}, medians of {args.repeats} interleaved rounds")
-    print(f"{'work':<40}{'first call':>12}{'aoi_jax':>12}{'ref. loop':>12}{'speed-up':>10}")
-    for name, c, t, tl in (("README calls (cumulative, Top-K eps 0)", warm_readme, t_readme, tl_readme),
-                           ("sweep (all rules, all epsilons)", compile_sweep, t_sweep, tl_sweep)):
-        print(f"{name:<40}{c * 1e3:>10.0f}ms{t * 1e3:>10.2f}ms{tl * 1e3:>10.1f}ms{tl / t:>9.1f}x")
+          f"{jax.devices()[0].platform}, medians of {args.repeats} interleaved rounds, wall (CPU) times")
+    print(f"{'work':<40}{'first call':>11}{'aoi_jax':>19}{'ref. loop':>21}{'speed-up':>15}")
+    for name, c, (t, tl), (u, ul) in (("README calls (cumulative, Top-K eps 0)", warm_readme, wall_readme, cpu_readme),
+                                      ("sweep (all rules, all epsilons)", compile_sweep, wall_sweep, cpu_sweep)):
+        print(f"{name:<40}{c * 1e3:>9.0f}ms{t * 1e3:>9.1f} ({u * 1e3:5.1f}) ms{tl * 1e3:>9.1f} ({ul * 1e3:6.1f}) ms"
+              f"{tl / t:>7.1f}x ({ul / u:.1f}x)")
     same_topk = np.array_equal(np.asarray(pred), pred_l) and np.array_equal(np.asarray(steps), steps_l)
     diff, rule = max((float(np.max(np.abs(np.asarray(res["rules"][r][m]) - np.asarray(res_l[r][m])))), r)
                      for r in cutoff.RULES for m in ("accuracy", "mean_timestep"))
