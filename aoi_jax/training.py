@@ -31,6 +31,8 @@ from aoi_jax import xla_tuning
 
 log = logging.getLogger("aoi_jax")
 
+DISPATCH_AHEAD = 2  # train steps dispatched before the host waits for the oldest one (no data is fetched)
+
 
 @dataclasses.dataclass
 class RunResult:
@@ -141,6 +143,8 @@ def train_and_evaluate(cfg: config_lib.Config, workdir, *, sweep: dict | None = 
         for batch in progress(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{base.train.epochs}"):
             states, metrics = multi_step(states, place_batch(batch), weights)
             history.append(metrics)
+            if len(history) > DISPATCH_AHEAD:       # bounds the batches in flight (and keeps progress honest)
+                jax.block_until_ready(history[-1 - DISPATCH_AHEAD])
         means = {k: np.mean([h[k] for h in jax.device_get(history)], axis=0) for k in history[0]}   # (M,)
         train_seconds = time.time() - t_epoch
         for i, state_m in enumerate(ablation.unstack(jax.device_get(states), M)):
