@@ -125,9 +125,9 @@ def resume_step(members, dirs) -> int | None:
     held = "; ".join(f"{m.name or d / 'checkpoints'}: " + (", ".join(
         f"step {s}" + (f" damaged ({problem})" if problem else "") for s, problem in sv.items()) or "none")
         for m, d, sv in zip(members, dirs, surveys))
-    raise ValueError(f"cannot resume in {dirs[0].parent if len(dirs) > 1 else dirs[0]}: no checkpoint step is "
-                     f"intact in every member ({held}); train in a new workdir, or delete the checkpoints to start "
-                     "afresh")
+    where, every = (dirs[0].parent, " in every member") if len(dirs) > 1 else (dirs[0], "")
+    raise ValueError(f"cannot resume in {where}: no checkpoint step is intact{every} ({held}); train in a new "
+                     "workdir, or delete the checkpoints to start afresh")
 
 
 def reconcile_metrics(path: pathlib.Path, step_: int, record: dict | None) -> None:

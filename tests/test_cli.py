@@ -138,8 +138,9 @@ def test_kill_9_mid_run_then_the_same_command_ends_bit_identical(ndigits_dir, tm
     statistics, optimiser state, step and every learning metric, bit for bit, with one metrics line per epoch."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
     args = ["--no-eval", "--set", "train.epochs=2"]
+    reference_err = open(tmp_path / "reference.stderr", "w")
     reference = subprocess.Popen(command("train.py", *train_args(ndigits_dir, "reference"), *args), cwd=tmp_path,
-                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                 env=env, stdout=subprocess.DEVNULL, stderr=reference_err)
     killed = subprocess.Popen(command("train.py", *train_args(ndigits_dir, "run"), *args), cwd=tmp_path, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = tmp_path / "run" / "checkpoints" / str(1438 // 128) / checkpoint.RECORD
@@ -155,7 +156,8 @@ def test_kill_9_mid_run_then_the_same_command_ends_bit_identical(ndigits_dir, tm
         assert killed.wait() == -signal.SIGKILL
     proc = script("train.py", *train_args(ndigits_dir, "run"), *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
+    assert reference.wait(timeout=600) == 0, (tmp_path / "reference.stderr").read_text()[-3000:]
+    reference_err.close()
     lines = {w: [json.loads(x) for x in (tmp_path / w / "metrics.jsonl").read_text().splitlines()]
              for w in ("reference", "run")}
     assert [r["epoch"] for r in lines["run"]] == [1, 2]

@@ -252,6 +252,11 @@ def test_resume_step_is_the_newest_step_intact_in_every_member(tmp_path):
                                          r"checksum record sha256.json \(its save did not finish\)\)\); train in a "
                                          r"new workdir"):
         training.resume_step(members, dirs)
+    (dirs[1] / "checkpoints" / "1" / checkpoint.RECORD).unlink()
+    with pytest.raises(ValueError, match=rf"^cannot resume in {dirs[1]}: no checkpoint step is intact \("
+                                         rf"{dirs[1] / 'checkpoints'}: step 1 damaged \(no readable checksum record "
+                                         r"sha256.json \(its save did not finish\)\), step 2 damaged"):
+        training.resume_step([type("M", (), {"name": ""})()], dirs[1:])   # a single run (its member name is "")
 
 
 def test_evaluation_warns_about_non_finite_parameters_and_logits(run):
