@@ -2,6 +2,7 @@
 hard variant: seeded, cached, its event statistics."""
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -151,7 +152,8 @@ def test_cache_reused_and_keyed(tmp_path, small_digits, monkeypatch):
     train, test = ndigits.load_splits(cfg)
     files = sorted(p.name for p in (tmp_path / "ndigits").iterdir())
     key = ndigits.cache_key(P, 0)
-    assert files == [f"events_s0_{key}.npz", f"frames_T4_{key}.npy"]
+    assert files == [f"events_s0_{key}.npz", f"events_s0_{key}.npz.sha256.json", f"frames_T4_{key}.npy",
+                     f"frames_T4_{key}.npy.sha256.json"]
     assert len(train) + len(test) == 60 and train.frames.dtype == np.uint8
     assert train.frames.shape == (len(train), 4, 34, 34, 2) and test.frames.shape == (len(test), 4, 34, 34, 2)
 
@@ -178,9 +180,52 @@ def test_cache_reused_and_keyed(tmp_path, small_digits, monkeypatch):
     ndigits.load_splits(dataclasses.replace(cfg, seed=1))
     ndigits.load_splits(cfg, params=dataclasses.replace(P, threshold=0.15))
     names = sorted(p.name for p in (tmp_path / "ndigits").iterdir())
-    assert len([n for n in names if n.startswith("events_")]) == 3 and not any(".tmp" in n for n in names)
+    assert len([n for n in names if n.startswith("events_") and n.endswith(".npz")]) == 3
+    assert not any(".tmp" in n for n in names)
     assert len({ndigits.cache_key(P, 0), ndigits.cache_key(P, 1),
                 ndigits.cache_key(dataclasses.replace(P, threshold=0.15), 0)}) == 3
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:-1000])
+    return r"\d+ bytes, recorded \d+ \(truncated or extended\)"
+
+
+def garble(path):
+    raw = bytearray(path.read_bytes())
+    middle = slice(len(raw) // 2, len(raw) // 2 + 64)
+    raw[middle] = bytes(b ^ 0x5A for b in raw[middle])
+    path.write_bytes(bytes(raw))
+    return r"different bytes than recorded, at the recorded size \(altered in place\)"
+
+
+def unrecorded(path):
+    (path.parent / (path.name + ".sha256.json")).unlink()
+    return (rf"no checksum record {path.name}\.sha256\.json \(an interrupted write, or written by an older "
+            r"version\)")
+
+
+@pytest.mark.parametrize("damage", [truncate, garble, unrecorded])
+@pytest.mark.parametrize("which", ["frames", "events"])
+def test_damaged_cache_warns_naming_the_file_and_is_rebuilt(tmp_path, small_digits, monkeypatch, damage, which):
+    """A cache file truncated, garbled at the same size or without its record: the load warns naming the
+    file and what is wrong, rebuilds it, and returns what the intact cache held (then reused silently)."""
+    cfg = DataConfig(data_dir=str(tmp_path), timesteps=4, seed=0)
+    train, test = ndigits.load_splits(cfg)
+    ev_path, fr_path = ndigits._paths(tmp_path, P, 0, 4)
+    path = fr_path if which == "frames" else ev_path
+    good = path.read_bytes() if which == "frames" else None
+    what = damage(path)
+    with pytest.warns(UserWarning, match=f"N-Digits cache {path} fails its check \\({what}\\); rebuilding it"):
+        train2, test2 = ndigits.load_splits(cfg)
+    np.testing.assert_array_equal(train2.frames, train.frames)
+    np.testing.assert_array_equal(test2.labels, test.labels)
+    if good is not None:
+        assert fr_path.read_bytes() == good
+    with monkeypatch.context() as m, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        forbid(m, "generate")
+        ndigits.load_splits(cfg)                                        # intact again: no warning, no rebuild
 
 
 def test_split_stratified_disjoint_fixed():
@@ -211,12 +256,31 @@ def test_registry_and_config_checks(tmp_path, small_digits):
         ndigits.NDigitsParams(saccade_ms=0.3)
 
 
-def test_full_set_split_sizes_and_learnable(tmp_path):
-    """All 1797 samples: generation, cache, split sizes; logistic regression on summed frames."""
+def test_default_data_dir_does_not_depend_on_the_current_directory(tmp_path, small_digits, monkeypatch):
+    """data.data_dir = "" (the default): $AOI_JAX_DATA, else $XDG_CACHE_HOME/aoi_jax, else ~/.cache/aoi_jax,
+    wherever the command runs; an explicit folder is taken as given (relative to the current directory)."""
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setenv("AOI_JAX_DATA", str(tmp_path / "env"))
+    assert data.data_root("") == tmp_path / "env"
+    data.load(DataConfig(timesteps=3))
+    assert (tmp_path / "env" / "ndigits").is_dir() and list((tmp_path / "elsewhere").iterdir()) == []
+    monkeypatch.delenv("AOI_JAX_DATA")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.data_root("") == tmp_path / "xdg" / "aoi_jax"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data.data_root("") == tmp_path / "home" / ".cache" / "aoi_jax"
+    assert data.data_root("~/mine") == tmp_path / "home" / "mine"
+    assert data.data_root("rel") == tmp_path / "elsewhere" / "rel"
+
+
+def test_full_set_split_sizes_and_learnable(ndigits_dir):
+    """All 1797 samples (the session's shared cache): split sizes; logistic regression on summed frames."""
     import threadpoolctl
     from sklearn.linear_model import LogisticRegression
 
-    train, test = ndigits.load_splits(DataConfig(data_dir=str(tmp_path), timesteps=5))
+    train, test = ndigits.load_splits(DataConfig(data_dir=str(ndigits_dir), timesteps=5))
     assert (len(train), len(test)) == (1438, 359) and train.frames.shape[1:] == (5, 34, 34, 2)
     xtr = train.frames.sum(1).reshape(len(train), -1) / 10.0
     xte = test.frames.sum(1).reshape(len(test), -1) / 10.0

@@ -37,14 +37,16 @@ Output per sample: a tonic structured array (``tonic.io.events_struct``: x, y in
 sorted by t, with 0 <= t <= duration_us, inside the sensor; p = True is ON (frame channel 1).
 
 On disk (``<data_dir>/ndigits/``), written atomically (temp file + ``os.replace``), named by a hash of the
-parameters, the seed and ``FORMAT_VERSION`` so changed settings are never reused:
+parameters, the seed and ``FORMAT_VERSION`` so changed settings are never reused, each file with a size and
+SHA-256 record ``<file>.sha256.json`` (``aoi_jax.integrity``) that every load checks (a mismatch warns naming
+the file and rebuilds it):
 ``events_s<seed>_<key>.npz`` (compressed; x, y uint8, t uint32 us, p bool, concatenated; ``offsets``
 (N + 1,), ``labels``) and ``frames_T<T>_<key>.npy`` ((N, T, H, W, 2) counts, uint8 if they fit, else
 uint16). Frames come from ``events.integrate`` over ``[0, duration_us]``. A fixed stratified split
 (``split_indices``: ``test_fraction`` of each class, seeded) gives train/test.
 
 With the defaults: about 2400 events per sample (ON/OFF about 50/50), 15 MB of events and 42 MB of frames
-at T = 10 on disk.
+at T = 10 on disk; a cached load reads each file once (its checksum).
 
 ``HARD`` is the harder variant (registry name ``ndigits_hard``): lower contrast, fewer events, more
 background noise, slower saccades.
@@ -53,13 +55,13 @@ background noise, slower saccades.
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
-import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from aoi_jax import integrity
 from aoi_jax.data import events as events_lib
 
 FORMAT_VERSION = 1
@@ -290,15 +292,19 @@ def _paths(data_dir, params, seed, timesteps=None) -> tuple[pathlib.Path, pathli
 
 
 def _write_atomic(path: pathlib.Path, write: Callable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Writes a cache file atomically, then its size and checksum record (``integrity.write_sidecar``)."""
+    integrity.write_atomic(path, write)
+    integrity.write_sidecar(path)
+
+
+def _intact(path: pathlib.Path) -> bool:
+    """Whether the cache file ``path`` exists and matches its record; a damaged one warns, naming the file."""
+    if not path.is_file():
+        return False
+    problem = integrity.check_sidecar(path)
+    if problem is not None:
+        warnings.warn(f"N-Digits cache {path} fails its check ({problem}); rebuilding it", stacklevel=3)
+    return problem is None
 
 
 def load_events(data_dir, *, params: NDigitsParams = NDigitsParams(), seed: int = 0,
@@ -306,7 +312,7 @@ def load_events(data_dir, *, params: NDigitsParams = NDigitsParams(), seed: int 
     """All 1797 samples' ``(events, offsets, labels)`` as ``generate`` returns them, cached under
     ``<data_dir>/ndigits/events_s<seed>_<key>.npz`` (generated and written on the first call)."""
     path, _ = _paths(data_dir, params, seed)
-    if path.is_file():
+    if _intact(path):
         with np.load(path) as z:
             fields = {f: z[f] for f in "xytp"}
             ev = np.zeros(len(fields["t"]), EVENT_DTYPE)
@@ -337,9 +343,11 @@ def load_frames(data_dir, timesteps: int, *, params: NDigitsParams = NDigitsPara
     """All samples' frames (N, T, H, W, 2) and labels (N,), cached as ``frames_T<T>_<key>.npy``.
 
     A cached frame file is memory-mapped and the labels read alone from the events file: no regeneration.
+    Both files are checked against their records first; a damaged one is rebuilt (``load_events`` warns
+    about the events file).
     """
     ev_path, fr_path = _paths(data_dir, params, seed, timesteps)
-    if fr_path.is_file() and ev_path.is_file():
+    if _intact(fr_path) and integrity.check_sidecar(ev_path) is None:
         with np.load(ev_path) as z:
             labels = z["labels"]
         return np.load(fr_path, mmap_mode="r"), labels
