@@ -55,6 +55,7 @@ def main(argv=None):
     log.info("restored %s step %d (%s, %s, neuron %s)", ckpt_dir, int(state.step), cfg.model.name,
              cfg.model.activation, dataclasses.asdict(cfg.model.neuron))
     train_set, test_set = data.load(cfg.data)
+    log.info("data %s from %s", cfg.data.name, data.data_root(cfg.data.data_dir))
     if tuple(train_set.frames.shape[2:]) != tuple(input_shape):
         raise ValueError(f"data frames {train_set.frames.shape[2:]} do not match the checkpoint's input shape "
                          f"{tuple(input_shape)}")

@@ -7,7 +7,9 @@
 
 Writes into the workdir ``config.json``, ``train.log``, ``metrics.jsonl`` (one line per epoch),
 ``checkpoints/`` and, after training, ``report.json`` with its figures (``aoi_jax.training``,
-``aoi_jax.reporting``). A workdir that holds checkpoints of the same config resumes from the newest one.
+``aoi_jax.reporting``). A workdir that holds checkpoints of the same config resumes from the newest intact
+one (more epochs continue a finished run); the workdir is locked while training runs; a non-finite loss stops
+the run with exit status 1 (README, "Reliability").
 With ``--sweep`` every combination is a member with its own ``members/<name>/`` folder, and the workdir
 gets ``summary.json`` and ``summary.png``.
 """
@@ -32,7 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. reg.alpha=0.004 (repeatable)")
     p.add_argument("--workdir", required=True, help="folder for checkpoints, metrics and the report")
-    p.add_argument("--data-dir", help="shorthand for --set data.data_dir=DIR")
+    p.add_argument("--data-dir", help="shorthand for --set data.data_dir=DIR (default: $AOI_JAX_DATA, else "
+                                      "~/.cache/aoi_jax)")
     p.add_argument("--no-eval", action="store_true", help="skip the final cutoff evaluation")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="train every combination of these values together, e.g. reg.alpha=0,0.002 "

@@ -2,13 +2,15 @@
 
 A config file (``configs/*.py``) defines ``get_config() -> Config``. ``load(path, overrides)`` runs it
 and applies ``KEY=VALUE`` overrides such as ``reg.alpha=0.004`` or ``model.channels=(8,16)``. Every
-field is read somewhere and does what its comment says; an unknown key or a value of the wrong type is a
-``ValueError``/``KeyError`` naming it and listing what is valid (reference-semantics.md section 9.6).
+field is read somewhere and does what its comment says; an unknown key, a value of the wrong type or a value
+outside its valid range is a ``KeyError``/``ValueError`` naming the key, the value and what is valid, raised
+when the config is built, before any work (reference-semantics.md section 9.6).
 """
 
 import ast
 import dataclasses
 import json
+import math
 import pathlib
 import runpy
 import typing
@@ -18,6 +20,21 @@ from typing import Any
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_range(key: str, value, low: float, high: float = math.inf, *, low_open: bool = False,
+                 high_open: bool = False) -> None:
+    """Raises ValueError "<key> must be in <interval>, got <value>" unless ``value`` is a finite number in the
+    interval from ``low`` to ``high`` (each end closed unless ``*_open``; ``high = inf`` is always open and
+    written ">= low" or "> low")."""
+    above = value > low if low_open else value >= low
+    below = value < high if high_open or high == math.inf else value <= high
+    if not (math.isfinite(value) and above and below):
+        if high == math.inf:
+            interval = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{key} must be {interval}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +51,11 @@ class NeuronConfig:
     def __post_init__(self):
         _check_choice("model.neuron.reset", self.reset, ("hard", "soft"))
         _check_choice("model.neuron.surrogate", self.surrogate, ("triangle", "sigmoid", "arctan"))
-        if not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"model.neuron.tau must be in (0, 1], got {self.tau}")
+        _check_range("model.neuron.tau", self.tau, 0.0, 1.0, low_open=True)
+        _check_range("model.neuron.vth", self.vth, 0.0, low_open=True)
+        _check_range("model.neuron.width", self.width, 0.0, low_open=True)
+        if not math.isfinite(self.v0):
+            raise ValueError(f"model.neuron.v0 must be a finite number, got {self.v0!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +73,7 @@ class ModelConfig:
     levels: int = 4  # QCFS quantisation steps L (activation == "qcfs"; 4 in the reference, also 8)
     tebn_steps: int = 0  # TEBN: BatchNorm followed by a learnt scale p_t for each of this many steps T; 0 = off
     # rematerialise in training: keep only each spiking layer's input for the backward pass (spikes as int8)
-    # and recompute its conv, BatchNorm and cell there (VGGSNN T=40: 0.29x the temporaries, 1.34x the FLOPs)
+    # and recompute its conv, BatchNorm and cell there (fewer temporaries, more FLOPs: docs/performance.md)
     remat: bool = False
 
     @property
@@ -64,10 +84,11 @@ class ModelConfig:
 
     def __post_init__(self):
         _check_choice("model.activation", self.activation, ("lif", "qcfs", "if"))
-        if self.levels < 1:
-            raise ValueError(f"model.levels must be >= 1, got {self.levels}")
-        if self.tebn_steps < 0:
-            raise ValueError(f"model.tebn_steps must be >= 0, got {self.tebn_steps}")
+        for i, c in enumerate(self.channels):
+            _check_range(f"model.channels[{i}]", c, 1)
+        _check_range("model.num_classes", self.num_classes, 2)
+        _check_range("model.levels", self.levels, 1)
+        _check_range("model.tebn_steps", self.tebn_steps, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +96,9 @@ class DataConfig:
     """Data set and frame settings; ``name`` resolves through ``aoi_jax.data.DATASETS``."""
 
     name: str = "ndigits"
-    data_dir: str = "data_cache"  # where raw data live and frame caches are written
+    # where raw data live and caches are written; "" = the default location, independent of the current
+    # directory: $AOI_JAX_DATA if set, else $XDG_CACHE_HOME/aoi_jax (~/.cache/aoi_jax) (aoi_jax.data.data_root)
+    data_dir: str = ""
     timesteps: int = 10  # T: equal time bins per recording
     seed: int = 0  # generator / split seed of the data set (independent of the training seed)
     size: tuple[int, ...] = ()  # (H, W) frame size after spatial downsampling; () keeps the sensor's
@@ -91,8 +114,15 @@ class DataConfig:
     validation_fraction: float = 0.0
 
     def __post_init__(self):
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        _check_range("data.timesteps", self.timesteps, 1)
+        _check_range("data.seed", self.seed, 0)
+        if len(self.size) not in (0, 2):
+            raise ValueError(f"data.size must be () or (H, W), got {self.size!r}")
+        for i, s in enumerate(self.size):
+            _check_range(f"data.size[{i}]", s, 1)
+        _check_range("data.translate", self.translate, 0)
+        _check_range("data.cutout", self.cutout, 0)
+        _check_range("data.validation_fraction", self.validation_fraction, 0.0, 1.0, high_open=True)
         w = tuple(self.window)
         if w != () and (len(w) != 2 or w[0] < 0 or w[1] <= 0):
             raise ValueError(f"data.window = {self.window!r} must be () (the whole recording) or "
@@ -106,6 +136,11 @@ class RegConfig:
     alpha: float = 0.002  # weight of rcs_loss in the total loss; 0 switches RCS off
     window: float = 0.3  # fraction of last steps averaged into the delayed target r_d
     rcs_n: float = 0.3  # fraction of last steps that must be correct for a sample to count
+
+    def __post_init__(self):
+        _check_range("reg.alpha", self.alpha, 0.0)
+        _check_range("reg.window", self.window, 0.0, 1.0)
+        _check_range("reg.rcs_n", self.rcs_n, 0.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,19 +156,25 @@ class OptimConfig:
     def __post_init__(self):
         _check_choice("optim.name", self.name, ("sgd", "adamw"))
         _check_choice("optim.schedule", self.schedule, ("cosine", "constant"))
+        _check_range("optim.lr", self.lr, 0.0, low_open=True)
+        _check_range("optim.momentum", self.momentum, 0.0, 1.0, high_open=True)
+        _check_range("optim.weight_decay", self.weight_decay, 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Training loop."""
 
-    epochs: int = 20
-    batch_size: int = 32
+    epochs: int = 20  # a finished run asked for more continues (README, Reliability)
+    batch_size: int = 32  # at most the training set's size (checked once the data set is loaded)
     loss: str = "mean"  # mean (CE of the time-mean logits) | tet
     tet_lambda: float = 1e-3  # TET's MSE weight (used when loss == "tet")
 
     def __post_init__(self):
         _check_choice("train.loss", self.loss, ("mean", "tet"))
+        _check_range("train.epochs", self.epochs, 1)
+        _check_range("train.batch_size", self.batch_size, 1)
+        _check_range("train.tet_lambda", self.tet_lambda, 0.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +192,14 @@ class EvalConfig:
 
     def __post_init__(self):
         _check_choice("eval.calibration", self.calibration, ("train", "validation"))
+        if not self.epsilons:
+            raise ValueError("eval.epsilons must hold at least one value in [0, 1), got ()")
+        for i, e in enumerate(self.epsilons):
+            _check_range(f"eval.epsilons[{i}]", e, 0.0, 1.0, high_open=True)
+        _check_range("eval.bins", self.bins, 1)
+        _check_range("eval.min_support", self.min_support, 0)
+        _check_range("eval.calib_dropout", self.calib_dropout, 0.0, 1.0, high_open=True)
+        _check_range("eval.batch_size", self.batch_size, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +213,9 @@ class Config:
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+
+    def __post_init__(self):
+        _check_range("seed", self.seed, 0)
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -270,13 +322,27 @@ def load(path: str | pathlib.Path, overrides: typing.Iterable[str] = ()) -> Conf
     return apply_overrides(cfg, overrides)
 
 
+def differences(stored: Config, requested: Config) -> list[tuple[str, Any, Any]]:
+    """``(key, stored value, requested value)`` for every dotted leaf key whose values differ, in the order
+    of ``valid_keys``."""
+    out = []
+    for key in valid_keys(type(stored)):
+        a, b = stored, requested
+        for part in key.split("."):
+            a, b = getattr(a, part), getattr(b, part)
+        if a != b:
+            out.append((key, a, b))
+    return out
+
+
 def to_dict(cfg) -> dict[str, Any]:
     """Plain nested dict (tuples become lists), for JSON."""
     return json.loads(to_json(cfg))
 
 
 def to_json(cfg) -> str:
-    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+    """Strict JSON of ``cfg`` (the range checks keep every number finite)."""
+    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True, allow_nan=False)
 
 
 def from_dict(d: dict[str, Any], cls=Config, prefix: str = ""):
@@ -300,5 +366,6 @@ def from_dict(d: dict[str, Any], cls=Config, prefix: str = ""):
 
 __all__ = [
     "Config", "ModelConfig", "NeuronConfig", "DataConfig", "RegConfig", "OptimConfig", "TrainConfig",
-    "EvalConfig", "load", "override", "apply_overrides", "valid_keys", "to_dict", "to_json", "from_dict",
+    "EvalConfig", "load", "override", "apply_overrides", "valid_keys", "differences", "to_dict", "to_json",
+    "from_dict",
 ]

@@ -1,27 +1,51 @@
 """Evaluation on cumulative logits and the early-exit (cutoff) rules (reference-semantics.md sections 6-8).
 
 Every function takes cumulative logits ``cum`` of shape (T, N, K), ``Y_n(t) = sum_{s<=t} o_s[n]`` (see
-``cumulative``), and returns 1-based int32 exit timesteps. An exit rule returns ``(predictions (N,),
-timesteps (N,))``: a sample leaves at the first t whose rule fires, or at T, and predicts ``argmax Y_n(exit)``
-(first index on ties). The rules are the paper's Top-K gap (``calibrate_topk``, ``apply_topk``), max-softmax
-confidence, DT-SNN entropy and SpikeCP conformal sets; ``oct`` is the oracle. ``sweep`` scores all rules over a
-whole array of epsilons E at once. All functions are pure and jit-compatible; shape checks raise at trace time.
-Inputs are assumed finite.
+``cumulative``). An exit rule is a per-step decision ``fires(y, t, param) -> bool (...)`` on the cumulative
+logits ``y`` (..., K) of one step t; ``FIRES`` holds the four rules (the paper's Top-K gap, max-softmax
+confidence, DT-SNN entropy, SpikeCP conformal sets) and ``RULES`` their names. ``first_exit(fires, cum, param)``
+applies a rule to all T steps at once: a sample leaves at the first t whose rule fires, or at T, and predicts
+``argmax Y_n(exit)`` (first index on ties); ``apply_topk``, ``confidence_cutoff``, ``entropy_cutoff`` and
+``spikecp_cutoff`` are that with one rule each. A step-by-step server that calls the same ``fires`` on each
+step's running sum exits exactly where ``first_exit`` does. Fixed T is the rule that never fires; ``oct`` is
+the oracle; ``sweep`` scores every rule over an array of epsilons. Every public function is jitted and its
+shape checks raise at trace time. Inputs are assumed finite.
+
+A new rule is one function here and one entry in ``FIRES`` (and, for ``sweep``, its parameter per epsilon)::
+
+    @jax.jit
+    def margin_fires(y, t, epsilon):
+        '''Exit when the two largest softmax probabilities differ by more than 1 - 2 epsilon.'''
+        p = jnp.sort(jax.nn.softmax(y), axis=-1)
+        return p[..., -1] - p[..., -2] > 1.0 - 2.0 * epsilon
+
+    FIRES = {..., "margin": margin_fires}                   # in sweep: params["margin"] = epsilons
+
+    predictions, timesteps = first_exit(margin_fires, cum, 0.05)        # all steps at once, (N,) each
+
+    y, done, pred = jnp.zeros((N, K)), jnp.zeros(N, bool), jnp.zeros(N, int)   # or one step at a time
+    for t in range(T):
+        y = y + logits[t]
+        leave = ~done & (margin_fires(y, t, 0.05) | (t == T - 1))      # the same exits
+        pred = jnp.where(leave, jnp.argmax(y, axis=-1), pred)
+        done = done | leave
 """
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-RULES = ("topk", "confidence", "entropy", "spikecp")
-
 
 def _check_cum(cum, name="cum"):
     if cum.ndim != 3:
         raise ValueError(f"{name} must be cumulative logits (T, N, K), got shape {cum.shape}")
+
+
+def _check_two_classes(cum, rule):
+    if cum.shape[-1] < 2:
+        raise ValueError(f"{rule} needs K >= 2 classes, got cum {cum.shape}")
 
 
 def _check_labels(labels, cum, name="labels"):
@@ -39,84 +63,42 @@ def _scalar(value, name):
     return value
 
 
-def _per_step(values, cum, name):
+def _check_per_step(values, cum, name):
     if values.shape != (cum.shape[0],):
         raise ValueError(f"{name} must have shape (T,) = ({cum.shape[0]},) for cum {cum.shape}, "
                          f"got {values.shape}")
 
 
-def _reduce(operands, init, combine, axis):
-    """Variadic ``lax.reduce`` over one axis; a length-1 axis is squeezed instead (XLA:CPU in jax 0.10.2 aborts
-    or crashes compiling some variadic reductions over a length-1 axis; every ``init`` here is an identity)."""
-    if operands[0].shape[axis] == 1:
-        return tuple(jnp.squeeze(x, axis) for x in operands)
-    return lax.reduce(operands, init, combine, (axis,))
+def _gap(y):
+    """top1 - top2 of y (..., K) over K: the largest entry minus the largest of the others (0 on a tie)."""
+    first = jnp.argmax(y, axis=-1)
+    others = jnp.where(jax.nn.one_hot(first, y.shape[-1], dtype=bool), -jnp.inf, y)
+    second = jnp.argmax(others, axis=-1)         # argmax, then take: XLA:CPU fuses the mask into an argmax, not a max
+    return jnp.max(y, axis=-1) - jnp.take_along_axis(y, second[..., None], axis=-1)[..., 0]
 
 
-def _earliest(a, b):
-    """Reducer over (fired, t, payload): the fired entry with the smallest t (else the smallest t)."""
-    (a_fire, a_t, a_pred), (b_fire, b_t, b_pred) = a, b
-    a_wins = (a_fire > b_fire) | ((a_fire == b_fire) & (a_t < b_t))
-    return jnp.maximum(a_fire, b_fire), jnp.where(a_wins, a_t, b_t), jnp.where(a_wins, a_pred, b_pred)
-
-
-def _exit(fire, predictions_t):
-    """First t with ``fire[t, n]`` (T - 1 if none) -> (predictions_t[t, n] (N,), t + 1 (N,)).
-
-    One variadic reduction over time carrying the prediction along (no gather).
-    """
-    T = fire.shape[0]
-    t = lax.broadcasted_iota(jnp.int32, fire.shape, 0)
-    fire = (fire | (t == T - 1)).astype(jnp.int32)
-    init = (jnp.int32(0), jnp.int32(T), jnp.zeros((), predictions_t.dtype))
-    _, first, predictions = _reduce((fire, t, predictions_t), init, _earliest, 0)
-    return predictions, first + 1
-
-
-def _merge_top2(a, b):
-    """Reducer over (value, index, runner-up): the larger value (first index on ties) and the runner-up."""
-    (a1, ai, a2), (b1, bi, b2) = a, b
-    a_wins = (a1 > b1) | ((a1 == b1) & (ai < bi))
-    return (jnp.where(a_wins, a1, b1), jnp.where(a_wins, ai, bi),
-            jnp.maximum(jnp.minimum(a1, b1), jnp.maximum(a2, b2)))
-
-
-def _top2(cum):
-    """(top1, top2, argmax) over the last axis in one pass: a variadic ``lax.reduce`` over (value, index, runner-up).
-
-    argmax is the first index of the maximum (as ``jnp.argmax``); top2 = top1 when the maximum is tied. One
-    variadic reduce is several times faster on XLA:CPU than ``max``, ``argmax`` and a masked ``max`` apart.
-    """
-    index = lax.broadcasted_iota(jnp.int32, cum.shape, cum.ndim - 1)
-    lowest = jnp.full_like(cum, -jnp.inf)
-    init = (jnp.array(-jnp.inf, cum.dtype), jnp.int32(cum.shape[-1]), jnp.array(-jnp.inf, cum.dtype))
-    top1, first, top2 = _reduce((cum, index, lowest), init, _merge_top2, cum.ndim - 1)
-    return top1, top2, first
-
-
-def _predictions(cum):
-    return _top2(cum)[2]                                                           # (T, N) int32
-
-
-def _correct(cum, labels):
-    return _predictions(cum) == labels[None, :]                                    # (T, N)
+def _entropy(y):
+    """H = log S - sum_k e_k z_k / S of y (..., K), with z = y - max y, e = exp(z), S = sum_k e_k."""
+    z = y - jnp.max(y, axis=-1, keepdims=True)
+    e = jnp.exp(z)
+    s = jnp.sum(e, axis=-1)
+    return jnp.log(s) - jnp.sum(e * z, axis=-1) / s
 
 
 def _settled(correct):
-    """settled[t, n] = correct at every step t..T-1, as ``t > last wrong step`` (no scan over time)."""
-    t = lax.broadcasted_iota(jnp.int32, correct.shape, 0)
-    last_wrong = jnp.max(jnp.where(correct, -1, t), axis=0)                         # (N,), -1 if never wrong
-    return t > last_wrong[None, :]
+    """settled[t, n] = prod_{s = t}^{T-1} correct[s, n]: correct at every step from t on, (T, N) bool."""
+    return jnp.flip(jnp.cumprod(jnp.flip(correct, 0), axis=0), 0) == 1
 
 
+# ----------------------------------------------------------------------------- section 6
+@jax.jit
 def cumulative(logits):
     """Cumulative sums of per-step logits over time, as one lower-triangular matmul.
 
     reference-semantics.md section 6::
 
-        Y_n(t) = sum_{s <= t} o_s[n]        (float32, precision HIGHEST: exact products by 0 and 1)
+        Y_n(t) = sum_{s <= t} o_s[n] = sum_s tril[t, s] o_s[n]     (float32, precision HIGHEST: exact products)
 
-    On XLA:CPU the (T, T) matmul is several times faster than ``jnp.cumsum`` over the leading axis.
     A non-finite logit makes the later sums NaN (0 * inf).
 
     Args:
@@ -129,11 +111,12 @@ def cumulative(logits):
     if logits.ndim != 3:
         raise ValueError(f"logits must be per-step logits (T, N, K), got shape {logits.shape}")
     T = logits.shape[0]
-    tri = jnp.tril(jnp.ones((T, T), jnp.float32))
+    tril = jnp.tril(jnp.ones((T, T), jnp.float32))
     flat = logits.astype(jnp.float32).reshape(T, -1)
-    return jnp.matmul(tri, flat, precision=lax.Precision.HIGHEST).reshape(logits.shape)
+    return jnp.matmul(tril, flat, precision=lax.Precision.HIGHEST).reshape(logits.shape)
 
 
+@jax.jit
 def accuracy_per_timestep(cum, labels):
     """Accuracy of the prediction at every timestep (the fixed-T curve).
 
@@ -150,9 +133,10 @@ def accuracy_per_timestep(cum, labels):
     """
     _check_cum(cum)
     _check_labels(labels, cum)
-    return jnp.mean(_correct(cum, labels), axis=1, dtype=jnp.float32)
+    return jnp.mean(jnp.argmax(cum, axis=-1) == labels[None, :], axis=1, dtype=jnp.float32)
 
 
+@jax.jit
 def oct(cum, labels):
     """The optimal cutoff timestep (OCT), an oracle: the first step from which the prediction stays correct.
 
@@ -173,12 +157,101 @@ def oct(cum, labels):
     """
     _check_cum(cum)
     _check_labels(labels, cum)
-    correct = _correct(cum, labels)
-    settled = _settled(correct)
-    hit, timesteps = _exit(settled, correct.astype(jnp.int32))
-    return jnp.mean(hit, dtype=jnp.float32), timesteps
+    T, N = cum.shape[:2]
+    correct = jnp.argmax(cum, axis=-1) == labels[None, :]                           # (T, N)
+    g = jnp.argmax(_settled(correct).at[T - 1].set(True), axis=0)                  # (N,) first True
+    return jnp.mean(correct[g, jnp.arange(N)], dtype=jnp.float32), (g + 1).astype(jnp.int32)
 
 
+# ----------------------------------------------------------------------------- the rules, one step each
+@jax.jit
+def topk_fires(y, t, beta):
+    """Top-K rule at step t (reference-semantics.md section 7): ``gap(y) > beta[t]``, strict.
+
+    Args:
+      y: cumulative logits of step t, (..., K), K >= 2.  t: int step index.  beta: thresholds, (T,).
+    Returns:
+      (...) bool.
+    """
+    return _gap(y) > beta[t]
+
+
+@jax.jit
+def confidence_fires(y, t, epsilon):
+    """Confidence rule (section 8): ``max_k softmax(y)_k > 1 - epsilon``; epsilon = 0 never fires.
+
+    Args:
+      y: cumulative logits of one step, (..., K).  t: step index (unused).  epsilon: scalar.
+    Returns:
+      (...) bool.
+    """
+    return jnp.max(jax.nn.softmax(y, axis=-1), axis=-1) > 1.0 - epsilon
+
+
+@jax.jit
+def entropy_fires(y, t, threshold):
+    """DT-SNN entropy rule (section 8): ``H(softmax(y)) < threshold`` (nats, see ``entropy``).
+
+    Args:
+      y: cumulative logits of one step, (..., K).  t: step index (unused).  threshold: scalar.
+    Returns:
+      (...) bool.
+    """
+    return _entropy(y) < threshold
+
+
+@jax.jit
+def spikecp_fires(y, t, qhat):
+    """SpikeCP rule at step t (section 8): the conformal set holds at most one class (the empty set too)::
+
+        C_t = {k : score_k <= qhat[t]},  score = -log softmax(y);   fires iff |C_t| <= 1
+            iff the second smallest score > qhat[t],  second smallest = min_k score_k + gap(y)
+
+    (score_k = log S - (y_k - max y) ranks the classes as y does, so the runner-up's score is the top class's
+    plus top1 - top2.)
+
+    Args:
+      y: cumulative logits of step t, (..., K), K >= 2.  t: int step index.  qhat: thresholds, (T,).
+    Returns:
+      (...) bool.
+    """
+    return jnp.min(-jax.nn.log_softmax(y, axis=-1), axis=-1) + _gap(y) > qhat[t]
+
+
+FIRES = {"topk": topk_fires, "confidence": confidence_fires, "entropy": entropy_fires, "spikecp": spikecp_fires}
+RULES = tuple(FIRES)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def first_exit(fires, cum, param):
+    """Exit every sample at the first step where a per-step rule fires.
+
+    ::
+
+        exit_n = first t with fires(Y_n(t), t, param), else T - 1
+        predictions_n = argmax_k Y_n(exit_n)_k  (first index on ties);   timesteps_n = exit_n + 1
+
+    The rule is applied to each step as ``fires(cum[t], t, param)`` (``jax.vmap`` over t), so a loop that
+    calls it on one step at a time makes the same decisions. ``fires`` is static: pass a named function.
+
+    Args:
+      fires: ``(y (N, K), t int32 scalar, param) -> (N,) bool``, e.g. a value of ``FIRES``.
+      cum: cumulative logits, (T, N, K).  param: the rule's parameter (any pytree, shared by all steps).
+    Returns:
+      (predictions (N,) int32, timesteps (N,) int32, 1-based).
+    Raises:
+      ValueError: cum is not (T, N, K).
+    """
+    _check_cum(cum)
+    T, N = cum.shape[:2]
+    fired = jax.vmap(fires, in_axes=(0, 0, None))(cum, jnp.arange(T), param)       # (T, N)
+    exit_t = jnp.argmax(fired.at[T - 1].set(True), axis=0)                         # (N,) first True
+    predictions = jnp.argmax(cum[exit_t, jnp.arange(N)], axis=-1)                   # argmax Y_n(exit_n)
+    return predictions.astype(jnp.int32), (exit_t + 1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- section 7: Top-K
+@jax.jit
 def topk_gap(cum):
     """Gap between the largest and second largest cumulative logit (raw, no softmax).
 
@@ -186,80 +259,48 @@ def topk_gap(cum):
 
         gap[t, n] = top1(Y_n(t)) - top2(Y_n(t))        (0 when the top two tie)
 
-    Computed in one variadic reduction over K (``lax.top_k`` is ~100x slower on XLA:CPU).
-
     Args:
-      cum: cumulative logits, (T, N, K) with K >= 2 (any leading shape (..., K) works the same).
+      cum: cumulative logits, (T, N, K) with K >= 2.
     Returns:
       gap, (T, N) float32, >= 0.
     Raises:
       ValueError: cum is not (T, N, K), or K < 2.
     """
     _check_cum(cum)
-    if cum.shape[-1] < 2:
-        raise ValueError(f"the Top-K gap needs K >= 2 classes, got cum {cum.shape}")
-    top1, top2, _ = _top2(cum)
-    return top1 - top2
+    _check_two_classes(cum, "the Top-K gap")
+    return _gap(cum)
 
 
-def _grid_count(gap, delta, bins):
-    """cnt = #{m < bins : m * delta < gap} exactly, m * delta rounded to float32 as in the grid.
-
-    q = ceil(gap / delta) is within 1 of cnt (each rounding is relative 2^-24 and gap / delta <= bins), so all
-    m <= q - 2 count and no m >= q + 2 does; the grid points q - 1, q, q + 1 are compared directly. Ten times
-    faster than ``jnp.searchsorted`` on CPU. delta = 0 (every grid point 0): cnt = bins where gap > 0.
-    """
-    q = jnp.where(delta > 0, jnp.clip(jnp.ceil(gap / delta), 0, bins + 1), 0).astype(jnp.int32)
-    cnt = jnp.clip(q - 1, 0, bins)
-    for m in (q - 1, q, q + 1):
-        cnt = cnt + ((m >= 0) & (m < bins) & (m.astype(jnp.float32) * delta < gap))
-    return jnp.where(delta > 0, cnt, jnp.where(gap > 0, bins, 0))
+def _count_above(above, weights, bins):
+    """sum_n weights[t, n] 1[above[t, n] > m] for m = 0..bins-1, (bins, T): a histogram of above per t
+    (above in [0, bins]), summed from the top."""
+    T = above.shape[0]
+    hist = jnp.zeros((T, bins + 1), jnp.int32).at[jnp.arange(T)[:, None], above].add(weights)
+    return jnp.flip(jnp.cumsum(jnp.flip(hist, 1), axis=1), 1)[:, 1:].T
 
 
-def _topk_table(cum, labels, bins):
-    """Grid and per-(bin, t) counts of calibration samples above each grid point, without a (bins, T, N) tensor.
-
-    cnt[t, n] = #{m < bins : beta_m < gap[t, n]} (``_grid_count``, exact strict comparisons), so
-    ``gap[t, n] > beta_m  <=>  cnt[t, n] > m``; one histogram of cnt per t then gives every bin's counts.
-    Returns grid (bins,), support[m, t] = sum_n sel, hits[m, t] = sum_n sel * settled, both int32 (bins, T).
-    """
-    T, N = cum.shape[:2]
-    gap = topk_gap(cum)
-    settled = _settled(_correct(cum, labels))
-    # XLA rewrites x / constant as x * (1 / constant), which is not exact (10 / 100 -> 0.099999994): the barrier
-    # keeps bins opaque so that delta is the correctly rounded quotient, as in the reference.
-    delta = jnp.max(gap) / lax.optimization_barrier(jnp.float32(bins))
-    grid = jnp.arange(bins, dtype=jnp.float32) * delta                             # beta_m = m * delta
-    cnt = _grid_count(gap, delta, bins)                                             # (T, N) in [0, bins]
-    t = lax.broadcasted_iota(jnp.int32, (T, N), 0)
-    weights = jnp.stack([jnp.ones((T, N), jnp.int32), settled.astype(jnp.int32)], axis=-1)
-    hist = jax.ops.segment_sum(weights.reshape(T * N, 2), (t * (bins + 1) + cnt).reshape(-1),
-                               num_segments=T * (bins + 1)).reshape(T, bins + 1, 2)
-    above = jnp.flip(jnp.cumsum(jnp.flip(hist, 1), axis=1), 1)[:, 1:]             # sum over cnt >= m + 1
-    return grid, above[..., 0].T, above[..., 1].T
-
-
+@functools.partial(jax.jit, static_argnames="bins")
 def calibrate_topk(cum, labels, epsilon=0.0, bins=100, min_support=0):
     """Per-timestep Top-K thresholds beta_t, calibrated on (training) cumulative logits.
 
     reference-semantics.md section 7 (as the reference's ``TopKCutoff.setup``)::
 
-        settled[t, n] = 1[correct at every step t..T-1]          (the OCT rule, not forced)
+        settled[t, n] = prod_{s = t}^{T-1} 1[argmax Y_n(s) == y_n]        (the OCT rule, not forced)
         delta = max_{t, n} gap[t, n] / bins;   beta_m = m * delta,  m = 0..bins-1   (float32)
         sel = 1[gap[t, n] > beta_m]   (strict)
-        conf[m, t] = sum_n sel * settled[t] / sum_n sel           (0 / 0 = NaN, which never qualifies)
-        conf[bins-1, :] = 1
-        qualifies[m, t] = conf[m, t] >= 1 - epsilon  and  sum_n sel >= min_support,   row bins-1 always
+        support[m, t] = sum_n sel;   hits[m, t] = sum_n sel * settled[t];   conf = hits / support   (0 / 0 = NaN)
+        qualifies[m, t] = conf[m, t] >= 1 - epsilon  and  support[m, t] >= min_support,   row bins-1 always
         beta_t = beta_{m*},  m* = first m that qualifies
 
     ``min_support = 0`` is the reference rule; ``min_support > 0`` refuses thresholds supported by fewer
-    selected samples (reference-semantics.md section 9, defect 1). The last grid row qualifies for any epsilon.
-    Counts come from each gap's position in the grid and one histogram per t: no (bins, T, N) tensor.
+    selected samples (reference-semantics.md section 9, defect 1). NaN never qualifies.
+    The counts over n come from each gap's place in the (non-decreasing) grid, ``above[t, n] = #{m : beta_m <
+    gap[t, n]}`` (so ``gap > beta_m  <=>  m < above``), and one histogram of ``above`` per t.
 
     Args:
       cum: cumulative logits, (T, N, K), K >= 2.  labels: integer classes, (N,).
       epsilon: scalar tolerance, 0 <= epsilon < 1 (may be traced, e.g. under ``jax.vmap``).
-      bins: number of grid points, a Python int >= 1.  min_support: scalar minimum of ``sum_n sel``.
+      bins: number of grid points, a Python int >= 1 (static).  min_support: scalar minimum of ``support``.
     Returns:
       beta, (T,) float32.
     Raises:
@@ -267,23 +308,33 @@ def calibrate_topk(cum, labels, epsilon=0.0, bins=100, min_support=0):
         not a scalar, or bins is not a positive int.
     """
     _check_cum(cum)
+    _check_two_classes(cum, "the Top-K gap")
     _check_labels(labels, cum)
     epsilon = _scalar(epsilon, "epsilon")
     if jnp.ndim(min_support) != 0:
         raise ValueError(f"min_support must be a scalar, got shape {jnp.shape(min_support)}")
     if not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins must be a positive int, got {bins!r}")
-    grid, support, hits = _topk_table(cum, labels, bins)
-    conf = hits.astype(jnp.float32) / support.astype(jnp.float32)                   # (bins, T), NaN on 0/0
-    last = lax.broadcasted_iota(jnp.int32, conf.shape, 0) == bins - 1
+    gap = _gap(cum)                                                                 # (T, N)
+    settled = _settled(jnp.argmax(cum, axis=-1) == labels[None, :])                 # (T, N)
+    # XLA rewrites x / constant as x * (1 / constant), which is not exact (10 / 100 -> 0.099999994): the barrier
+    # keeps bins opaque so that delta is the correctly rounded quotient, as in the reference.
+    delta = jnp.max(gap) / lax.optimization_barrier(jnp.float32(bins))
+    grid = jnp.arange(bins, dtype=jnp.float32) * delta                              # beta_m, (bins,)
+    above = jnp.searchsorted(grid, gap, side="left", method="scan_unrolled")        # (T, N) in [0, bins]
+    support = _count_above(above, 1, bins)                                          # (bins, T)
+    hits = _count_above(above, settled.astype(jnp.int32), bins)
+    conf = hits.astype(jnp.float32) / support.astype(jnp.float32)                  # (bins, T), NaN on 0 / 0
+    last = jnp.arange(bins)[:, None] == bins - 1
     qualifies = ((conf >= 1.0 - epsilon) & (support >= min_support)) | last
     return grid[jnp.argmax(qualifies, axis=0)]
 
 
+@jax.jit
 def apply_topk(cum, beta):
     """Top-K cutoff: exit at the first step whose gap exceeds that step's threshold.
 
-    reference-semantics.md section 7::
+    reference-semantics.md section 7; ``first_exit(topk_fires, cum, beta)``::
 
         exit_n = first t with gap[t, n] > beta_t, else T - 1
         predictions_n = argmax Y_n(exit_n);   timesteps_n = exit_n + 1
@@ -296,38 +347,17 @@ def apply_topk(cum, beta):
       ValueError: cum is not (T, N, K) with K >= 2, or beta is not (T,).
     """
     _check_cum(cum)
-    _per_step(beta, cum, "beta")
-    return _exit(topk_gap(cum) > beta[:, None], _predictions(cum))
+    _check_two_classes(cum, "the Top-K gap")
+    _check_per_step(beta, cum, "beta")
+    return first_exit(topk_fires, cum, beta)
 
 
-class _Stats(NamedTuple):
-    """Per-(t, n) statistics of Y = cum over K, each (T, N)."""
-
-    top1: jax.Array
-    top2: jax.Array
-    first: jax.Array  # int32 argmax, the prediction
-    total: jax.Array  # S = sum_k exp(Y_k - top1)
-    weighted: jax.Array  # sum_k exp(Y_k - top1) (Y_k - top1)
-
-
-def _add_pairs(a, b):
-    return a[0] + b[0], a[1] + b[1]
-
-
-def _stats(cum):
-    """Two passes over K. The barrier keeps the five statistics together: without it XLA:CPU splits the
-    summing reduce, recomputes the exponentials per consumer and broadcasts them over E in ``sweep`` (2x slower)."""
-    top1, top2, first = _top2(cum)
-    z = cum - top1[..., None]
-    e = jnp.exp(z)
-    total, weighted = _reduce((e, e * z), (jnp.float32(0), jnp.float32(0)), _add_pairs, cum.ndim - 1)
-    return _Stats(*lax.optimization_barrier((top1, top2, first, total, weighted)))
-
-
+# ----------------------------------------------------------------------------- section 8: other rules
+@jax.jit
 def confidence_cutoff(cum, epsilon):
     """Max-softmax confidence cutoff.
 
-    reference-semantics.md section 8 (as the reference's ``ConfCutoff``)::
+    reference-semantics.md section 8 (as the reference's ``ConfCutoff``); ``first_exit(confidence_fires, ...)``::
 
         p_n(t) = softmax(Y_n(t));   exit_n = first t with max_k p_n(t)_k > 1 - epsilon, else T - 1
         predictions_n = argmax Y_n(exit_n);   timesteps_n = exit_n + 1
@@ -342,11 +372,10 @@ def confidence_cutoff(cum, epsilon):
       ValueError: cum is not (T, N, K), or epsilon is not a scalar.
     """
     _check_cum(cum)
-    epsilon = _scalar(epsilon, "epsilon")
-    st = _stats(cum)
-    return _exit(1.0 / st.total > 1.0 - epsilon, st.first)                        # max softmax = 1 / S
+    return first_exit(confidence_fires, cum, _scalar(epsilon, "epsilon"))
 
 
+@jax.jit
 def entropy(cum):
     """Entropy of softmax(Y_n(t)) in nats, as DT-SNN's exit score.
 
@@ -364,13 +393,10 @@ def entropy(cum):
       ValueError: cum is not (T, N, K).
     """
     _check_cum(cum)
-    return _entropy(_stats(cum))
+    return _entropy(cum)
 
 
-def _entropy(st):
-    return jnp.log(st.total) - st.weighted / st.total
-
-
+@functools.partial(jax.jit, static_argnames="num_classes")
 def entropy_threshold(epsilon, num_classes):
     """The entropy threshold ``sweep`` pairs with a tolerance epsilon: Fano's bound.
 
@@ -383,7 +409,7 @@ def entropy_threshold(epsilon, num_classes):
     epsilon = 0 gives 0: the rule never fires.
 
     Args:
-      epsilon: tolerances, any shape.  num_classes: K, a Python int >= 2.
+      epsilon: tolerances, any shape.  num_classes: K, a Python int >= 2 (static).
     Returns:
       thresholds in nats, float32, the shape of epsilon.
     Raises:
@@ -396,10 +422,11 @@ def entropy_threshold(epsilon, num_classes):
     return h + eps * jnp.log(jnp.float32(num_classes - 1))
 
 
+@jax.jit
 def entropy_cutoff(cum, threshold):
     """DT-SNN entropy cutoff (Li et al. 2023): exit once the softmax entropy falls below a threshold.
 
-    reference-semantics.md section 8::
+    reference-semantics.md section 8; ``first_exit(entropy_fires, cum, threshold)``::
 
         exit_n = first t with H[t, n] < threshold, else T - 1        (H from ``entropy``, nats)
         predictions_n = argmax Y_n(exit_n);   timesteps_n = exit_n + 1
@@ -412,75 +439,10 @@ def entropy_cutoff(cum, threshold):
       ValueError: cum is not (T, N, K), or threshold is not a scalar.
     """
     _check_cum(cum)
-    threshold = _scalar(threshold, "threshold")
-    st = _stats(cum)
-    return _exit(_entropy(st) < threshold, st.first)
+    return first_exit(entropy_fires, cum, _scalar(threshold, "threshold"))
 
 
-_RADIX_LEVELS = ((21, 11), (10, 11), (0, 10))  # (shift, width) of the key digits, most significant first
-
-
-def _radix_select(x, ks):
-    """The ks-th smallest entry of every row of x, exactly, by radix selection (no sort).
-
-    Keys are the float32 bit patterns made order-preserving as uint32 (-0 orders before +0, which compare
-    equal). Each pass takes one digit (11, 11, 10 bits): a histogram per row and per prefix group, its
-    cumulative counts give the digit holding the wanted rank; ranks that share a prefix share a group, so
-    one histogram serves them all. Three histogram passes replace a sort (~14 ms for (10, 50000) on CPU,
-    float sorts ~75 ms) with ~2-3 ms for any number of ranks.
-
-    Args:
-      x: (T, N) float32.  ks: (R,) int32 1-based ranks, each in [1, N].
-    Returns:
-      (R, T) float32, entry [r, t] = the ks[r]-th smallest of x[t].
-    """
-    T, N = x.shape
-    R, G = ks.shape[0], ks.shape[0] + 1                                         # group R: no rank's prefix
-    bits = lax.bitcast_convert_type(x, jnp.int32)
-    keys = lax.bitcast_convert_type(jnp.where(bits < 0, ~bits, bits ^ jnp.int32(-2 ** 31)), jnp.uint32)
-    t = lax.broadcasted_iota(jnp.int32, (T, N), 0)
-    t_r = lax.broadcasted_iota(jnp.int32, (R, T), 1)
-    r_other = lax.broadcasted_iota(jnp.int32, (R, R, T), 1)
-    slot = jnp.zeros((T, N), jnp.int32)                                          # each entry's prefix group
-    group = jnp.zeros((R, T), jnp.int32)                                         # each rank's prefix group
-    rank = jnp.broadcast_to(ks[:, None], (R, T)).astype(jnp.int32)               # rank left within the group
-    prefix = jnp.zeros((R, T), jnp.uint32)
-    for shift, width in _RADIX_LEVELS:
-        B = 1 << width
-        digit_x = ((keys >> shift) & jnp.uint32(B - 1)).astype(jnp.int32)
-        hist = jax.ops.segment_sum(jnp.ones((T * N,), jnp.int32), ((t * G + slot) * B + digit_x).reshape(-1),
-                                   num_segments=T * G * B).reshape(T, G, B)
-        counts = jnp.cumsum(hist, axis=2)[t_r, group]                            # (R, T, B)
-        digit = jnp.argmax(counts >= rank[..., None], axis=-1).astype(jnp.int32)  # first digit reaching rank
-        below = jnp.take_along_axis(counts, jnp.maximum(digit - 1, 0)[..., None], axis=-1)[..., 0]
-        rank = rank - jnp.where(digit > 0, below, 0)
-        prefix = prefix | (digit.astype(jnp.uint32) << shift)
-        key = group * B + digit
-        new_group = jnp.min(jnp.where(key[:, None, :] == key[None, :, :], r_other, R), axis=1)
-        table = jnp.full((T, G, B), R, jnp.int32).at[t_r, group, digit].min(new_group)
-        slot, group = table[t, slot, digit_x], new_group
-    bits = lax.bitcast_convert_type(prefix, jnp.int32)
-    return lax.bitcast_convert_type(jnp.where(bits < 0, bits ^ jnp.int32(-2 ** 31), ~bits), jnp.float32)
-
-
-@jax.custom_batching.custom_vmap
-def _kth_smallest(x, k):
-    """The k-th smallest entry of every row of x (T, N), k a 1-based int32 scalar; (T,).
-
-    Under ``jax.vmap`` over k alone, all the ranks are selected in one ``_radix_select`` call.
-    """
-    return _radix_select(x, k[None])[0]
-
-
-@_kth_smallest.def_vmap
-def _kth_smallest_vmap(axis_size, in_batched, x, k):
-    x_batched, k_batched = in_batched
-    if x_batched:
-        k = k if k_batched else jnp.broadcast_to(k, (axis_size,))
-        return jax.vmap(lambda x, k: _radix_select(x, k[None])[0])(x, k), True
-    return _radix_select(x, k), True
-
-
+@jax.jit
 def calibrate_spikecp(cum, labels, epsilon):
     """SpikeCP (Chen et al., arXiv 2305.11322): per-timestep split-conformal thresholds.
 
@@ -488,7 +450,7 @@ def calibrate_spikecp(cum, labels, epsilon):
 
         score[t, i] = -log softmax(Y_i(t))_{y_i}                  (no 1e-5 inside the log)
         k = ceil((n + 1) (1 - epsilon))                           (float32 arithmetic)
-        qhat_t = k-th smallest of score[t, :]   if 1 <= k <= n;   +inf if k > n;   -inf if k < 1
+        qhat_t = sort(score[t, :])[k - 1]   if 1 <= k <= n;   +inf if k > n;   -inf if k < 1
 
     Sets ``C_t(x) = {k : -log softmax(Y(t))_k <= qhat_t}`` then cover the label with probability >= 1 - epsilon
     at each t separately (no correction across timesteps, as in the reference). epsilon = 0 gives +inf.
@@ -508,25 +470,21 @@ def calibrate_spikecp(cum, labels, epsilon):
     _check_labels(labels, cum)
     epsilon = _scalar(epsilon, "epsilon")
     n = cum.shape[1]
-    idx = jnp.broadcast_to(labels[None, :, None], (cum.shape[0], n, 1))
-    st = _stats(cum)
-    label_z = jnp.take_along_axis(cum, idx, axis=-1)[..., 0] - st.top1
-    scores = jnp.log(st.total) - label_z                                            # (T, n)
+    scores = -jax.nn.log_softmax(cum, axis=-1)[:, jnp.arange(n), labels]          # (T, n)
     k = jnp.ceil((n + 1) * (1.0 - epsilon)).astype(jnp.int32)
-    qhat = _kth_smallest(scores, jnp.clip(k, 1, n))
+    qhat = jnp.sort(scores, axis=1)[:, jnp.clip(k, 1, n) - 1]
     return jnp.where(k > n, jnp.inf, jnp.where(k < 1, -jnp.inf, qhat))
 
 
+@jax.jit
 def spikecp_cutoff(cum, qhat):
     """SpikeCP cutoff: exit once the conformal set holds at most one class.
 
-    reference-semantics.md section 8::
+    reference-semantics.md section 8; ``first_exit(spikecp_fires, cum, qhat)``::
 
         C_t(x_n) = {k : -log softmax(Y_n(t))_k <= qhat_t}
         exit_n = first t with |C_t(x_n)| <= 1, else T - 1         (the empty set exits too)
         predictions_n = argmax Y_n(exit_n);   timesteps_n = exit_n + 1
-
-    |C| <= 1 iff the second smallest score (the runner-up class's) exceeds qhat_t, so no (T, N, K) comparison.
 
     Args:
       cum: cumulative logits, (T, N, K), K >= 2.  qhat: thresholds, (T,) (from ``calibrate_spikecp``).
@@ -536,20 +494,13 @@ def spikecp_cutoff(cum, qhat):
       ValueError: cum is not (T, N, K) with K >= 2, or qhat is not (T,).
     """
     _check_cum(cum)
-    _per_step(qhat, cum, "qhat")
-    if cum.shape[-1] < 2:
-        raise ValueError(f"SpikeCP needs K >= 2 classes, got cum {cum.shape}")
-    st = _stats(cum)
-    second_score = jnp.log(st.total) - (st.top2 - st.top1)                         # the runner-up's score
-    return _exit(second_score > qhat[:, None], st.first)
+    _check_per_step(qhat, cum, "qhat")
+    _check_two_classes(cum, "SpikeCP")
+    return first_exit(spikecp_fires, cum, qhat)
 
 
-def _score(predictions, timesteps, labels):
-    return {"accuracy": jnp.mean(predictions == labels, dtype=jnp.float32),
-            "mean_timestep": jnp.mean(timesteps, dtype=jnp.float32)}
-
-
-@functools.partial(jax.jit, static_argnames=("bins",))
+# ----------------------------------------------------------------------------- all rules, all epsilons
+@functools.partial(jax.jit, static_argnames="bins")
 def sweep(cum_calib, labels_calib, cum_test, labels_test, epsilons, *, bins=100, min_support=0,
           entropy_thresholds=None):
     """Every exit rule over a whole array of tolerances at once (``jax.vmap`` over E), plus fixed T and OCT.
@@ -562,8 +513,8 @@ def sweep(cum_calib, labels_calib, cum_test, labels_test, epsilons, *, bins=100,
         spikecp:     spikecp_cutoff(cum_t, calibrate_spikecp(cum_c, y_c, e))
         accuracy = mean_n 1[prediction_n == y_n];   mean_timestep = mean_n timesteps_n
 
-    The work that does not depend on epsilon (gaps, softmax statistics, the Top-K histograms) runs once, and
-    the conformal quantiles of all epsilons come from one radix selection. Jitted, ``bins`` static.
+    Under ``jax.vmap`` the work that does not depend on epsilon (gaps, softmax, the Top-K histograms, the
+    sorted conformal scores) runs once. Jitted, ``bins`` static.
 
     Args:
       cum_calib: (T, Nc, K) calibration (training) cumulative logits.  labels_calib: (Nc,).
@@ -595,29 +546,26 @@ def sweep(cum_calib, labels_calib, cum_test, labels_test, epsilons, *, bins=100,
         raise ValueError(f"entropy_thresholds must have shape (E,) = {epsilons.shape}, "
                          f"got {entropy_thresholds.shape}")
 
-    def topk(e):
-        beta = calibrate_topk(cum_calib, labels_calib, e, bins=bins, min_support=min_support)
-        return _score(*apply_topk(cum_test, beta), labels_test), beta
+    params = {                                                                       # each rule's param per epsilon
+        "topk": jax.vmap(lambda e: calibrate_topk(cum_calib, labels_calib, e, bins, min_support))(epsilons),
+        "confidence": epsilons,
+        "entropy": entropy_thresholds,
+        "spikecp": jax.vmap(lambda e: calibrate_spikecp(cum_calib, labels_calib, e))(epsilons),
+    }
 
-    def spikecp(e):
-        qhat = calibrate_spikecp(cum_calib, labels_calib, e)
-        return _score(*spikecp_cutoff(cum_test, qhat), labels_test), qhat
+    def score(fires, param):
+        predictions, timesteps = first_exit(fires, cum_test, param)
+        return {"accuracy": jnp.mean(predictions == labels_test, dtype=jnp.float32),
+                "mean_timestep": jnp.mean(timesteps, dtype=jnp.float32)}
 
-    topk_scores, beta = jax.vmap(topk)(epsilons)
-    spikecp_scores, qhat = jax.vmap(spikecp)(epsilons)
     oct_accuracy, oct_timesteps = oct(cum_test, labels_test)
     return {
         "epsilons": epsilons,
-        "rules": {
-            "topk": topk_scores,
-            "confidence": jax.vmap(lambda e: _score(*confidence_cutoff(cum_test, e), labels_test))(epsilons),
-            "entropy": jax.vmap(lambda h: _score(*entropy_cutoff(cum_test, h), labels_test))(entropy_thresholds),
-            "spikecp": spikecp_scores,
-        },
+        "rules": {rule: jax.vmap(functools.partial(score, fires))(params[rule]) for rule, fires in FIRES.items()},
         "fixed_t_accuracy": accuracy_per_timestep(cum_test, labels_test),
         "oct_accuracy": oct_accuracy,
         "oct_timestep": jnp.mean(oct_timesteps, dtype=jnp.float32),
-        "topk_beta": beta,
-        "spikecp_qhat": qhat,
+        "topk_beta": params["topk"],
+        "spikecp_qhat": params["spikecp"],
         "entropy_threshold": entropy_thresholds,
     }

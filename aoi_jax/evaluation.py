@@ -7,9 +7,14 @@ cumulative sums; the step-by-step anytime loop (``aoi_jax.anytime``) is checked 
 Top-K. Nothing here writes files: ``aoi_jax.reporting`` writes the report and its figures.
 
 A QCFS ANN is evaluated as the SNN it converts to: ``spiking_run`` is the one place that converts.
+
+A model whose parameters, batch statistics or logits hold non-finite values (e.g. a diverged run) is still
+evaluated, but each such finding is a ``RuntimeWarning`` and a line of the report's ``warnings`` list (its
+numbers are then meaningless).
 """
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -104,12 +109,19 @@ def evaluate(graphdef, state: step.TrainState, cfg: config_lib.Config, calib_set
         cfg)``, built here when not given (a sweep passes the same ones for every member).
       progress: ``progress(iterable, total=, desc=)`` wrapping each pass (e.g. ``tqdm.tqdm``).
     Returns:
-      the report: a dict of plain Python values (``aoi_jax.reporting`` writes it as report.json).
+      the report: a dict of plain Python values (``aoi_jax.reporting`` writes it as report.json); its
+      ``warnings`` lists what was found non-finite (also each a ``RuntimeWarning``).
     Raises:
       ValueError: ``cfg`` is a QCFS ANN.
     """
     if cfg.model.is_ann:
         raise ValueError("evaluate needs a spiking run; convert the QCFS ANN first (evaluation.spiking_run)")
+    found = []
+    state_leaves = jax.tree.leaves((state.params, state.batch_stats))
+    bad = sum(int(jnp.sum(~jnp.isfinite(x))) for x in state_leaves)
+    if bad:
+        found.append(f"the parameters and batch statistics hold {bad} non-finite values (of "
+                     f"{sum(x.size for x in state_leaves)})")
     mesh = parallel.data_mesh() if mesh is None else mesh
     fns = make_eval_functions(graphdef, cfg) if functions is None else functions
     batch_size = cfg.eval.batch_size
@@ -117,6 +129,13 @@ def evaluate(graphdef, state: step.TrainState, cfg: config_lib.Config, calib_set
                                     desc="calibration")
     logits_t, labels_t, spikes = collect(fns.test_step, state, test_set, batch_size, key, mesh, progress=progress,
                                          desc="test")
+
+    for split, logits in (("calibration", logits_c), ("test", logits_t)):
+        bad = int(np.sum(~np.isfinite(logits)))
+        if bad:
+            found.append(f"the {split} logits hold {bad} non-finite values (of {logits.size})")
+    for message in found:
+        warnings.warn(f"{message}: this report's numbers are meaningless", RuntimeWarning, stacklevel=2)
 
     cum_c, cum_t = cutoff.cumulative(jnp.asarray(logits_c)), cutoff.cumulative(jnp.asarray(logits_t))
     epsilons = jnp.asarray(cfg.eval.epsilons, jnp.float32)
@@ -150,4 +169,5 @@ def evaluate(graphdef, state: step.TrainState, cfg: config_lib.Config, calib_set
         "spikes_per_sample_per_timestep": (spikes / n_test).tolist(),
         "fan_out": list(fan_out),
         "synops_per_sample": (per_sample_spikes * np.asarray(fan_out)).tolist(),
+        "warnings": found,
     }

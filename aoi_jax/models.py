@@ -15,6 +15,46 @@ Calibration (reference-semantics.md section 7) runs the forward pass with invert
 with a learnt threshold ``lam_l`` per layer (``aoi_jax.qcfs``); ``"if"`` the converted SNN, IF cells of
 threshold ``lam_l`` emitting ``lam_l`` per spike (``aoi_jax.convert``). ``ModelConfig.tebn_steps > 0``
 follows every conv BatchNorm by TEBN's per-timestep scale (``TEBatchNorm``).
+
+Adding an architecture: subclass ``SpikingNet``; in ``__init__`` create the NNX modules and end with
+``super().__init__(cfg, fan_out)``, ``fan_out`` holding one entry per spiking layer (as above); write
+``forward(h, layer, norm)`` once, on a folded batch ``h`` (B, H, W, C), returning the logits (B, K); add
+the class to ``MODELS``. ``forward`` calls ``h = layer(pre, x, *modules, post=None)`` once per spiking
+layer, in order. The layer's pre-activation is ``u = pre(x, *modules)``: ``pre`` reaches its NNX modules
+only through ``modules`` (so remat can recompute and differentiate them) and sends each BatchNorm through
+``norm(bn, u)`` (batch or running statistics; TEBN's scale). ``layer`` runs on u the cell that
+``ModelConfig.activation`` selects and returns ``post(its output)`` (``post``: e.g. the pooling after the
+cell; it runs inside the layer, so remat recomputes it too). This one ``forward`` serves training
+(``__call__``: the cells scanned over T), calibration dropout, remat, QCFS / IF conversion (set
+``CONVERTIBLE = False`` if the model max-pools) and ``step`` (one frame at a time). ``model.channels`` is
+small_snn's: other models set it to ``()``. The complete example (the README shows it too)::
+
+    from flax import nnx
+
+    from aoi_jax import models
+    from aoi_jax.config import ModelConfig
+
+
+    class TinySNN(models.SpikingNet):
+        # Conv 3x3 (C -> 8), BatchNorm, cell, 2x2 average pool; Conv 3x3 (8 -> 16), BatchNorm, cell;
+        # Linear(16 * H/2 * W/2, K)
+        def __init__(self, cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs):
+            H, W, C = input_shape
+            self.conv1, self.bn1 = nnx.Conv(C, 8, (3, 3), padding=1, rngs=rngs), nnx.BatchNorm(8, rngs=rngs)
+            self.conv2, self.bn2 = nnx.Conv(8, 16, (3, 3), padding=1, rngs=rngs), nnx.BatchNorm(16, rngs=rngs)
+            self.head = nnx.Linear(16 * (H // 2) * (W // 2), cfg.num_classes, rngs=rngs)
+            # a spike of layer 0 reaches 3 x 3 x 16 synapses of conv2, one of layer 1 the head's K
+            super().__init__(cfg, fan_out=(9 * 16, cfg.num_classes))
+
+        def forward(self, h, layer, norm):
+            conv_bn = lambda x, conv, bn: norm(bn, conv(x))
+            h = layer(conv_bn, h, self.conv1, self.bn1, post=models.avg_pool)
+            h = layer(conv_bn, h, self.conv2, self.bn2)
+            return self.head(h.reshape(h.shape[0], -1))
+
+
+    models.MODELS["tiny_snn"] = TinySNN
+    model = models.build(ModelConfig(name="tiny_snn", channels=(), num_classes=3), (8, 8, 2), rngs=nnx.Rngs(0))
 """
 
 import dataclasses
@@ -78,7 +118,7 @@ def _bn(c, rngs, tebn_steps=0):
     return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, rngs=rngs)
 
 
-def _avg_pool(h):
+def avg_pool(h):
     """2x2 average pooling, stride 2, of (B, H, W, C) (an odd last row or column is dropped), as a reshape
     and a mean: its gradient is a broadcast that XLA fuses into its consumer, where ``nnx.avg_pool``'s
     (a padded ``reduce_window``) is a (B, H, W, C) buffer of its own."""
@@ -124,23 +164,24 @@ def _multistep(model, h, *, T, train, dropout, key, layer_fn=None):
     """``SpikingNet.__call__`` on the folded batch h (T*N, H, W, C) -> (logits (T*N, K), layers).
 
     ``layers[i] = layer_fn(a_i, b_i)`` (``(a_i, b_i)`` without ``layer_fn``) with ``(a_i, b_i)`` spiking
-    layer i's (spikes, membranes) or, for qcfs, (activations, pre-activations), each (T, N, ...).
+    layer i's (spikes, membranes) or, for qcfs, (activations, pre-activations), each (T, N, ...); layer i
+    is ``forward``'s i-th call of ``layer``.
 
     With ``ModelConfig.remat`` each spiking layer (its ``pre``: conv, BatchNorm, ...; its cell; its
-    dropout; ``layer_fn``) is rematerialised on its own (``_remat``): the backward pass keeps only the
-    layer's input (binary spikes straight from a LIF layer as int8) and recomputes the layer when its
-    cotangent arrives.
+    dropout; its ``post``; ``layer_fn``) is one ``jax.checkpoint`` (``_remat``).
+
+    Raises:
+      ValueError: ``forward`` calls ``layer`` a number of times other than ``len(model.fan_out)``.
     """
     N = h.shape[0] // T
-    keys = [None] * len(model.fan_out) if dropout == 0.0 or key is None \
-        else list(jax.random.split(key, len(model.fan_out)))
+    keys = None if dropout == 0.0 or key is None else jax.random.split(key, len(model.fan_out))
     layers = []
     reduce = (lambda a, b: (a, b)) if layer_fn is None else layer_fn
     spikes = []  # the layer outputs that are exactly 0/1 (lif cells without dropout or post)
 
     def cell(i, u, lam, key):
         """(output, reduce(pair)) of spiking layer i on its pre-activation u; lam its threshold (qcfs/if)."""
-        if model.activation == "qcfs":
+        if model.is_ann:
             y = qcfs.qcfs(u, lam, model.levels)
             return _dropout(y, dropout, key), reduce(*(a.reshape(T, N, *a.shape[1:]) for a in (y, u)))
         if model.activation == "lif":
@@ -149,69 +190,73 @@ def _multistep(model, h, *, T, train, dropout, key, layer_fn=None):
         out, sm = spiking(u / lam, T, model.neuron, dropout=dropout, key=key)
         return out * lam, reduce(*sm)
 
-    def layer(i, pre, x, *modules, post=None):
+    def layer(pre, x, *modules, post=None):
+        i = len(layers)
         lam = None if model.thresholds is None else model.thresholds[i]
+        layer_key = None if keys is None else keys[i]
 
-        def run(u, lam, key):
-            out, record = cell(i, u, lam, key)
+        def run(x, lam, modules, key):
+            out, record = cell(i, pre(x, *modules), lam, key)
             return (out if post is None else post(out)), record
 
         if model.remat:
-            graphdef, params, others = nnx.split(modules, nnx.Param, ...)
-
-            def f(x, lam, params, others, key):
-                mods = nnx.merge(graphdef, params, others, copy=True)
-                return run(pre(x, *mods), lam, key), nnx.split(mods, nnx.Param, ...)[2]
-
-            binary = jax.tree.map(lambda a: jnp.dtype(a.dtype).name if any(a is s for s in spikes) else "", x)
-            (out, record), others = _remat(f, binary, x, lam, params, others, keys[i])
-            nnx.update(modules, others)
+            binary = jax.tree.map(lambda a: any(a is s for s in spikes), x)
+            out, record = _remat(run, x, binary, lam, modules, layer_key)
         else:
-            out, record = run(pre(x, *modules), lam, keys[i])
+            out, record = run(x, lam, modules, layer_key)
         if model.activation == "lif" and dropout == 0.0 and post is None:
             spikes.append(out)
         layers.append(record)
         return out
 
     logits = model.forward(h, layer, model._norm(train, T=T))
+    if len(layers) != len(model.fan_out):
+        raise ValueError(f"{type(model).__name__}.forward calls layer {len(layers)} times, so fan_out needs "
+                         f"{len(layers)} entries (one per spiking layer), got {len(model.fan_out)}")
     return logits, tuple(layers)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _remat(f, binary, x, lam, params, others, key):
-    """``f(x, lam, params, others, key)``, rematerialised: the backward pass keeps only the inputs and
-    runs f again once the cotangents of its outputs arrive.
+def _remat(run, x, binary, lam, modules, key):
+    """``run(x, lam, modules, key)`` rematerialised: one ``jax.checkpoint``, so the backward pass keeps
+    only its inputs and recomputes the layer from them when it needs the layer's intermediates.
 
-    ``binary``: a tree like x, the leaf's dtype name where the leaf is exactly 0/1 (spikes), else "";
-    those leaves are kept as int8 (exact, a quarter of float32). ``others``: the modules' non-parameter
-    state (BatchNorm statistics), ``key``: the dropout key; neither gets a gradient.
+    ``binary``: a tree like x, True where the leaf is exactly 0/1 (spikes straight from a LIF layer);
+    those leaves are kept as int8 (exact, a quarter of float32): cast outside the checkpoint, back inside
+    (``_from_int8``, which takes its derivative from the float leaf, so the gradient still reaches x).
+    The modules are split into parameters (differentiated) and the rest (BatchNorm statistics, updated
+    in training and returned).
 
-    Optimisation barriers fix the schedule (XLA:CPU keeps them with ``step.compiler_options``): in the
-    forward pass f's outputs (its ``layer_fn`` result too) and the int8 copies are all computed before
-    any leaves, so XLA neither defers the RCS reductions nor keeps x in float32 for a late cast; in the
-    backward pass the recomputation waits for the cotangents, and the layer's gradients (input,
-    threshold, parameters) are all complete before any leaves, so its cotangents are freed with it
-    instead of waiting for the optimiser's update.
+    Two optimisation barriers order the layer as one block (XLA:CPU keeps them only with
+    ``xla_disable_hlo_passes="cse_barrier_expander"``; without it, it merges the recomputation with the
+    forward pass): one over the layer's inputs, whose transpose makes the layer's gradients (input,
+    threshold, parameters) complete together, and one over its outputs (``layer_fn``'s result too).
     """
-    return f(x, lam, params, others, key)
-
-
-def _remat_fwd(f, binary, x, lam, params, others, key):
+    graphdef, params, others = nnx.split(modules, nnx.Param, ...)
     kept = jax.tree.map(lambda b, a: a.astype(jnp.int8) if b else a, binary, x)
-    out, kept = jax.lax.optimization_barrier((f(x, lam, params, others, key), kept))
-    return out, (kept, lam, params, others, key)
+
+    @functools.partial(jax.checkpoint, prevent_cse=True)
+    def f(kept, x, lam, params, others, key):
+        x = jax.tree.map(lambda b, k, a: _from_int8(k, a) if b else a, binary, kept, x)
+        x, lam, params = jax.lax.optimization_barrier((x, lam, params))
+        mods = nnx.merge(graphdef, params, others, copy=True)
+        return jax.lax.optimization_barrier((run(x, lam, mods, key), nnx.split(mods, nnx.Param, ...)[2]))
+
+    result, others = f(kept, x, lam, params, others, key)
+    nnx.update(modules, others)
+    return result
 
 
-def _remat_bwd(f, binary, residuals, cotangents):
-    residuals, cotangents = jax.lax.optimization_barrier((residuals, cotangents))
-    kept, lam, params, others, key = residuals
-    x = jax.tree.map(lambda b, a: a.astype(b) if b else a, binary, kept)
-    _, vjp = jax.vjp(lambda x, lam, params: f(x, lam, params, others, key), x, lam, params)
-    dx, dlam, dparams = jax.lax.optimization_barrier(vjp(cotangents))
-    return dx, dlam, dparams, None, None
+@jax.custom_jvp
+def _from_int8(kept, x):
+    """``kept`` (an exact int8 copy of x) in x's dtype, with x's tangent: the value needs only ``kept``,
+    the derivative is that of the identity in x (the cast to int8 alone would have none)."""
+    return kept.astype(x.dtype)
 
 
-_remat.defvjp(_remat_fwd, _remat_bwd)
+@_from_int8.defjvp
+def _from_int8_jvp(primals, tangents):
+    kept, x = primals
+    return kept.astype(x.dtype), tangents[1]
 
 
 def _conv_norm(norm):
@@ -226,16 +271,15 @@ def _flatten(x):
 class SpikingNet(nnx.Module):
     """Base of the models: one ``forward`` per architecture, run multistep or one step at a time.
 
-    A subclass calls ``_setup(cfg, fan_out)`` and defines ``forward(h, layer, norm)``: the layers on a
-    folded batch ``h`` (B, H, W, C), calling ``layer(i, pre, x, *modules, post=None)`` for spiking layer
-    i, whose pre-activation is ``u = pre(x, *modules)`` (``modules``: the NNX modules ``pre`` uses, e.g. a
-    conv and its BatchNorm; ``pre`` calls ``norm(bn, u)`` for each BatchNorm), and continuing with what it
-    returns, the layer's output ``post(cell output)`` (``post``: e.g. the pooling that follows the cell).
-    ``__call__`` runs it on (T*N, ...) with the cell scanned over time (each layer rematerialised on its
-    own with ``remat``); ``step`` runs it on one frame, advancing carried membranes by one
-    ``neurons.lif_step``. Both give the same spikes (a feed-forward net is exact in either order).
+    A subclass ends its ``__init__`` with ``super().__init__(cfg, fan_out)`` and defines ``forward(h,
+    layer, norm)``, calling ``h = layer(pre, x, *modules, post=None)`` once per spiking layer (the
+    protocol and a worked example: the module docstring). ``__call__`` runs ``forward`` on (T*N, ...) with
+    the cell scanned over time (each layer one ``jax.checkpoint`` with ``remat``); ``step`` runs it on one
+    frame, advancing carried membranes by one ``neurons.lif_step``. Both give the same spikes (a
+    feed-forward net is exact in either order).
 
-    The layer at spiking layer i, by ``activation`` (``lam_i = thresholds[i]``, the learnt QCFS threshold)::
+    Spiking layer i is ``forward``'s i-th call of ``layer``; with ``u = pre(x, *modules)``, by
+    ``activation`` (``lam_i = thresholds[i]``, the learnt QCFS threshold; ``layer`` returns ``post(output)``)::
 
         lif:   s = lif(u; neuron)                                   output s
         qcfs:  y = qcfs(u, lam_i, levels)                           output y   (an ANN; no time dynamics)
@@ -251,10 +295,16 @@ class SpikingNet(nnx.Module):
 
     CONVERTIBLE = True  # only linear pooling (average), so a QCFS / IF form exists
 
-    def _setup(self, cfg: ModelConfig, fan_out):
-        """Stores the activation settings and, for qcfs / if, the per-layer thresholds (initial 8.0)."""
+    def __init__(self, cfg: ModelConfig, fan_out):
+        """Stores the activation settings, ``fan_out`` (one entry per spiking layer) and, for qcfs / if,
+        the per-layer thresholds (initial 8.0).
+
+        Raises:
+          ValueError: activation qcfs / if on a model with ``CONVERTIBLE = False``.
+        """
         self.neuron = cfg.neuron
         self.activation = cfg.activation
+        self.is_ann = cfg.is_ann  # a QCFS ANN (ModelConfig.is_ann): QCFS activations instead of cells
         self.levels = cfg.levels
         self.fan_out = tuple(fan_out)
         self.remat = cfg.remat
@@ -291,7 +341,7 @@ class SpikingNet(nnx.Module):
         return logits.reshape(T, N, -1), layers
 
     def _check_spiking(self, what):
-        if self.activation == "qcfs":
+        if self.is_ann:
             raise ValueError(f"{what} needs a spiking model; this is a QCFS ANN (activation 'qcfs'): "
                              "convert it first with aoi_jax.convert")
 
@@ -304,7 +354,7 @@ class SpikingNet(nnx.Module):
         self._check_spiking("init_membranes")
         shapes = []
 
-        def layer(i, pre, x, *modules, post=None):
+        def layer(pre, x, *modules, post=None):
             u = pre(x, *modules)
             shapes.append(u)
             return u if post is None else post(u)
@@ -320,7 +370,8 @@ class SpikingNet(nnx.Module):
         n = self.neuron
         new, counts = [], []
 
-        def layer(i, pre, x, *modules, post=None):
+        def layer(pre, x, *modules, post=None):
+            i = len(new)
             u = pre(x, *modules)
             lam = self.thresholds[i] if self.activation == "if" else None
             v, s, _ = neurons.lif_step(membranes[i], u if lam is None else u / lam, tau=n.tau, vth=n.vth,
@@ -350,11 +401,11 @@ class SmallSNN(SpikingNet):
         if H == 0 or W == 0:
             raise ValueError(f"input {input_shape} too small for {len(cfg.channels)} pooling stages")
         self.head = nnx.Linear(H * W * chans[-1], cfg.num_classes, rngs=rngs)
-        self._setup(cfg, tuple(9 * c for c in cfg.channels[1:]) + (cfg.num_classes,))
+        super().__init__(cfg, tuple(9 * c for c in cfg.channels[1:]) + (cfg.num_classes,))
 
     def forward(self, h, layer, norm):
-        for i, (conv, bn) in enumerate(zip(self.convs, self.norms)):
-            h = layer(i, _conv_norm(norm), h, conv, bn, post=_avg_pool)
+        for conv, bn in zip(self.convs, self.norms):
+            h = layer(_conv_norm(norm), h, conv, bn, post=avg_pool)
         return self.head(_flatten(h))
 
 
@@ -375,18 +426,17 @@ def _vgg_stack(plan, in_shape, convs, norms, rngs, tebn_steps):
     return H, W, cin
 
 
-def _run_vgg(plan, h, convs, norms, layer, norm, *, first):
-    """Runs ``plan`` on ``h``: conv -> norm -> cell per width (spiking layers ``first``, ``first + 1``, ...),
-    2x2 average pool per "P". Returns (h, index of the next spiking layer)."""
-    i = first
+def _run_vgg(plan, h, convs, norms, layer, norm):
+    """Runs ``plan`` on ``h``: conv -> norm -> cell per width, with the next of ``convs`` and ``norms``,
+    2x2 average pool per "P". Returns h."""
+    pairs = iter(zip(convs, norms, strict=True))
     for k, item in enumerate(plan):
         if item != "P":
             pooled = k + 1 < len(plan) and plan[k + 1] == "P"    # the pool runs inside the layer
-            h = layer(i, _conv_norm(norm), h, convs[i], norms[i], post=_avg_pool if pooled else None)
-            i += 1
+            h = layer(_conv_norm(norm), h, *next(pairs), post=avg_pool if pooled else None)
         elif k == 0 or plan[k - 1] == "P":
-            h = _avg_pool(h)
-    return h, i
+            h = avg_pool(h)
+    return h
 
 
 class VGGSNN(SpikingNet):
@@ -406,11 +456,11 @@ class VGGSNN(SpikingNet):
             raise ValueError(f"input {input_shape} too small for VGGSNN")
         self.convs, self.norms = nnx.List(convs), nnx.List(norms)
         self.head = nnx.Linear(H * W * cin, cfg.num_classes, rngs=rngs)
-        self._setup(cfg, tuple(9 * c for c in VGG_PLAN if c != "P") + (cfg.num_classes,))
+        super().__init__(cfg, tuple(9 * c for c in VGG_PLAN if c != "P") + (cfg.num_classes,))
 
     def forward(self, h, layer, norm):
-        h = layer(0, _conv_norm(norm), h, self.convs[0], self.norms[0])
-        h, _ = _run_vgg(VGG_PLAN, h, self.convs, self.norms, layer, norm, first=1)
+        h = layer(_conv_norm(norm), h, self.convs[0], self.norms[0])
+        h = _run_vgg(VGG_PLAN, h, self.convs[1:], self.norms[1:], layer, norm)
         return self.head(_flatten(h))
 
 
@@ -437,23 +487,23 @@ class GestureSNN(SpikingNet):
         self.fc = nnx.Linear(128 * H * W, 512, rngs=rngs)
         self.fc_norm = _bn(512, rngs)  # a BatchNorm1d in the reference: TEBN leaves it plain
         self.head = nnx.Linear(512, cfg.num_classes, rngs=rngs)
-        self._setup(cfg, (9 * 128,) * 5 + (512, cfg.num_classes))
+        super().__init__(cfg, (9 * 128,) * 5 + (512, cfg.num_classes))
 
     def forward(self, h, layer, norm):
         for i, (conv, bn) in enumerate(zip(self.convs, self.norms)):
             if i >= 2:
                 h = _max_pool(h)
-            h = layer(i, _conv_norm(norm), h, conv, bn)
+            h = layer(_conv_norm(norm), h, conv, bn)
         h = _max_pool(h)
-        h = layer(len(self.convs), lambda x, fc, bn: norm(bn, fc(_flatten(x))), h, self.fc, self.fc_norm)
+        h = layer(lambda x, fc, bn: norm(bn, fc(_flatten(x))), h, self.fc, self.fc_norm)
         return self.head(h)
 
 
 class BasicBlock(nnx.Module):
     """ResNet basic block (the reference's ``BasicBlock``), two spiking layers::
 
-        o = cell(i,     norm(bn1, conv3x3_s(h)))
-        o = cell(i + 1, norm(bn2, conv3x3(o)) + shortcut(h))
+        o = cell(norm(bn1, conv3x3_s(h)))
+        o = cell(norm(bn2, conv3x3(o)) + shortcut(h))
 
     shortcut = identity, or conv1x1_s + BatchNorm when the stride or the width changes; convs without bias.
     """
@@ -468,15 +518,15 @@ class BasicBlock(nnx.Module):
             self.short_conv = _conv(cin, cout, 1, stride, 0, rngs, use_bias=False)
             self.short_bn = _bn(cout, rngs, tebn_steps)
 
-    def __call__(self, h, i, layer, norm):
-        o = layer(i, _conv_norm(norm), h, self.conv1, self.bn1)
+    def __call__(self, h, layer, norm):
+        o = layer(_conv_norm(norm), h, self.conv1, self.bn1)
 
         def second(x, conv2, bn2, *shortcut):
             o, h = x
             return norm(bn2, conv2(o)) + (norm(shortcut[1], shortcut[0](h)) if shortcut else h)
 
         shortcut = (self.short_conv, self.short_bn) if self.projection else ()
-        return layer(i + 1, second, (o, h), self.conv2, self.bn2, *shortcut)
+        return layer(second, (o, h), self.conv2, self.bn2, *shortcut)
 
 
 class ResNet(SpikingNet):
@@ -506,12 +556,12 @@ class ResNet(SpikingNet):
         for blk in self.blocks:  # the layer feeding each block, then the block's inner layer
             cout = blk.conv1.out_features
             fan_out += [9 * cout + (cout if blk.projection else 1), 9 * cout]
-        self._setup(cfg, fan_out + [cfg.num_classes])
+        super().__init__(cfg, fan_out + [cfg.num_classes])
 
     def forward(self, h, layer, norm):
-        h = layer(0, _conv_norm(norm), h, self.stem, self.stem_bn)
-        for b, block in enumerate(self.blocks):
-            h = block(h, 2 * b + 1, layer, norm)
+        h = layer(_conv_norm(norm), h, self.stem, self.stem_bn)
+        for block in self.blocks:
+            h = block(h, layer, norm)
         return self.head(h.mean(axis=(1, 2)))
 
 
@@ -546,12 +596,12 @@ class VGG16(SpikingNet):
         self.fc2 = nnx.Linear(4096, 4096, rngs=rngs)
         self.head = nnx.Linear(4096, cfg.num_classes, rngs=rngs)
         widths = [c for c in VGG16_PLAN if c != "P"]
-        self._setup(cfg, [9 * c for c in widths[1:]] + [4096, 4096, cfg.num_classes])
+        super().__init__(cfg, [9 * c for c in widths[1:]] + [4096, 4096, cfg.num_classes])
 
     def forward(self, h, layer, norm):
-        h, i = _run_vgg(VGG16_PLAN, h, self.convs, self.norms, layer, norm, first=0)
-        h = layer(i, lambda x, fc: fc(_flatten(x)), h, self.fc1)
-        h = layer(i + 1, lambda x, fc: fc(x), h, self.fc2)
+        h = _run_vgg(VGG16_PLAN, h, self.convs, self.norms, layer, norm)
+        h = layer(lambda x, fc: fc(_flatten(x)), h, self.fc1)
+        h = layer(lambda x, fc: fc(x), h, self.fc2)
         return self.head(h)
 
 

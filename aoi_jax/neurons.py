@@ -107,10 +107,10 @@ def _lif_h(cell: _Cell, x):
     """The scan of ``lif_step``; returns only h (T, N, ...): the spikes and membranes are elementwise in h
     (``_spike_and_membrane``, the same float ops), so XLA can fuse them into their users.
 
-    h is written into a copy of x that the scan carries, not into the scan's own zero-filled output: XLA:CPU
+    h is written into a copy of x that the scan carries, not into the scan's own zero-filled output (XLA:CPU
     shared one such zero buffer per layer between the forward pass and remat's recomputation, alive for the
-    whole step (VGGSNN, T=40, remat: 802 -> 640 MiB of temporaries). x_t is read from the scan's input, so
-    the carried buffer is only written (reading and writing it in one step cost ~15 % of the N-Digits step).
+    whole step). x_t is read from the scan's input, so the carried buffer is only written
+    (docs/performance.md has the measurements).
     """
     def body(carry, x_t):
         t, v, buf = carry

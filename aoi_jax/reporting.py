@@ -6,13 +6,19 @@ The one module the scripts call to put results on disk (``evaluation`` and ``abl
   ``accuracy_vs_latency.png``;
 - ``write_summary(summary, workdir)``: a sweep's ``summary.json`` and ``summary.png``;
 - ``summary_table(report)``: the text table ``train.py`` and ``evaluate.py`` print.
+
+Every JSON file aoi_jax writes is strict JSON (``to_json``): a non-finite number (NaN, +-inf) is written as
+``null``, never as the ``NaN``/``Infinity`` tokens strict parsers reject. Files are written atomically.
 """
 
 import json
+import math
 import pathlib
 
 import matplotlib
 import numpy as np
+
+from aoi_jax import integrity
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -20,8 +26,25 @@ import matplotlib.pyplot as plt  # noqa: E402
 TABLE_EPSILONS = (0.0, 0.01, 0.05)  # the epsilons of the printed table (the report has all of them)
 
 
+def strict(obj):
+    """``obj`` (dicts, lists, tuples, numbers, strings) with every non-finite float replaced by None."""
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def to_json(obj, indent: int | None = None) -> str:
+    """Strict JSON of ``obj``: ``json.dumps(strict(obj), allow_nan=False)`` (non-finite numbers as null)."""
+    return json.dumps(strict(obj), indent=indent, allow_nan=False)
+
+
 def write_json(path: pathlib.Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2))
+    """``strict(obj)`` as JSON into ``path``, atomically (``integrity.write_json_atomic``)."""
+    integrity.write_json_atomic(path, strict(obj))
 
 
 def write_report(report: dict, out_dir) -> None:
@@ -58,6 +81,7 @@ def summary_table(report: dict) -> str:
                   f"{a['mean_timestep']:.3f}, {100 * a['fraction_of_steps_computed']:.1f}% of steps computed, "
                   f"agrees with apply_topk: {a['agrees_with_apply_topk']}",
               "synaptic operations per sample: " + f"{sum(report['synops_per_sample']):.4g}"]
+    lines += [f"WARNING: {w}" for w in report["warnings"]]
     return "\n".join(lines)
 
 

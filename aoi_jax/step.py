@@ -74,10 +74,24 @@ def task_loss(logits, labels, cfg: Config, weights: LossWeights):
     return losses.mean_loss(logits, labels)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """SGD with momentum and L2 weight decay (PyTorch's ``SGD(weight_decay=...)``), or AdamW.
+def learning_rate(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """The learning rate ``lr_t`` after t optimiser steps: ``lr`` constant, or cosine-decayed to 0 at
+    ``total_steps``::
 
-    Learning rate ``lr`` either constant or cosine-decayed to 0 over ``total_steps``::
+        cosine: lr_t = lr * (1 + cos(pi * min(t, total_steps) / total_steps)) / 2
+
+    Raises:
+      ValueError: total_steps < 1.
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    return optax.cosine_decay_schedule(cfg.lr, total_steps) if cfg.schedule == "cosine" \
+        else optax.constant_schedule(cfg.lr)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """SGD with momentum and L2 weight decay (PyTorch's ``SGD(weight_decay=...)``), or AdamW, at the
+    learning rate ``lr_t = learning_rate(cfg, total_steps)(t)``::
 
         sgd:   g <- g + wd * p;  m <- momentum * m + g;  p <- p - lr_t * m
         adamw: optax.adamw(lr_t, b1=momentum, weight_decay=wd)
@@ -85,10 +99,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     Raises:
       ValueError: total_steps < 1.
     """
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    lr = optax.cosine_decay_schedule(cfg.lr, total_steps) if cfg.schedule == "cosine" \
-        else optax.constant_schedule(cfg.lr)
+    lr = learning_rate(cfg, total_steps)
     if cfg.name == "adamw":
         return optax.adamw(lr, b1=cfg.momentum, weight_decay=cfg.weight_decay)
     return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.sgd(lr, momentum=cfg.momentum))

@@ -1,18 +1,21 @@
 """Cutoff evaluation speed: aoi_jax.cutoff (jitted, vectorised) against the reference's loops.
 
 The baseline does the same work the way the reference (Dengyu-Wu/snncutoff, ``snncutoff/cutoff/*.py``) does it,
-in numpy: per epsilon, a fresh calibration with a Python loop over the bins and the timesteps (``TopKCutoff.setup``),
-a backward loop for the settled mask, and one vectorised pass per rule over the test logits (its
-``cutoff_evaluation``). Both sides start from the same cumulative logits; the network forward pass is excluded.
+in numpy: cumulative sums, then per epsilon a fresh calibration with a Python loop over the bins and the
+timesteps (``TopKCutoff.setup``), a backward loop for the settled mask, and one vectorised pass per rule over the
+test logits (its ``cutoff_evaluation``). Both sides start from the same per-step logits; the network forward
+pass is excluded. Two pieces of work are timed, each side in turn within every repeat:
 
-    python -m benchmarks.cutoff                       # T=10, N=50000 (calibration and test), K=10, 10 epsilons
-    python -m benchmarks.cutoff --n 5000 --repeats 3  # smaller
+- README: the README's example calls (``cumulative`` of both splits, ``calibrate_topk`` at epsilon 0,
+  ``apply_topk``), called from Python as the README does, after one warm-up call (its time is the first column);
+- sweep: ``cutoff.sweep`` (compiled ahead: the first column is trace + compile) on the cumulative logits.
+
+Each is the median over interleaved rounds of the wall time and, in parentheses, of this process's CPU time
+(all threads), which on a shared machine compares the work done rather than the share of the cores each side got.
+
+    python -m benchmarks.cutoff                              # T=10, N=50000 per split, K=10, 10 epsilons
+    python -m benchmarks.cutoff --n 1438 --n-test 359        # the N-Digits split sizes
 """
-
-if __name__ == "__main__":  # first, before jax loads: it may restart this command with huge pages on
-    from aoi_jax import hugepages
-
-    hugepages.reexec_with_huge_pages()
 
 import argparse
 import math
@@ -26,11 +29,11 @@ from aoi_jax import cutoff
 
 
 def make_split(rng, T, N, K, signal=0.4):
-    """Seeded random cumulative logits whose argmax drifts towards the label over time."""
+    """Seeded random per-step logits whose cumulative argmax drifts towards the label over time."""
     labels = rng.integers(0, K, N)
     logits = rng.normal(size=(T, N, K)).astype(np.float32)
     logits[:, np.arange(N), labels] += signal
-    return np.cumsum(logits, axis=0, dtype=np.float32), labels.astype(np.int32)
+    return logits, labels.astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- the reference's way, in numpy
@@ -109,64 +112,86 @@ def loop_sweep(cum_c, y_c, cum_t, y_t, epsilons, bins):
     return rules
 
 
+def loop_readme(logits_c, y_c, logits_t, bins):
+    """The README's example the reference's way: cumulative sums, Top-K calibration at epsilon 0, exit."""
+    cum_c, cum_t = np.cumsum(logits_c, axis=0), np.cumsum(logits_t, axis=0)
+    return loop_apply_topk(cum_t, loop_calibrate_topk(cum_c, y_c, 0.0, bins))
+
+
+# ----------------------------------------------------------------------------- aoi_jax
+def readme(logits_c, y_c, logits_t, bins):
+    """The README's example calls, each a jitted library function called from Python."""
+    cum_c, cum_t = cutoff.cumulative(logits_c), cutoff.cumulative(logits_t)
+    beta = cutoff.calibrate_topk(cum_c, y_c, epsilon=0.0, bins=bins)
+    return cutoff.apply_topk(cum_t, beta)
+
+
 # ----------------------------------------------------------------------------- timing
-def best_of(fn, repeats):
-    """Minimum wall time over repeats (the machine is shared), and the last result."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return min(times), out
-
-
-def compile_time(jitted, *args, **static):
-    """Seconds to trace and compile, and the compiled function (called with the non-static arguments)."""
+def seconds(fn):
+    """Wall time of one call (results fetched), and its result."""
     t0 = time.perf_counter()
-    compiled = jitted.lower(*args, **static).compile()
-    return time.perf_counter() - t0, compiled
+    out = jax.block_until_ready(fn())
+    return time.perf_counter() - t0, out
+
+
+def interleaved(fns, repeats):
+    """Median wall and CPU (this process, all threads) seconds of each function over ``repeats`` rounds that
+    call them in turn, and their last results. On a shared machine the CPU times compare the work done."""
+    wall, cpu, outs = [[] for _ in fns], [[] for _ in fns], [None] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            c0 = time.process_time()
+            t, outs[i] = seconds(fn)
+            wall[i].append(t)
+            cpu[i].append(time.process_time() - c0)
+    return [float(np.median(t)) for t in wall], [float(np.median(c)) for c in cpu], outs
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--T", type=int, default=10)
-    p.add_argument("--n", type=int, default=50000, help="samples per split (calibration and test)")
+    p.add_argument("--n", type=int, default=50000, help="calibration samples (and test samples unless --n-test)")
+    p.add_argument("--n-test", type=int, help="test samples (default: --n)")
     p.add_argument("--K", type=int, default=10)
     p.add_argument("--epsilons", type=int, default=10, help="epsilon = 0, 0.01, ..., (E - 1) / 100")
     p.add_argument("--bins", type=int, default=100)
-    p.add_argument("--repeats", type=int, default=20, help="timed runs of the jitted functions (best is kept)")
-    p.add_argument("--loop-repeats", type=int, default=2, help="timed runs of the reference loops")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians are printed)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    n_test = args.n if args.n_test is None else args.n_test
 
     rng = np.random.default_rng(args.seed)
-    cum_c, y_c = make_split(rng, args.T, args.n, args.K)
-    cum_t, y_t = make_split(rng, args.T, args.n, args.K)
+    logits_c, y_c = make_split(rng, args.T, args.n, args.K)
+    logits_t, y_t = make_split(rng, args.T, n_test, args.K)
     eps = np.arange(args.epsilons, dtype=np.float32) / 100
-    dev = [jnp.asarray(a) for a in (cum_c, y_c, cum_t, y_t, eps)]
+    dev_logits = [jnp.asarray(a) for a in (logits_c, y_c, logits_t)]
+    dev_sweep = [cutoff.cumulative(dev_logits[0]), dev_logits[1], cutoff.cumulative(dev_logits[2]),
+                 jnp.asarray(y_t), jnp.asarray(eps)]
+    cum_c, cum_t = np.cumsum(logits_c, axis=0), np.cumsum(logits_t, axis=0)      # the loops' own sums
 
-    topk = jax.jit(lambda cc, yc, ct: cutoff.apply_topk(ct, cutoff.calibrate_topk(cc, yc, 0.0, bins=args.bins)))
-    c_topk, topk_c = compile_time(topk, *dev[:3])
-    c_sweep, sweep_c = compile_time(cutoff.sweep, *dev, bins=args.bins)           # sweep is jitted, bins static
+    warm_readme, _ = seconds(lambda: readme(*dev_logits, args.bins))
+    t0 = time.perf_counter()
+    sweep_c = cutoff.sweep.lower(*dev_sweep, bins=args.bins).compile()
+    compile_sweep = time.perf_counter() - t0
+    wall_readme, cpu_readme, ((pred, steps), (pred_l, steps_l)) = interleaved(
+        [lambda: readme(*dev_logits, args.bins), lambda: loop_readme(logits_c, y_c, logits_t, args.bins)],
+        args.repeats)
+    wall_sweep, cpu_sweep, (res, res_l) = interleaved(
+        [lambda: sweep_c(*dev_sweep), lambda: loop_sweep(cum_c, y_c, cum_t, y_t, eps, args.bins)], args.repeats)
 
-    t_topk, (pred, steps) = best_of(lambda: topk_c(*dev[:3]), args.repeats)
-    t_sweep, res = best_of(lambda: sweep_c(*dev), args.repeats)
-    tl_topk, (pred_l, steps_l) = best_of(
-        lambda: loop_apply_topk(cum_t, loop_calibrate_topk(cum_c, y_c, 0.0, args.bins)), args.loop_repeats)
-    tl_sweep, res_l = best_of(lambda: loop_sweep(cum_c, y_c, cum_t, y_t, eps, args.bins), args.loop_repeats)
-
-    print(f"cumulative logits (T, N, K) = ({args.T}, {args.n}, {args.K}) for calibration and for test, "
-          f"{args.epsilons} epsilons, {len(cutoff.RULES)} rules, {args.bins} bins; {jax.devices()[0].platform}, "
-          f"best of {args.repeats} (jax) / {args.loop_repeats} (loops)")
-    print(f"{'work':<34}{'compile':>10}{'aoi_jax':>12}{'ref. loop':>12}{'speed-up':>10}")
-    for name, c, t, tl in (("Top-K calibrate + apply (eps 0)", c_topk, t_topk, tl_topk),
-                           ("sweep (all rules, all epsilons)", c_sweep, t_sweep, tl_sweep)):
-        print(f"{name:<34}{c * 1e3:>8.0f}ms{t * 1e3:>10.2f}ms{tl * 1e3:>10.1f}ms{tl / t:>9.0f}x")
+    print(f"per-step logits (T, N, K) = ({args.T}, {args.n}, {args.K}) calibration, ({args.T}, {n_test}, "
+          f"{args.K}) test, {args.epsilons} epsilons, {len(cutoff.RULES)} rules, {args.bins} bins; "
+          f"{jax.devices()[0].platform}, medians of {args.repeats} interleaved rounds, wall (CPU) times")
+    print(f"{'work':<40}{'first call':>11}{'aoi_jax':>19}{'ref. loop':>21}{'speed-up':>15}")
+    for name, c, (t, tl), (u, ul) in (("README calls (cumulative, Top-K eps 0)", warm_readme, wall_readme, cpu_readme),
+                                      ("sweep (all rules, all epsilons)", compile_sweep, wall_sweep, cpu_sweep)):
+        print(f"{name:<40}{c * 1e3:>9.0f}ms{t * 1e3:>9.1f} ({u * 1e3:5.1f}) ms{tl * 1e3:>9.1f} ({ul * 1e3:6.1f}) ms"
+              f"{tl / t:>7.1f}x ({ul / u:.1f}x)")
     same_topk = np.array_equal(np.asarray(pred), pred_l) and np.array_equal(np.asarray(steps), steps_l)
     diff, rule = max((float(np.max(np.abs(np.asarray(res["rules"][r][m]) - np.asarray(res_l[r][m])))), r)
                      for r in cutoff.RULES for m in ("accuracy", "mean_timestep"))
     print(f"Top-K exits identical to the loop: {same_topk}; largest sweep difference from the loop: {diff:.2e} "
-          f"({rule}; 1 / N = {1 / args.n:.2e})")
+          f"({rule}; 1 / N = {1 / n_test:.2e})")
 
 
 if __name__ == "__main__":

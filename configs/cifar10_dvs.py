@@ -19,7 +19,7 @@ def get_config() -> c.Config:
     return c.Config(
         seed=0,
         model=c.ModelConfig(name="vggsnn", channels=(), num_classes=10),
-        data=c.DataConfig(name="cifar10_dvs", data_dir="data", timesteps=10, translate=25,
+        data=c.DataConfig(name="cifar10_dvs", timesteps=10, translate=25,
                           window=(100_000, 1_100_000)),  # 0.1 s to 1.2 s after the first event
         reg=c.RegConfig(alpha=0.002, window=0.3, rcs_n=0.3),
         optim=c.OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine"),

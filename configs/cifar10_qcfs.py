@@ -16,7 +16,7 @@ def get_config() -> c.Config:
         seed=0,
         model=c.ModelConfig(name="resnet18", channels=(), num_classes=10, activation="qcfs", levels=4,
                             neuron=c.NeuronConfig(tau=1.0, vth=1.0, reset="soft", v0=0.5)),
-        data=c.DataConfig(name="cifar10", data_dir="data", timesteps=4, translate=4, hflip=True, cutout=16),
+        data=c.DataConfig(name="cifar10", timesteps=4, translate=4, hflip=True, cutout=16),
         reg=c.RegConfig(alpha=0.002, window=0.3, rcs_n=0.3),
         optim=c.OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
         train=c.TrainConfig(epochs=300, batch_size=128, loss="mean"),

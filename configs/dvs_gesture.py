@@ -19,7 +19,7 @@ def get_config() -> c.Config:
     return c.Config(
         seed=0,
         model=c.ModelConfig(name="gesture_snn", channels=(), num_classes=11),
-        data=c.DataConfig(name="dvs_gesture", data_dir="data", timesteps=16, translate=25,
+        data=c.DataConfig(name="dvs_gesture", timesteps=16, translate=25,
                           window=(0, 1_300_000)),  # the first 1.3 s after the first event
         reg=c.RegConfig(alpha=0.002, window=0.3, rcs_n=0.3),
         optim=c.OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine"),

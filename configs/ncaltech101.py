@@ -17,7 +17,7 @@ def get_config() -> c.Config:
     return c.Config(
         seed=0,
         model=c.ModelConfig(name="vggsnn", channels=(), num_classes=101),
-        data=c.DataConfig(name="ncaltech101", data_dir="data", timesteps=10, translate=25),
+        data=c.DataConfig(name="ncaltech101", timesteps=10, translate=25),
         reg=c.RegConfig(alpha=0.002, window=0.3, rcs_n=0.3),
         optim=c.OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
         train=c.TrainConfig(epochs=100, batch_size=128, loss="tet", tet_lambda=1e-3),

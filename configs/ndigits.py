@@ -10,7 +10,7 @@ def get_config() -> c.Config:
     return c.Config(
         seed=0,
         model=c.ModelConfig(name="small_snn", channels=(16, 32, 64), num_classes=10),
-        data=c.DataConfig(name="ndigits", data_dir="data_cache", timesteps=10),
+        data=c.DataConfig(name="ndigits", timesteps=10),
         reg=c.RegConfig(alpha=0.002, window=0.3, rcs_n=0.3),
         optim=c.OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
         train=c.TrainConfig(epochs=20, batch_size=32, loss="mean"),

@@ -156,21 +156,22 @@ def test_summarise_by_hand():
         ablation.paired_contrasts(ablation.summarise(mem[:3], reports[:3]), "accuracy_at_T", "reg.alpha", 0.0)
 
 
-def tiny_config(root, *overrides):
-    return config.load(CONFIG, TINY + [f"data.data_dir={root / 'data'}", *overrides])
+def tiny_config(data_dir, *overrides):
+    return config.load(CONFIG, TINY + [f"data.data_dir={data_dir}", *overrides])
 
 
 SWEEP = {"reg.alpha": (0.5,), "seed": (0, 1)}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, ndigits_dir):
     """A sweep of two seeds at alpha 0.5 (evaluated), and its member seed=1 as a separate single run (not
     evaluated), both through ``training.train_and_evaluate``. Members of different alphas in one program are
     checked against single steps above."""
     root = tmp_path_factory.mktemp("sweep")
-    results = training.train_and_evaluate(tiny_config(root), root / "sweep", sweep=SWEEP)
-    training.train_and_evaluate(tiny_config(root, "reg.alpha=0.5", "seed=1"), root / "single", run_eval=False)
+    results = training.train_and_evaluate(tiny_config(ndigits_dir), root / "sweep", sweep=SWEEP)
+    training.train_and_evaluate(tiny_config(ndigits_dir, "reg.alpha=0.5", "seed=1"), root / "single",
+                                run_eval=False)
     return root, results
 
 
@@ -211,11 +212,13 @@ def test_sweep_reports_and_summary(runs):
                                                                       for r in results]))
 
 
-def test_sweep_resumes_and_refuses_another_sweep(runs):
+def test_sweep_resumes_and_refuses_another_sweep(runs, ndigits_dir):
     root, _ = runs
     sweep_dir = root / "sweep"
-    results = training.train_and_evaluate(tiny_config(root), sweep_dir, sweep=SWEEP, run_eval=False)
+    results = training.train_and_evaluate(tiny_config(ndigits_dir), sweep_dir, sweep=SWEEP, run_eval=False)
     assert [r.report for r in results] == [None, None]                    # at its last epoch: nothing to do
     assert len((sweep_dir / "members" / "alpha=0.5_seed=0" / "metrics.jsonl").read_text().splitlines()) == 1
-    with pytest.raises(ValueError, match="holds a run of a different config"):
-        training.train_and_evaluate(tiny_config(root, "train.epochs=2"), sweep_dir, sweep=SWEEP, run_eval=False)
+    with pytest.raises(ValueError, match=r"alpha=0.5_seed=0 holds checkpoints of a different config "
+                                         r"\(optim.lr: stored 0.1, requested 0.2\)"):
+        training.train_and_evaluate(tiny_config(ndigits_dir, "optim.lr=0.2"), sweep_dir, sweep=SWEEP,
+                                    run_eval=False)

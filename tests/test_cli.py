@@ -1,33 +1,49 @@
 """The two scripts as a user runs them, in subprocesses: train.py (a tiny sweep: the shell writes each
-member's report and the summary) and evaluate.py on one member's checkpoint (the same report again)."""
+member's report and the summary) and evaluate.py on one member's checkpoint (the same report again); and
+where a real process boundary is the point: the exit status of a diverging run and of nonsense settings,
+evaluate.py on a damaged checkpoint, and a run killed with SIGKILL that resumes bit-identically."""
 
 import json
 import os
 import pathlib
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
+import jax
+import numpy as np
 import pytest
+
+from aoi_jax import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["model.channels=(4, 8)", "train.epochs=1", "train.batch_size=128", "data.timesteps=3",
         "eval.epsilons=(0.0, 0.05)", "eval.bins=20", "eval.batch_size=2048"]
+LEARNT = ("epoch", "step", "train_loss", "train_task", "train_rcs", "train_accuracy", "test_accuracy")
+
+
+def command(name, *args):
+    return [sys.executable, str(ROOT / name), *args]
 
 
 def script(name, *args, cwd):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
-    return subprocess.run([sys.executable, str(ROOT / name), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(command(name, *args), cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def train_args(data_dir, workdir, *overrides):
+    args = ["--config", str(ROOT / "configs" / "ndigits.py"), "--workdir", str(workdir), "--data-dir", str(data_dir)]
+    for item in TINY + list(overrides):
+        args += ["--set", item]
+    return args
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory, ndigits_dir):
     root = tmp_path_factory.mktemp("cli")
-    args = ["--config", str(ROOT / "configs" / "ndigits.py"), "--workdir", "sweep", "--data-dir", "data",
-            "--sweep", "reg.alpha=0,0.5"]
-    for item in TINY:
-        args += ["--set", item]
-    proc = script("train.py", *args, cwd=root)
+    proc = script("train.py", *train_args(ndigits_dir, "sweep"), "--sweep", "reg.alpha=0,0.5", cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, proc
 
@@ -72,8 +88,80 @@ def test_evaluate_changes_evaluation_settings_only(sweep):
     assert json.loads((root / "nodrop" / "report.json").read_text())["config"]["eval"]["calib_dropout"] == 0.0
 
 
+def test_evaluate_on_a_damaged_step_is_a_short_error(sweep, tmp_path):
+    """A truncated data file in the step asked for: exit status 1 and a short message naming the step and
+    what to do (no orbax traceback); nothing written."""
+    member = shutil.copytree(sweep[0] / "sweep" / "members" / "alpha=0.5", tmp_path / "member")
+    (step_,) = checkpoint.all_steps(member / "checkpoints")
+    victim = max((p for p in (member / "checkpoints" / str(step_)).rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:100])
+    proc = script("evaluate.py", "--workdir", str(member), "--step", str(step_), "--out", "out", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert (f"DamagedCheckpointError: checkpoint step {step_} in '{member / 'checkpoints'}' is damaged: "
+            f"{victim.relative_to(member / 'checkpoints' / str(step_)).as_posix()}: 100 bytes, recorded "
+            in proc.stderr)
+    assert f"restore another step (intact: []) or delete '{member / 'checkpoints' / str(step_)}'" in proc.stderr
+    assert len(proc.stderr.splitlines()) < 25 and not (tmp_path / "out").exists()
+
+
 def test_unsweepable_key_is_refused_before_any_work(tmp_path):
     proc = script("train.py", "--config", str(ROOT / "configs" / "ndigits.py"), "--workdir", "w",
                   "--sweep", "optim.lr=0.1,0.2", cwd=tmp_path)
     assert proc.returncode != 0 and "'optim.lr' cannot be swept" in proc.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_nonsense_setting_is_refused_before_any_work(tmp_path):
+    proc = script("train.py", *train_args(tmp_path / "data", "w", "data.timesteps=-3"), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1] == "ValueError: data.timesteps must be >= 1, got -3"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_divergence_stops_with_an_error_and_saves_nothing(ndigits_dir, tmp_path):
+    """optim.lr=1e6: the loss goes NaN within the first epoch; exit status 1 naming the epoch and the optimiser
+    step, nothing saved, nothing in metrics.jsonl, and the message in train.log."""
+    proc = script("train.py", *train_args(ndigits_dir, "w", "optim.lr=1e6"), cwd=tmp_path)
+    assert proc.returncode == 1
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("FloatingPointError: loss became non-finite at epoch 1, step ")
+    assert 1 <= int(last.split("step ")[1].split(";")[0]) <= 1438 // 128
+    assert last.endswith("; epoch 1 was not saved and no checkpoint was written. Lower optim.lr or check the data")
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [".lock", "config.json", "train.log"]
+    assert last.removeprefix("FloatingPointError: ") in (tmp_path / "w" / "train.log").read_text()
+
+
+def test_kill_9_mid_run_then_the_same_command_ends_bit_identical(ndigits_dir, tmp_path):
+    """One run killed with SIGKILL once its first checkpoint exists (typically inside epoch 2), then started
+    again with the same command, ends exactly as an uninterrupted run (run alongside): parameters, batch
+    statistics, optimiser state, step and every learning metric, bit for bit, with one metrics line per epoch."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
+    args = ["--no-eval", "--set", "train.epochs=2"]
+    reference_err = open(tmp_path / "reference.stderr", "w")
+    reference = subprocess.Popen(command("train.py", *train_args(ndigits_dir, "reference"), *args), cwd=tmp_path,
+                                 env=env, stdout=subprocess.DEVNULL, stderr=reference_err)
+    killed = subprocess.Popen(command("train.py", *train_args(ndigits_dir, "run"), *args), cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "run" / "checkpoints" / str(1438 // 128) / checkpoint.RECORD
+    try:
+        deadline = time.time() + 300
+        while not first.exists():
+            assert time.time() < deadline and killed.poll() is None
+            time.sleep(0.01)
+        time.sleep(0.3)
+        os.kill(killed.pid, signal.SIGKILL)
+    finally:
+        killed.kill()
+        assert killed.wait() == -signal.SIGKILL
+    proc = script("train.py", *train_args(ndigits_dir, "run"), *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert reference.wait(timeout=600) == 0, (tmp_path / "reference.stderr").read_text()[-3000:]
+    reference_err.close()
+    lines = {w: [json.loads(x) for x in (tmp_path / w / "metrics.jsonl").read_text().splitlines()]
+             for w in ("reference", "run")}
+    assert [r["epoch"] for r in lines["run"]] == [1, 2]
+    assert [{k: r[k] for k in LEARNT} for r in lines["run"]] == [{k: r[k] for k in LEARNT} for r in lines["reference"]]
+    (_, want, _, _), (_, got, _, _) = (checkpoint.restore(tmp_path / w / "checkpoints") for w in ("reference", "run"))
+    assert int(got.step) == 2 * (1438 // 128)
+    jax.tree.map(np.testing.assert_array_equal, got, want)

@@ -73,3 +73,48 @@ def test_missing_config_file(tmp_path):
 def test_every_config_file_loads():
     for path in sorted((ROOT / "configs").glob("*.py")):
         assert isinstance(config.load(path), config.Config), path
+
+
+@pytest.mark.parametrize("item,msg", [
+    ("reg.alpha=-1", "reg.alpha must be >= 0, got -1.0"),
+    ("reg.rcs_n=1.5", r"reg.rcs_n must be in \[0, 1\], got 1.5"),
+    ("reg.window=-0.1", r"reg.window must be in \[0, 1\], got -0.1"),
+    ("optim.lr=-0.1", "optim.lr must be > 0, got -0.1"),
+    ("optim.lr=1e999", "optim.lr must be > 0, got inf"),
+    ("optim.momentum=1", r"optim.momentum must be in \[0, 1\), got 1.0"),
+    ("optim.weight_decay=-1e-4", "optim.weight_decay must be >= 0, got -0.0001"),
+    ("eval.epsilons=(0.0, 1.0)", r"eval.epsilons\[1\] must be in \[0, 1\), got 1.0"),
+    ("eval.epsilons=(-0.01,)", r"eval.epsilons\[0\] must be in \[0, 1\), got -0.01"),
+    ("eval.epsilons=()", r"eval.epsilons must hold at least one value in \[0, 1\), got \(\)"),
+    ("eval.calib_dropout=1", r"eval.calib_dropout must be in \[0, 1\), got 1.0"),
+    ("eval.bins=0", "eval.bins must be >= 1, got 0"),
+    ("eval.batch_size=0", "eval.batch_size must be >= 1, got 0"),
+    ("eval.min_support=-1", "eval.min_support must be >= 0, got -1"),
+    ("model.neuron.vth=0", "model.neuron.vth must be > 0, got 0.0"),
+    ("model.neuron.tau=0", r"model.neuron.tau must be in \(0, 1\], got 0.0"),
+    ("model.neuron.width=-1", "model.neuron.width must be > 0, got -1.0"),
+    ("model.neuron.v0=1e999", "model.neuron.v0 must be a finite number, got inf"),
+    ("model.channels=(4, 0)", r"model.channels\[1\] must be >= 1, got 0"),
+    ("model.num_classes=1", "model.num_classes must be >= 2, got 1"),
+    ("data.translate=-1", "data.translate must be >= 0, got -1"),
+    ("data.cutout=-2", "data.cutout must be >= 0, got -2"),
+    ("data.timesteps=-3", "data.timesteps must be >= 1, got -3"),
+    ("data.size=(0, 4)", r"data.size\[0\] must be >= 1, got 0"),
+    ("data.size=(4,)", r"data.size must be \(\) or \(H, W\), got \(4,\)"),
+    ("data.seed=-1", "data.seed must be >= 0, got -1"),
+    ("train.epochs=0", "train.epochs must be >= 1, got 0"),
+    ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+    ("train.tet_lambda=2", r"train.tet_lambda must be in \[0, 1\], got 2.0"),
+    ("seed=-1", "seed must be >= 0, got -1"),
+])
+def test_out_of_range_values_name_key_value_and_range(item, msg):
+    with pytest.raises(ValueError, match=f"^{msg}$"):
+        config.apply_overrides(config.Config(), [item])
+
+
+def test_differences_name_each_key_in_order():
+    a = config.Config()
+    b = config.apply_overrides(a, ["train.epochs=3", "reg.alpha=0.01", "model.channels=(4,)"])
+    assert config.differences(a, b) == [("model.channels", (16, 32, 64), (4,)), ("reg.alpha", 0.002, 0.01),
+                                        ("train.epochs", 20, 3)]
+    assert config.differences(b, b) == []

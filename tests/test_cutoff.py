@@ -156,12 +156,6 @@ DATA = {"integer": integer_cum, "normal": normal_cum}
 SHAPES = [(1, 40, 3), (4, 60, 2), (10, 120, 10), (3, 30, 101)]        # (T, N, K): T = 1, K = 2, K = 101
 EPSILONS = (0.0, 0.05, 0.1, 0.25)
 
-calibrate_topk = jax.jit(cutoff.calibrate_topk, static_argnames="bins")
-apply_topk = jax.jit(cutoff.apply_topk)
-calibrate_spikecp = jax.jit(cutoff.calibrate_spikecp)
-spikecp_cutoff = jax.jit(cutoff.spikecp_cutoff)
-confidence_cutoff = jax.jit(cutoff.confidence_cutoff)
-entropy_cutoff = jax.jit(cutoff.entropy_cutoff)
 
 
 def assert_exits(got, want):
@@ -173,7 +167,7 @@ def assert_exits(got, want):
 # ----------------------------------------------------------------------------- section 6
 def test_cumulative_is_the_sequential_float32_sum(rng):
     logits = rng.normal(size=(10, 30, 4)).astype(np.float32)
-    got = jax.jit(cutoff.cumulative)(logits)
+    got = cutoff.cumulative(logits)
     # bit-equal to adding one step at a time, as the anytime loop does
     np.testing.assert_array_equal(got, cumulative_reference(logits))
     np.testing.assert_allclose(got, np.cumsum(logits.astype(np.float64), 0), rtol=1e-5, atol=1e-5)
@@ -183,9 +177,9 @@ def test_cumulative_is_the_sequential_float32_sum(rng):
 @pytest.mark.parametrize("T,N,K", SHAPES)
 def test_accuracy_and_oct_match_reference(kind, T, N, K, rng):
     cum, labels = DATA[kind](rng, T, N, K)
-    acc = jax.jit(cutoff.accuracy_per_timestep)(cum, labels)
+    acc = cutoff.accuracy_per_timestep(cum, labels)
     np.testing.assert_allclose(acc, accuracy_reference(cum, labels), rtol=1e-6)
-    oct_acc, steps = jax.jit(cutoff.oct)(cum, labels)
+    oct_acc, steps = cutoff.oct(cum, labels)
     ref_acc, ref_steps = oct_reference(cum, labels)
     np.testing.assert_array_equal(steps, ref_steps)
     np.testing.assert_allclose(oct_acc, ref_acc, rtol=1e-6)
@@ -209,7 +203,7 @@ def test_oct_hand_computed():
 @pytest.mark.parametrize("T,N,K", SHAPES)
 def test_topk_gap_matches_reference(kind, T, N, K, rng):
     cum, _ = DATA[kind](rng, T, N, K)
-    np.testing.assert_array_equal(jax.jit(cutoff.topk_gap)(cum), gap_reference(cum))
+    np.testing.assert_array_equal(cutoff.topk_gap(cum), gap_reference(cum))
 
 
 @pytest.mark.parametrize("kind", DATA)
@@ -219,9 +213,9 @@ def test_calibrate_and_apply_topk_match_reference(kind, T, N, K, rng):
     test_cum, _ = DATA[kind](rng, T, N, K)
     for epsilon in EPSILONS:
         for min_support in (0, 5):
-            beta = calibrate_topk(cum, labels, epsilon, bins=100, min_support=min_support)
+            beta = cutoff.calibrate_topk(cum, labels, epsilon, bins=100, min_support=min_support)
             np.testing.assert_array_equal(beta, calibrate_topk_reference(cum, labels, epsilon, 100, min_support))
-        assert_exits(apply_topk(test_cum, beta), apply_topk_reference(test_cum, np.asarray(beta)))
+        assert_exits(cutoff.apply_topk(test_cum, beta), apply_topk_reference(test_cum, np.asarray(beta)))
 
 
 def test_calibrate_topk_empty_bins_fall_back_to_the_last_grid_point():
@@ -233,7 +227,7 @@ def test_calibrate_topk_empty_bins_fall_back_to_the_last_grid_point():
     cum[1, :, 0] = [100.0, 1.0, 1.0, 1.0]
     labels = np.array([0, 0, 1, 1], np.int32)
     cum[1, 2:] = cum[1, 2:, ::-1]                                  # the wrong ones become right at t = 1
-    beta = calibrate_topk(cum, labels, 0.0, bins=10)
+    beta = cutoff.calibrate_topk(cum, labels, 0.0, bins=10)
     np.testing.assert_array_equal(beta, calibrate_topk_reference(cum, labels, 0.0, 10))
     np.testing.assert_array_equal(beta, [90.0, 0.0])
 
@@ -244,29 +238,25 @@ def test_min_support_changes_the_threshold():
     gaps = np.array([10.0, 5.0, 2.0, 1.0], np.float32)
     cum = np.stack([gaps, np.zeros(4, np.float32)], -1)[None]
     labels = np.array([0, 1, 0, 1], np.int32)
-    reference_rule = calibrate_topk(cum, labels, 0.0, bins=100)
+    reference_rule = cutoff.calibrate_topk(cum, labels, 0.0, bins=100)
     assert float(reference_rule[0]) == np.float32(50) * (np.float32(10.0) / np.float32(100))   # beta_50 = 5
-    fixed = calibrate_topk(cum, labels, 0.0, bins=100, min_support=2)
+    fixed = cutoff.calibrate_topk(cum, labels, 0.0, bins=100, min_support=2)
     assert float(fixed[0]) == np.float32(99) * (np.float32(10.0) / np.float32(100))           # forced last row
-    lenient = calibrate_topk(cum, labels, 0.5, bins=100, min_support=2)
+    lenient = cutoff.calibrate_topk(cum, labels, 0.5, bins=100, min_support=2)
     assert float(lenient[0]) == 0.0                                # conf 2/4 >= 0.5 with support 4 at beta_0
     for beta, eps, ms in ((reference_rule, 0.0, 0), (fixed, 0.0, 2), (lenient, 0.5, 2)):
         np.testing.assert_array_equal(beta, calibrate_topk_reference(cum, labels, eps, 100, ms))
 
 
-@pytest.mark.parametrize("bins", [1, 7, 100, 1000])
-def test_grid_count_equals_searching_the_grid(bins, rng):
-    # gaps on grid points (integers), a tiny maximum (delta = 2e-37 / bins is subnormal; XLA:CPU flushes
-    # subnormals to zero, so delta may be 0 there and every grid point 0), all gaps 0
-    cases = [np.abs(rng.normal(size=(3, 400))) * 5, rng.integers(0, 8, (3, 400)), rng.integers(0, 8, (3, 400)) * 7.0,
-             rng.integers(0, 3, (3, 400)) * 1e-37, np.zeros((3, 400))]
-    count = jax.jit(cutoff._grid_count, static_argnums=2)
-    for gap in cases:
-        gap = np.float32(gap)
-        delta = jax.jit(lambda g: jnp.max(g) / jax.lax.optimization_barrier(jnp.float32(bins)))(gap)
-        grid = np.float32(np.arange(bins)) * np.float32(delta)
-        want = np.sum(grid[None, None, :] < gap[..., None], axis=-1)
-        np.testing.assert_array_equal(count(gap, delta, bins), want)
+@pytest.mark.parametrize("bins", [1, 7, 1000])
+def test_calibrate_topk_other_grids_and_all_gaps_zero(bins, rng):
+    # gaps on grid points (integer logits), grids of 1, 7 and 1000 points, and every gap 0 (delta = 0: every
+    # grid point is 0, no gap exceeds it, every conf is NaN and only the forced last row qualifies)
+    cum, labels = integer_cum(rng, 4, 200, 3)
+    for c in (cum, np.zeros_like(cum)):
+        for epsilon, min_support in ((0.0, 0), (0.1, 3)):
+            beta = cutoff.calibrate_topk(c, labels, epsilon, bins=bins, min_support=min_support)
+            np.testing.assert_array_equal(beta, calibrate_topk_reference(c, labels, epsilon, bins, min_support))
 
 
 def test_beta_is_non_increasing_in_epsilon_and_non_decreasing_in_min_support(rng):
@@ -300,11 +290,11 @@ def test_apply_topk_hand_computed():
 def test_confidence_and_entropy_match_reference(kind, T, N, K, rng):
     cum, _ = DATA[kind](rng, T, N, K)
     for epsilon in EPSILONS:
-        assert_exits(confidence_cutoff(cum, epsilon), confidence_reference(cum, epsilon))
+        assert_exits(cutoff.confidence_cutoff(cum, epsilon), confidence_reference(cum, epsilon))
         threshold = float(cutoff.entropy_threshold(epsilon, K))
-        assert_exits(entropy_cutoff(cum, threshold), entropy_reference(cum, threshold))
+        assert_exits(cutoff.entropy_cutoff(cum, threshold), entropy_reference(cum, threshold))
     H = np.array([[entropy_value_reference(cum[t, n]) for n in range(N)] for t in range(T)])
-    np.testing.assert_allclose(jax.jit(cutoff.entropy)(cum), H, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(cutoff.entropy(cum), H, rtol=1e-4, atol=1e-5)
 
 
 def test_entropy_threshold_is_fano_bound_and_exits_no_later_than_confidence(rng):
@@ -312,8 +302,8 @@ def test_entropy_threshold_is_fano_bound_and_exits_no_later_than_confidence(rng)
     for epsilon in (0.01, 0.05, 0.2):
         h = -epsilon * math.log(epsilon) - (1 - epsilon) * math.log(1 - epsilon) + epsilon * math.log(9)
         np.testing.assert_allclose(cutoff.entropy_threshold(epsilon, 10), h, rtol=1e-6)
-        _, conf_steps = confidence_cutoff(cum, epsilon)
-        _, ent_steps = entropy_cutoff(cum, cutoff.entropy_threshold(epsilon, 10))
+        _, conf_steps = cutoff.confidence_cutoff(cum, epsilon)
+        _, ent_steps = cutoff.entropy_cutoff(cum, cutoff.entropy_threshold(epsilon, 10))
         assert np.all(ent_steps <= conf_steps)
     assert float(cutoff.entropy_threshold(0.0, 10)) == 0.0
 
@@ -325,34 +315,82 @@ def test_spikecp_matches_reference(T, N, K, rng):
     cum, labels = normal_cum(rng, T, N, K)
     test_cum, _ = normal_cum(rng, T, N, K)
     for epsilon in EPSILONS + (0.5,):
-        qhat = calibrate_spikecp(cum, labels, epsilon)
+        qhat = cutoff.calibrate_spikecp(cum, labels, epsilon)
         want = calibrate_spikecp_reference(cum, labels, epsilon)
         np.testing.assert_allclose(qhat, want, rtol=1e-5)
-        assert_exits(spikecp_cutoff(test_cum, qhat), spikecp_reference(test_cum, want))
+        assert_exits(cutoff.spikecp_cutoff(test_cum, qhat), spikecp_reference(test_cum, want))
 
 
 def test_spikecp_epsilon_zero_never_exits_early(rng):
     cum, labels = normal_cum(rng, 5, 50, 4)
-    qhat = calibrate_spikecp(cum, labels, 0.0)                     # k = n + 1 > n: +inf, every set is full
+    qhat = cutoff.calibrate_spikecp(cum, labels, 0.0)              # k = n + 1 > n: +inf, every set is full
     assert np.all(np.isinf(qhat))
-    np.testing.assert_array_equal(spikecp_cutoff(cum, qhat)[1], 5)
+    np.testing.assert_array_equal(cutoff.spikecp_cutoff(cum, qhat)[1], 5)
 
 
-@pytest.mark.parametrize("values", ["integer", "signed"])
-def test_radix_select_equals_sorting(values, rng):
-    if values == "integer":
-        x = rng.integers(0, 4, (3, 500)).astype(np.float32)       # heavy ties
-    else:
-        x = (rng.normal(size=(3, 500)) * 10.0 ** rng.integers(-30, 30, (3, 500))).astype(np.float32)
-        x[:, :4] = [np.inf, -np.inf, 0.0, 1e-45]                    # extremes and a subnormal
-    ks = np.array([1, 2, 250, 499, 500, 17], np.int32)
-    want = np.sort(x, axis=1)[:, ks - 1].T
-    np.testing.assert_array_equal(jax.jit(cutoff._radix_select)(x, ks), want)
-    # vmap over the rank alone takes the batched rule (one selection for all ranks), vmap over both the plain one
-    np.testing.assert_array_equal(jax.vmap(cutoff._kth_smallest, in_axes=(None, 0))(x, ks), want)
-    xs = np.stack([x, -x])
-    both = jax.vmap(cutoff._kth_smallest)(xs, ks[:2])
-    np.testing.assert_array_equal(both, [np.sort(xs[i], axis=1)[:, ks[i] - 1] for i in range(2)])
+# ----------------------------------------------------------------------------- one step at a time
+def step_by_step(fires, logits, param):
+    """A stepping server: add one step's logits to the running sum, ask the rule, let the samples it fires go."""
+    T, N, K = logits.shape
+    y, done = jnp.zeros((N, K), jnp.float32), np.zeros(N, bool)
+    pred, steps = np.zeros(N, np.int32), np.zeros(N, np.int32)
+    for t in range(T):
+        y = y + logits[t]
+        leave = ~done & (np.asarray(fires(y, t, param)) | (t == T - 1))
+        pred = np.where(leave, np.asarray(jnp.argmax(y, axis=-1)), pred)
+        steps = np.where(leave, t + 1, steps)
+        done = done | leave
+    return pred, steps
+
+
+@pytest.mark.parametrize("kind", DATA)
+@pytest.mark.parametrize("T,N,K", SHAPES)
+def test_each_rule_one_step_at_a_time_equals_the_multistep_rule(kind, T, N, K, rng):
+    cum_c, labels_c = DATA[kind](rng, T, N, K)
+    cum, _ = DATA[kind](rng, T, N, K)
+    logits = np.diff(cum, axis=0, prepend=np.zeros((1, N, K), np.float32))
+    cum = cutoff.cumulative(logits)                                # bit-equal to the running sum (test above)
+    for epsilon in EPSILONS:
+        beta = cutoff.calibrate_topk(cum_c, labels_c, epsilon)
+        qhat = cutoff.calibrate_spikecp(cum_c, labels_c, epsilon)
+        threshold = cutoff.entropy_threshold(epsilon, K)
+        for rule, param, multistep in (("topk", beta, cutoff.apply_topk(cum, beta)),
+                                       ("confidence", epsilon, cutoff.confidence_cutoff(cum, epsilon)),
+                                       ("entropy", threshold, cutoff.entropy_cutoff(cum, threshold)),
+                                       ("spikecp", qhat, cutoff.spikecp_cutoff(cum, qhat))):
+            assert_exits(multistep, step_by_step(cutoff.FIRES[rule], logits, param))
+            assert_exits(cutoff.first_exit(cutoff.FIRES[rule], cum, param), multistep)
+    assert cutoff.RULES == tuple(cutoff.FIRES) == ("topk", "confidence", "entropy", "spikecp")
+
+
+def test_a_rule_that_never_fires_is_fixed_t_and_traces_once(rng):
+    cum, labels = normal_cum(rng, 5, 30, 4)
+    traces = []
+
+    def never(y, t, param):
+        traces.append(y.shape)
+        return jnp.zeros(y.shape[:-1], bool)
+
+    for _ in range(2):
+        pred, steps = cutoff.first_exit(never, cum, None)
+        np.testing.assert_array_equal(steps, 5)
+        np.testing.assert_array_equal(pred, np.argmax(cum[-1], axis=-1))
+    assert traces == [(30, 4)]                                     # traced once, on one step's (N, K) logits
+
+
+PUBLIC = ("cumulative", "accuracy_per_timestep", "oct", "topk_gap", "calibrate_topk", "apply_topk",
+          "confidence_cutoff", "entropy", "entropy_threshold", "entropy_cutoff", "calibrate_spikecp",
+          "spikecp_cutoff", "sweep", "first_exit", "topk_fires", "confidence_fires", "entropy_fires",
+          "spikecp_fires")
+
+
+def test_every_public_function_is_jitted():
+    public = {name for name, value in vars(cutoff).items()
+              if callable(value) and not name.startswith("_") and getattr(value, "__module__", "") == cutoff.__name__}
+    assert public == set(PUBLIC)
+    for name in PUBLIC:
+        assert hasattr(getattr(cutoff, name), "lower"), name     # a jax.jit function
+    assert all(hasattr(fires, "lower") for fires in cutoff.FIRES.values())
 
 
 # ----------------------------------------------------------------------------- sweep

@@ -1,4 +1,6 @@
-"""Model shapes, the folded layout, calibration dropout and name resolution."""
+"""Model shapes, the folded layout, calibration dropout, name resolution and the protocol for adding a model."""
+
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from aoi_jax import config, models, neurons
+from aoi_jax import config, models, neurons, step
 
 
 def small(channels=(4, 8), **neuron):
@@ -88,9 +90,9 @@ def test_avg_pool_equals_nnx_avg_pool(shape, key):
     an odd last row / column dropped by both; the same for the gradient."""
     x = jax.random.normal(key, shape)
     ref = lambda x: nnx.avg_pool(x, (2, 2), strides=(2, 2))
-    np.testing.assert_allclose(models._avg_pool(x), ref(x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(models.avg_pool(x), ref(x), rtol=1e-6, atol=1e-7)
     w = jax.random.normal(jax.random.fold_in(key, 1), ref(x).shape)
-    np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(w * models._avg_pool(x)))(x),
+    np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(w * models.avg_pool(x)))(x),
                                jax.grad(lambda x: jnp.sum(w * ref(x)))(x), rtol=1e-6, atol=1e-7)
 
 
@@ -121,3 +123,60 @@ def test_step_by_step_equals_multistep(name, shape, neuron, key):
         np.testing.assert_allclose(logit_t, logits[t], atol=1e-5)
         want = np.stack([np.asarray(s[t]).reshape(2, -1).sum(-1) for s, _ in layers])
         np.testing.assert_array_equal(counts, want)
+
+
+def docstring_example(monkeypatch):
+    """Runs the worked example of ``aoi_jax.models``' docstring (the code block that ends it) as written;
+    its registration goes into a copy of ``MODELS`` that the test's end undoes. Returns its namespace."""
+    monkeypatch.setattr(models, "MODELS", dict(models.MODELS))
+    namespace = {}
+    exec(textwrap.dedent(models.__doc__.rsplit("::\n", 1)[1]), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_docstring_example_model_trains_and_steps(remat, monkeypatch, rng):
+    """The documented way to add an architecture works as documented: the example registers ``TinySNN``,
+    ``models.build`` builds it by name, its fan_out is the documented (3*3*16, K) with one
+    (spikes, membranes) pair per spiking layer; ``step.make_train_step`` trains it (with and without
+    remat): on a separable toy batch (class c: a bright 2x2 patch at row 2c) the loss is finite and falls;
+    the trained model's step-by-step path gives the multistep logits and spike counts."""
+    example = docstring_example(monkeypatch)
+    assert models.MODELS["tiny_snn"] is example["TinySNN"] and isinstance(example["model"], example["TinySNN"])
+    cfg = config.Config(model=config.ModelConfig(name="tiny_snn", channels=(), num_classes=3, remat=remat),
+                        optim=config.OptimConfig(lr=0.05, schedule="constant"))
+    model = models.build(cfg.model, (8, 8, 2), rngs=nnx.Rngs(0))
+    assert type(model) is example["TinySNN"] and model.fan_out == (9 * 16, 3)
+
+    T, N = 4, 12
+    labels = np.arange(N) % 3
+    frames = (rng.random((T, N, 8, 8, 2)) < 0.1).astype(np.float32)
+    for n, c in enumerate(labels):
+        frames[:, n, 2 * c:2 * c + 2, 2:4, 0] = 1.0
+    batch = {"frames": frames, "label": labels.astype(np.int32)}
+    opt = step.make_optimizer(cfg.optim, 10)
+    graphdef, state = step.init_state(model, opt)
+    train_step = step.make_train_step(graphdef, cfg, opt)
+    losses = []
+    for _ in range(8):
+        state, metrics = train_step(state, batch, step.loss_weights(cfg))
+        losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0], losses
+
+    trained = nnx.merge(graphdef, state.params, state.batch_stats)
+    logits, layers = trained(frames)
+    assert [s.shape for s, _ in layers] == [(T, N, 8, 8, 8), (T, N, 4, 4, 16)]
+    v = trained.init_membranes(frames.shape[1:])
+    for t in range(T):
+        v, logit_t, counts = trained.step(v, frames[t])
+        np.testing.assert_allclose(logit_t, logits[t], atol=1e-5)
+        np.testing.assert_array_equal(counts, [np.asarray(s[t]).reshape(N, -1).sum(-1) for s, _ in layers])
+
+
+def test_forward_must_call_layer_once_per_fan_out_entry(monkeypatch):
+    """``fan_out`` has one entry per ``layer`` call of ``forward``; a mismatch is an error naming both."""
+    model = docstring_example(monkeypatch)["model"]
+    model.fan_out = (9 * 16,)
+    with pytest.raises(ValueError, match=r"TinySNN.forward calls layer 2 times, so fan_out needs 2 entries "
+                                         r"\(one per spiking layer\), got 1"):
+        model(jnp.zeros((2, 1, 8, 8, 2)))

@@ -1,6 +1,8 @@
-"""N-Digits: the generator (against a per-pixel reference), its cache, the fixed split, the registry."""
+"""N-Digits: the generator (against a per-pixel reference), its cache, the fixed split, the registry; the
+hard variant: seeded, cached, its event statistics."""
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from aoi_jax.config import DataConfig
 from aoi_jax.data import events, ndigits
 
 P = ndigits.NDigitsParams()
+H = ndigits.HARD
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +152,8 @@ def test_cache_reused_and_keyed(tmp_path, small_digits, monkeypatch):
     train, test = ndigits.load_splits(cfg)
     files = sorted(p.name for p in (tmp_path / "ndigits").iterdir())
     key = ndigits.cache_key(P, 0)
-    assert files == [f"events_s0_{key}.npz", f"frames_T4_{key}.npy"]
+    assert files == [f"events_s0_{key}.npz", f"events_s0_{key}.npz.sha256.json", f"frames_T4_{key}.npy",
+                     f"frames_T4_{key}.npy.sha256.json"]
     assert len(train) + len(test) == 60 and train.frames.dtype == np.uint8
     assert train.frames.shape == (len(train), 4, 34, 34, 2) and test.frames.shape == (len(test), 4, 34, 34, 2)
 
@@ -176,9 +180,52 @@ def test_cache_reused_and_keyed(tmp_path, small_digits, monkeypatch):
     ndigits.load_splits(dataclasses.replace(cfg, seed=1))
     ndigits.load_splits(cfg, params=dataclasses.replace(P, threshold=0.15))
     names = sorted(p.name for p in (tmp_path / "ndigits").iterdir())
-    assert len([n for n in names if n.startswith("events_")]) == 3 and not any(".tmp" in n for n in names)
+    assert len([n for n in names if n.startswith("events_") and n.endswith(".npz")]) == 3
+    assert not any(".tmp" in n for n in names)
     assert len({ndigits.cache_key(P, 0), ndigits.cache_key(P, 1),
                 ndigits.cache_key(dataclasses.replace(P, threshold=0.15), 0)}) == 3
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:-1000])
+    return r"\d+ bytes, recorded \d+ \(truncated or extended\)"
+
+
+def garble(path):
+    raw = bytearray(path.read_bytes())
+    middle = slice(len(raw) // 2, len(raw) // 2 + 64)
+    raw[middle] = bytes(b ^ 0x5A for b in raw[middle])
+    path.write_bytes(bytes(raw))
+    return r"different bytes than recorded, at the recorded size \(altered in place\)"
+
+
+def unrecorded(path):
+    (path.parent / (path.name + ".sha256.json")).unlink()
+    return (rf"no checksum record {path.name}\.sha256\.json \(an interrupted write, or written by an older "
+            r"version\)")
+
+
+@pytest.mark.parametrize("damage", [truncate, garble, unrecorded])
+@pytest.mark.parametrize("which", ["frames", "events"])
+def test_damaged_cache_warns_naming_the_file_and_is_rebuilt(tmp_path, small_digits, monkeypatch, damage, which):
+    """A cache file truncated, garbled at the same size or without its record: the load warns naming the
+    file and what is wrong, rebuilds it, and returns what the intact cache held (then reused silently)."""
+    cfg = DataConfig(data_dir=str(tmp_path), timesteps=4, seed=0)
+    train, test = ndigits.load_splits(cfg)
+    ev_path, fr_path = ndigits._paths(tmp_path, P, 0, 4)
+    path = fr_path if which == "frames" else ev_path
+    good = path.read_bytes() if which == "frames" else None
+    what = damage(path)
+    with pytest.warns(UserWarning, match=f"N-Digits cache {path} fails its check \\({what}\\); rebuilding it"):
+        train2, test2 = ndigits.load_splits(cfg)
+    np.testing.assert_array_equal(train2.frames, train.frames)
+    np.testing.assert_array_equal(test2.labels, test.labels)
+    if good is not None:
+        assert fr_path.read_bytes() == good
+    with monkeypatch.context() as m, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        forbid(m, "generate")
+        ndigits.load_splits(cfg)                                        # intact again: no warning, no rebuild
 
 
 def test_split_stratified_disjoint_fixed():
@@ -209,15 +256,111 @@ def test_registry_and_config_checks(tmp_path, small_digits):
         ndigits.NDigitsParams(saccade_ms=0.3)
 
 
-def test_full_set_split_sizes_and_learnable(tmp_path):
-    """All 1797 samples: generation, cache, split sizes; logistic regression on summed frames."""
+def test_default_data_dir_does_not_depend_on_the_current_directory(tmp_path, small_digits, monkeypatch):
+    """data.data_dir = "" (the default): $AOI_JAX_DATA, else $XDG_CACHE_HOME/aoi_jax, else ~/.cache/aoi_jax,
+    wherever the command runs; an explicit folder is taken as given (relative to the current directory)."""
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setenv("AOI_JAX_DATA", str(tmp_path / "env"))
+    assert data.data_root("") == tmp_path / "env"
+    data.load(DataConfig(timesteps=3))
+    assert (tmp_path / "env" / "ndigits").is_dir() and list((tmp_path / "elsewhere").iterdir()) == []
+    monkeypatch.delenv("AOI_JAX_DATA")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.data_root("") == tmp_path / "xdg" / "aoi_jax"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data.data_root("") == tmp_path / "home" / ".cache" / "aoi_jax"
+    assert data.data_root("~/mine") == tmp_path / "home" / "mine"
+    assert data.data_root("rel") == tmp_path / "elsewhere" / "rel"
+
+
+def test_full_set_split_sizes_and_learnable(ndigits_dir):
+    """All 1797 samples (the session's shared cache): split sizes; logistic regression on summed frames."""
     import threadpoolctl
     from sklearn.linear_model import LogisticRegression
 
-    train, test = ndigits.load_splits(DataConfig(data_dir=str(tmp_path), timesteps=5))
+    train, test = ndigits.load_splits(DataConfig(data_dir=str(ndigits_dir), timesteps=5))
     assert (len(train), len(test)) == (1438, 359) and train.frames.shape[1:] == (5, 34, 34, 2)
     xtr = train.frames.sum(1).reshape(len(train), -1) / 10.0
     xte = test.frames.sum(1).reshape(len(test), -1) / 10.0
     with threadpoolctl.threadpool_limits(1):                          # 2 shared cores: no BLAS spin-waits
         acc = LogisticRegression(max_iter=1000).fit(xtr, train.labels).score(xte, test.labels)
     assert acc > 0.9
+
+
+def test_default_cache_key_unchanged():
+    """The default N-Digits keeps the cache key it had before the hard variant existed."""
+    assert ndigits.cache_key(P, 0) == "7e79c40518eb"
+    assert ndigits.cache_key(H, 0) != ndigits.cache_key(P, 0)
+
+
+def test_hard_generate_is_seeded():
+    ev, offsets, labels = ndigits.generate([0, 5, 11], params=H, seed=0)
+    again, off_again, _ = ndigits.generate([0, 5, 11], params=H, seed=0)
+    np.testing.assert_array_equal(again, ev)
+    np.testing.assert_array_equal(off_again, offsets)
+    other = ndigits.generate([0, 5, 11], params=H, seed=1)[0]
+    assert len(other) != len(ev) or not np.array_equal(other, ev)
+    for i, e in enumerate(ndigits.split_events(ev, offsets)):
+        events.check_events(e, (34, 34, 2), f"sample {i}")
+        assert e["t"][-1] <= H.duration_us == 450_000
+
+
+def test_hard_registry_cache_reused_and_keyed(tmp_path, small_digits, monkeypatch):
+    cfg = DataConfig(name="ndigits_hard", data_dir=str(tmp_path), timesteps=4, seed=0)
+    train, test = data.load(cfg)
+    key = ndigits.cache_key(H, 0)
+    assert sorted(p.name for p in (tmp_path / "ndigits").iterdir()) == [f"events_s0_{key}.npz",
+                                                                        f"frames_T4_{key}.npy"]
+    ev, offsets, labels = ndigits.generate(np.arange(60), params=H)
+    want = np.stack([events.integrate(e, 4, (34, 34, 2), 0, H.duration_us)
+                     for e in ndigits.split_events(ev, offsets)]).transpose(0, 1, 3, 4, 2)
+    idx_train, idx_test = ndigits.split_indices(labels, 0.2, 0)
+    np.testing.assert_array_equal(train.frames, want[idx_train])
+    np.testing.assert_array_equal(test.labels, labels[idx_test])
+    assert train.num_classes == 10 and train.sensor_hw == (34, 34)
+    with monkeypatch.context() as m:
+        forbid(m, "generate", "load_events")
+        train2, test2 = data.load(cfg)
+    np.testing.assert_array_equal(train2.frames, train.frames)
+    np.testing.assert_array_equal(test2.frames, test.frames)
+
+
+@pytest.fixture(scope="module")
+def hard_and_default():
+    """100 samples (every 18th) of HARD with and without its noise, and of the defaults without noise."""
+    idx = np.arange(0, 1797, 18)
+    return (ndigits.generate(idx, params=H), ndigits.generate(idx, params=dataclasses.replace(H, noise_hz=0.0)),
+            ndigits.generate(idx, params=dataclasses.replace(P, noise_hz=0.0)))
+
+
+def encode(ev):
+    return ((ev["t"] * 34 + ev["y"]) * 34 + ev["x"]) * 2 + ev["p"]
+
+
+def test_hard_event_statistics(hard_and_default):
+    """Ranges around the README's figures: 1400-2000 events per sample, 70-85 % of them noise, 1/10-1/5 of the default's
+    digit events; noise outnumbers the digit's events in each of T = 10 bins (in bin 1 by 2-5x), while the
+    default's digit events outnumber its expected noise in each bin by over 5x."""
+    (ev, off, _), (sig, sig_off, _), (dflt, dflt_off, _) = hard_and_default
+    n, s, d = np.diff(off), np.diff(sig_off), np.diff(dflt_off)
+    for e, q in zip(ndigits.split_events(ev, off), ndigits.split_events(sig, sig_off)):
+        assert np.isin(encode(q), encode(e)).all()                  # noise is only added: signal = quiet run
+    noise = n - s
+    expected = H.noise_hz * 34 * 34 * H.duration_us * 1e-6          # Poisson mean per sample
+    assert abs(noise.mean() - expected) < 5 * np.sqrt(expected / len(n))
+    assert 1400 < n.min() and n.max() < 2000 and 1550 < n.mean() < 1800
+    assert 0.7 < (noise / n).min() and (noise / n).max() < 0.85
+    assert 0.1 < (s / d).min() and (s / d).max() < 0.2
+    assert 0.4 < ev["p"].mean() < 0.6
+
+    def per_bin(e, o, params):                                          # (T,) mean events per bin
+        return ndigits.frames_from_events(e, o, 10, params).sum((0, 2, 3, 4)) / (len(o) - 1)
+
+    signal_bins = per_bin(sig, sig_off, H)
+    noise_bins = per_bin(ev, off, H) - signal_bins
+    np.testing.assert_allclose(noise_bins, expected / 10, rtol=0.1)    # noise is uniform in time
+    assert (signal_bins < noise_bins).all() and 0.2 < signal_bins[0] / noise_bins[0] < 0.5
+    dflt_noise = P.noise_hz * 34 * 34 * P.duration_us * 1e-6 / 10
+    assert (per_bin(dflt, dflt_off, P) > 5 * dflt_noise).all()           # the default: signal >> noise

@@ -399,6 +399,25 @@ def test_tampered_cache_is_rebuilt(tmp_path):
     check_frames(train, sorted_by_path(recs, "train"), 4, (34, 34))
 
 
+@pytest.mark.parametrize("name,damage,what", [
+    ("frames.npy", lambda b: b[:-3], r"frames.npy: \d+ bytes, recorded \d+ \(truncated or extended\)"),
+    ("frames.npy", lambda b: b[:-200] + bytes(x ^ 0xFF for x in b[-200:]),
+     r"frames.npy: different bytes than recorded, at the recorded size \(altered in place\)"),
+    ("labels.npy", lambda b: b[:-4] + bytes(4), r"labels.npy: different bytes than recorded"),
+])
+def test_damaged_cache_file_is_named_and_rebuilt(tmp_path, name, damage, what):
+    """A cache array truncated or garbled at the same size (e.g. flipped bits): caught by its checksum, named,
+    rebuilt; the frames are right again."""
+    recs = fake.write_fake_nmnist(tmp_path, n_per_class=1, classes=(1, 2))
+    nmnist.load_splits(cfg(tmp_path))
+    folder = next((tmp_path / "frame_cache" / "nmnist").glob("train_*"))
+    path = folder / name
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.warns(UserWarning, match=f"frame cache {folder} cannot be trusted \\(ValueError: {what}.*rebuilding"):
+        train, _ = nmnist.load_splits(cfg(tmp_path))
+    check_frames(train, sorted_by_path(recs, "train"), 4, (34, 34))
+
+
 def test_cache_without_bin_us_is_rebuilt(tmp_path):
     recs = fake.write_fake_nmnist(tmp_path, n_per_class=1, classes=(1, 2))
     nmnist.load_splits(cfg(tmp_path))

@@ -1,56 +1,281 @@
-"""``training.train_and_evaluate``: one run end to end (tiny N-Digits), resumption, a refused config, and a
-tonic-backed data set through the same loop."""
+"""``training.train_and_evaluate``: one run end to end (tiny N-Digits), resumption, a tonic-backed data set
+through the same loop, and the reliability guarantees (README, "Reliability"), each with its fault injected
+for real: a damaged or lost checkpoint, a lost metrics line, a poisoned batch, a second process holding the
+workdir, a different config, more or fewer epochs, a batch larger than the data set."""
 
+import dataclasses
 import json
+import logging
+import os
 import pathlib
+import shutil
+import subprocess
+import sys
 
+import jax
+import numpy as np
 import pytest
 
-from aoi_jax import checkpoint, config, training
+from aoi_jax import checkpoint, config, input_pipeline, training
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "ndigits.py")
 TINY = ["model.channels=(4, 8)", "train.epochs=1", "train.batch_size=64", "data.timesteps=4",
         "eval.epsilons=(0.0, 0.05)", "eval.bins=20"]
+SPE = 1438 // 64                                 # optimiser steps per epoch
+LEARNT = ("epoch", "step", "train_loss", "train_task", "train_rcs", "train_accuracy", "test_accuracy")
 
 
-def tiny(root, *overrides):
-    return config.load(CONFIG, TINY + [f"data.data_dir={root / 'data'}", *overrides])
+def tiny(data_dir, *overrides):
+    return config.load(CONFIG, TINY + [f"data.data_dir={data_dir}", *overrides])
+
+
+def metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def learnt(workdir):
+    """The learning metrics of each epoch (no timings): what a resumed run must reproduce bit for bit."""
+    return [{k: r[k] for k in LEARNT} for r in metrics(workdir)]
+
+
+def files(folder):
+    """{relative path: bytes} of every file under ``folder``."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_same_state(a, b):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, ndigits_dir):
     root = tmp_path_factory.mktemp("training")
-    (result,) = training.train_and_evaluate(tiny(root), root / "run")
+    (result,) = training.train_and_evaluate(tiny(ndigits_dir), root / "run")
     return root, result
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory, ndigits_dir):
+    """A 2-epoch run, not evaluated: checkpoints at steps SPE and 2 SPE. Tests work on copies."""
+    workdir = tmp_path_factory.mktemp("two_epochs") / "run"
+    training.train_and_evaluate(tiny(ndigits_dir, "train.epochs=2"), workdir, run_eval=False)
+    return workdir
+
+
+def copy(workdir, tmp_path):
+    shutil.copytree(workdir, tmp_path / "run")
+    return tmp_path / "run"
 
 
 def test_a_run_writes_metrics_checkpoints_and_returns_its_report(run):
     root, result = run
     workdir = root / "run"
     assert result.member.name == "" and result.workdir == workdir
-    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in lines] == [1] and lines[0]["step"] == 1438 // 64
+    lines = metrics(workdir)
+    assert [r["epoch"] for r in lines] == [1] and lines[0]["step"] == SPE
     assert {"train_loss", "train_task", "train_rcs", "train_accuracy", "test_accuracy", "images_per_s"} <= set(lines[0])
     assert json.loads((workdir / "config.json").read_text())["model"]["channels"] == [4, 8]
-    assert checkpoint.latest_step(workdir / "checkpoints") == 1438 // 64
+    assert checkpoint.latest_step(workdir / "checkpoints") == SPE
+    assert checkpoint.stored_meta(workdir / "checkpoints", SPE)["record"] == lines[0]   # kept with the state
     report = result.report
     assert len(report["accuracy_per_timestep"]) == 4
     assert report["accuracy_per_timestep"][-1] == pytest.approx(lines[0]["test_accuracy"])   # same checkpoint
     assert report["oct"]["accuracy"] == pytest.approx(report["accuracy_per_timestep"][-1])
     assert set(report["rules"]) == {"topk", "confidence", "entropy", "spikecp"}
-    assert report["anytime"]["agrees_with_apply_topk"]
+    assert report["anytime"]["agrees_with_apply_topk"] and report["warnings"] == []
     assert len(report["synops_per_sample"]) == 2
     assert not (workdir / "report.json").exists()                  # the library returns it; the shell writes
 
 
-def test_rerun_resumes_and_other_config_is_refused(run):
+def test_rerun_resumes_and_a_different_config_is_refused_naming_the_keys(run, ndigits_dir):
     root, _ = run
-    (again,) = training.train_and_evaluate(tiny(root), root / "run", run_eval=False)   # nothing left to train
+    before = files(root / "run")
+    (again,) = training.train_and_evaluate(tiny(ndigits_dir), root / "run", run_eval=False)   # nothing left
     assert again.report is None
-    assert len((root / "run" / "metrics.jsonl").read_text().splitlines()) == 1
-    with pytest.raises(ValueError, match="holds a run of a different config"):
-        training.train_and_evaluate(tiny(root, "reg.alpha=0.01"), root / "run", run_eval=False)
+    assert len(metrics(root / "run")) == 1
+    with pytest.raises(ValueError) as e:
+        training.train_and_evaluate(tiny(ndigits_dir, "reg.alpha=0.01", "optim.momentum=0.8"), root / "run")
+    assert str(e.value) == (f"{root / 'run'} holds checkpoints of a different config (reg.alpha: stored 0.002, "
+                            "requested 0.01, optim.momentum: stored 0.9, requested 0.8); use another --workdir (a run "
+                            "continues only with the same config; train.epochs may change)")
+    assert files(root / "run") == before                           # refused before touching anything
+
+
+def test_the_checkpoint_config_decides_not_config_json(run, ndigits_dir, tmp_path):
+    """config.json overwritten with another config (as two racing runs left it): the checkpoints' stored config
+    is what a rerun is checked against, and config.json is rewritten to match it."""
+    workdir = copy(run[0] / "run", tmp_path)
+    (workdir / "config.json").write_text(config.to_json(tiny(ndigits_dir, "reg.alpha=0.01")))
+    with pytest.raises(ValueError, match=r"\(reg\.alpha: stored 0\.002, requested 0\.01\)"):
+        training.train_and_evaluate(tiny(ndigits_dir, "reg.alpha=0.01"), workdir, run_eval=False)
+    training.train_and_evaluate(tiny(ndigits_dir), workdir, run_eval=False)
+    assert config.from_dict(json.loads((workdir / "config.json").read_text())) == tiny(ndigits_dir)
+
+
+def test_damaged_newest_checkpoint_is_set_aside_and_the_epoch_retrained_bit_identically(
+        two_epochs, ndigits_dir, tmp_path, caplog):
+    """Two bytes flipped in a data file of the newest step (same size): the run continues from the older
+    step, moves the damaged one aside, drops the lost epoch's metrics line and ends where the undamaged run
+    ended, bit for bit."""
+    workdir = copy(two_epochs, tmp_path)
+    ckpts = workdir / "checkpoints"
+    victim = max((p for p in (ckpts / str(2 * SPE) / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    raw[len(raw) // 2 + 1] ^= 0x01
+    victim.write_bytes(bytes(raw))
+    name = victim.relative_to(ckpts / str(2 * SPE)).as_posix()
+    with caplog.at_level(logging.WARNING, logger="aoi_jax"):
+        training.train_and_evaluate(tiny(ndigits_dir, "train.epochs=2"), workdir, run_eval=False)
+    assert (f"checkpoint step {2 * SPE} is damaged ({name}: different bytes than recorded, at the recorded size "
+            f"(altered in place)): moved to {ckpts / f'{2 * SPE}.set-aside-1'}; continuing from step {SPE}"
+            in caplog.messages)
+    assert f"{workdir / 'metrics.jsonl'}: dropped the lines of epochs [2] (beyond step {SPE})" in caplog.messages
+    assert learnt(workdir) == learnt(two_epochs)
+    assert checkpoint.all_steps(ckpts) == [SPE, 2 * SPE]
+    assert_same_state(checkpoint.restore(ckpts)[1], checkpoint.restore(two_epochs / "checkpoints")[1])
+
+
+def test_metrics_line_lost_between_save_and_append_is_restored_from_the_checkpoint(two_epochs, ndigits_dir,
+                                                                                   tmp_path, caplog):
+    """A kill after the newest save but before its metrics line (here: the line cut short) loses nothing: the
+    checkpoint keeps its record and the rerun puts it back."""
+    workdir = copy(two_epochs, tmp_path)
+    text = (workdir / "metrics.jsonl").read_text()
+    (workdir / "metrics.jsonl").write_text(text[:text.rindex("{") + 10])
+    with caplog.at_level(logging.WARNING, logger="aoi_jax"):
+        training.train_and_evaluate(tiny(ndigits_dir, "train.epochs=2"), workdir, run_eval=False)
+    assert (f"{workdir / 'metrics.jsonl'}: dropped a line cut short; restored the line of epoch 2 from its "
+            "checkpoint" in caplog.messages)
+    assert metrics(workdir) == metrics(two_epochs)
+
+
+def test_poisoned_batch_stops_before_saving_and_keeps_the_good_checkpoints(two_epochs, ndigits_dir, tmp_path,
+                                                                          monkeypatch, caplog):
+    """More epochs continue a finished run (the schedule spans the new total); a NaN in batch 5 of epoch 3
+    stops it at that optimiser step, before anything of epoch 3 is written: both good checkpoints and the
+    metrics stay byte for byte."""
+    workdir = copy(two_epochs, tmp_path)
+    before = files(workdir)
+    batches = input_pipeline.member_batches
+
+    def poisoned(train_set, configs, epoch):
+        for i, batch in enumerate(batches(train_set, configs, epoch)):
+            if (epoch, i) == (2, 5):
+                batch = {"frames": batch["frames"].astype(np.float32), "label": batch["label"]}
+                batch["frames"][0, 1, 3] = np.nan
+            yield batch
+
+    monkeypatch.setattr(input_pipeline, "member_batches", poisoned)
+    with caplog.at_level(logging.INFO, logger="aoi_jax"), pytest.raises(FloatingPointError) as e:
+        training.train_and_evaluate(tiny(ndigits_dir, "train.epochs=3"), workdir, run_eval=False)
+    message = (f"loss became non-finite at epoch 3, step {2 * SPE + 6}; epoch 3 was not saved and the "
+               f"checkpoints keep step {2 * SPE}. Lower optim.lr or check the data")
+    assert str(e.value) == message and message in caplog.messages
+    # 0.1 * (1 + cos(pi * 2/3)) / 2 = 0.025
+    assert (f"resumed from step {2 * SPE} (epoch 2); train.epochs 2 -> 3: the learning-rate schedule now spans "
+            f"{3 * SPE} steps, lr at step {2 * SPE} = 0.025" in caplog.messages)
+    assert files(workdir) == {**before, ".lock": files(workdir)[".lock"], "config.json": files(workdir)["config.json"]}
+    assert json.loads((workdir / "config.json").read_text())["train"]["epochs"] == 3
+
+
+def test_fewer_epochs_than_trained_are_refused(two_epochs, ndigits_dir):
+    with pytest.raises(ValueError, match=rf"train.epochs = 1 but the checkpoints in {two_epochs} have trained 2 "
+                                         r"epochs; ask for train.epochs >= 2 to continue this run"):
+        training.train_and_evaluate(tiny(ndigits_dir), two_epochs, run_eval=False)
+
+
+def test_batch_larger_than_the_training_set_is_refused_before_the_model(ndigits_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"train.batch_size = 1439 is larger than the training set of 'ndigits' "
+                                         r"\(1438 samples\); it must be at most 1438"):
+        training.train_and_evaluate(tiny(ndigits_dir, "train.batch_size=1439"), tmp_path / "w")
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == [".lock"]
+
+
+def test_a_second_process_holding_the_workdir_is_refused(run, ndigits_dir, tmp_path):
+    """Another process holds the lock: refused naming its PID, nothing written. Killed with SIGKILL, it leaves
+    its lock file behind, yet the lock is free."""
+    workdir = copy(run[0] / "run", tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom aoi_jax import training\n"
+         "with training.workdir_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)\n",
+         str(workdir)], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = files(workdir)
+        with pytest.raises(RuntimeError, match=rf"^workdir {workdir} in use by PID {holder.pid} \(it holds the "
+                                               rf"lock {workdir / '.lock'}\)"):
+            training.train_and_evaluate(tiny(ndigits_dir, "train.epochs=2"), workdir)
+        assert files(workdir) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (workdir / ".lock").read_text() == str(holder.pid)             # stale file, free lock
+    with training.workdir_lock(workdir):
+        assert (workdir / ".lock").read_text() == str(os.getpid())
+
+
+def test_non_finite_names_the_step_and_the_members():
+    members = [type("M", (), {"name": n})() for n in ("alpha=0", "alpha=1")]
+    losses = np.array([[1.0, 1.0], [1.0, np.inf], [np.nan, np.nan]])
+    assert training.non_finite(losses, np.array([True, True]), members, 4, 100) == (
+        "loss became non-finite at epoch 5, step 102 (member alpha=1); epoch 5 was not saved and the checkpoints "
+        "keep step 100. Lower optim.lr or check the data")
+    assert training.non_finite(np.ones((3, 2)), np.array([True, False]), members, 0, 0) == (
+        "the state became non-finite at epoch 1 (every loss was finite) (member alpha=1); epoch 1 was not saved "
+        "and no checkpoint was written. Lower optim.lr or check the data")
+    assert training.non_finite(np.ones((3, 2)), np.array([True, True]), members, 0, 0) is None
+
+
+def test_resume_step_is_the_newest_step_intact_in_every_member(tmp_path):
+    """Sweep members whose newest steps differ in what survived: the run continues from the newest step all
+    hold intact; none in common is an error listing each member's steps."""
+    from flax import nnx
+
+    from aoi_jax import models, step
+
+    cfg = config.Config(model=config.ModelConfig(channels=(4,), num_classes=3))
+    init = step.init_state(models.build(cfg.model, (8, 8, 2), rngs=nnx.Rngs(0)), step.make_optimizer(cfg.optim, 9))[1]
+    members = [type("M", (), {"name": n})() for n in ("a", "b")]
+    dirs = [tmp_path / "members" / m.name for m in members]
+    assert training.resume_step(members, dirs) is None
+    for d, steps in zip(dirs, ((1, 2), (1, 2))):
+        for s in steps:
+            checkpoint.save(d / "checkpoints", init._replace(step=jax.numpy.asarray(s)), cfg, (8, 8, 2))
+    assert training.resume_step(members, dirs) == 2
+    (dirs[1] / "checkpoints" / "2" / checkpoint.RECORD).unlink()       # b was killed before its record
+    assert training.resume_step(members, dirs) == 1
+    shutil.rmtree(dirs[0] / "checkpoints" / "1")
+    with pytest.raises(ValueError, match=rf"^cannot resume in {tmp_path / 'members'}: no checkpoint step is intact "
+                                         r"in every member \(a: step 2; b: step 1, step 2 damaged \(no readable "
+                                         r"checksum record sha256.json \(its save did not finish\)\)\); train in a "
+                                         r"new workdir"):
+        training.resume_step(members, dirs)
+    (dirs[1] / "checkpoints" / "1" / checkpoint.RECORD).unlink()
+    with pytest.raises(ValueError, match=rf"^cannot resume in {dirs[1]}: no checkpoint step is intact \("
+                                         rf"{dirs[1] / 'checkpoints'}: step 1 damaged \(no readable checksum record "
+                                         r"sha256.json \(its save did not finish\)\), step 2 damaged"):
+        training.resume_step([type("M", (), {"name": ""})()], dirs[1:])   # a single run (its member name is "")
+
+
+def test_evaluation_warns_about_non_finite_parameters_and_logits(run):
+    """A NaN in the head's bias (as a diverged run would leave): the report says so and each finding warns."""
+    from aoi_jax import data, evaluation, parallel, step
+
+    graphdef, state, cfg, _ = checkpoint.restore(run[0] / "run" / "checkpoints")
+    few = [dataclasses.replace(fs, frames=fs.frames[:64], labels=fs.labels[:64], bin_us=fs.bin_us[:64])
+           for fs in data.load(cfg.data)]
+    bias = state.params["head"]["bias"]
+    bias[...] = bias[...].at[0].set(np.nan)
+    n_params = sum(x.size for x in jax.tree.leaves((state.params, state.batch_stats)))
+    with pytest.warns(RuntimeWarning) as caught:
+        report = evaluation.evaluate(graphdef, parallel.replicate(state, parallel.data_mesh()), cfg, *few,
+                                     step.run_keys(cfg.seed).calibration)
+    assert report["warnings"] == [f"the parameters and batch statistics hold 1 non-finite values (of {n_params})",
+                                  "the calibration logits hold 256 non-finite values (of 2560)",
+                                  "the test logits hold 256 non-finite values (of 2560)"]
+    assert [str(w.message) for w in caught] == [f"{m}: this report's numbers are meaningless" for m in report["warnings"]]
 
 
 def test_held_out_validation_split_is_not_trained_on_and_calibrates(tmp_path):

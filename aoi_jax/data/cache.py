@@ -32,13 +32,13 @@ Cache. ``cached_frames`` builds the frames of one split once and stores them und
   opened with ``mmap_mode='r'`` (an epoch reads no raw events and does not load the split into memory);
 - ``labels.npy``: (N,) int32;  ``bin_us.npy``: (N,) float64, each recording's bin duration in us (the span
   binned / T; 0 without an event in the window);  ``meta.json``: the key, the settings it hashes, shape,
-  dtype, empty recordings.
+  dtype, empty recordings, and the size and SHA-256 of each of the three arrays (``aoi_jax.integrity``).
 
 The key is 16 hex digits of the SHA-256 of every setting that changes the frames: ``CACHE_VERSION``, the
 loader's reader version, data set, split, T, output size, window, native sensor, number of classes and a
 digest of the split's recordings (path relative to the data set folder, size in bytes, label, in order). A
 cache is used only if its ``meta.json`` repeats the key and settings and the three arrays have the recorded
-shapes; otherwise it is rebuilt (with a warning). A build writes into a temporary sibling folder
+sizes, checksums and shapes; otherwise it is rebuilt (with a warning naming the folder and the file). A build writes into a temporary sibling folder
 ``.tmp-<name>-<pid>-<random>`` and publishes it with one ``os.replace``, so an interrupted build never
 leaves a folder that a later load trusts (a leftover ``.tmp-*`` folder is junk and may be deleted).
 """
@@ -55,10 +55,12 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from aoi_jax import integrity
 from aoi_jax.data import events as events_lib
 
 CACHE_VERSION = 2  # 2: the window in the key, bin_us.npy
 CACHE_DIRNAME = "frame_cache"
+CACHE_FILES = ("bin_us.npy", "frames.npy", "labels.npy")  # each with a size and SHA-256 record in meta.json
 COUNT_DTYPES = (np.uint8, np.uint16, np.uint32)  # the cache's frame dtype grows along this list
 
 
@@ -247,6 +249,12 @@ def _open_valid(folder: pathlib.Path, key: str, settings: dict, n: int):
         meta = json.loads(meta_path.read_text())
         if meta.get("key") != key or meta.get("settings") != settings:
             raise ValueError("meta.json holds other settings")
+        records = meta.get("files")
+        if not isinstance(records, dict) or sorted(records) != list(CACHE_FILES):
+            raise ValueError(f"meta.json holds no size and checksum record of {', '.join(CACHE_FILES)}")
+        damaged = integrity.folder_problems(folder, records)
+        if damaged:
+            raise ValueError("; ".join(damaged))
         frames = np.load(folder / "frames.npy", mmap_mode="r")
         labels = np.load(folder / "labels.npy")
         bin_us = np.load(folder / "bin_us.npy")
@@ -343,7 +351,8 @@ def cached_frames(data_dir, *, dataset: str, split: str, sources: Sequence[str],
     try:
         info = _build(tmp, (T, H, W, 2), read, sources, sensor_size, window, progress)
         np.save(tmp / "labels.npy", labels)
-        meta = {"key": key, "settings": full, "shape": [len(sources), T, int(H), int(W), 2], **info}
+        meta = {"key": key, "settings": full, "shape": [len(sources), T, int(H), int(W), 2], **info,
+                "files": {name: integrity.digest(tmp / name) for name in CACHE_FILES}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         try:
             os.replace(tmp, folder)

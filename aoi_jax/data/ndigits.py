@@ -37,26 +37,31 @@ Output per sample: a tonic structured array (``tonic.io.events_struct``: x, y in
 sorted by t, with 0 <= t <= duration_us, inside the sensor; p = True is ON (frame channel 1).
 
 On disk (``<data_dir>/ndigits/``), written atomically (temp file + ``os.replace``), named by a hash of the
-parameters, the seed and ``FORMAT_VERSION`` so changed settings are never reused:
+parameters, the seed and ``FORMAT_VERSION`` so changed settings are never reused, each file with a size and
+SHA-256 record ``<file>.sha256.json`` (``aoi_jax.integrity``) that every load checks (a mismatch warns naming
+the file and rebuilds it):
 ``events_s<seed>_<key>.npz`` (compressed; x, y uint8, t uint32 us, p bool, concatenated; ``offsets``
 (N + 1,), ``labels``) and ``frames_T<T>_<key>.npy`` ((N, T, H, W, 2) counts, uint8 if they fit, else
 uint16). Frames come from ``events.integrate`` over ``[0, duration_us]``. A fixed stratified split
 (``split_indices``: ``test_fraction`` of each class, seeded) gives train/test.
 
-With the defaults: about 2400 events per sample (ON/OFF about 50/50), about 5 s to generate all 1797 on one
-core, 15 MB of events and 42 MB of frames at T = 10 on disk; a cached load takes milliseconds.
+With the defaults: about 2400 events per sample (ON/OFF about 50/50), 15 MB of events and 42 MB of frames
+at T = 10 on disk; a cached load reads each file once (its checksum).
+
+``HARD`` is the harder variant (registry name ``ndigits_hard``): lower contrast, fewer events, more
+background noise, slower saccades.
 """
 
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
-import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from aoi_jax import integrity
 from aoi_jax.data import events as events_lib
 
 FORMAT_VERSION = 1
@@ -103,6 +108,26 @@ class NDigitsParams:
         if self.digit_px + self.saccade_px > self.sensor_px:
             raise ValueError(f"NDigitsParams: digit_px + saccade_px = {self.digit_px + self.saccade_px} exceeds "
                              f"sensor_px = {self.sensor_px}")
+
+
+HARD = NDigitsParams(background=0.5, saccade_ms=150.0, threshold=0.3, threshold_sigma=0.06, noise_hz=2.5)
+"""N-Digits Hard (``data.name = "ndigits_hard"``): the same digits, sensor model and saccade triangle under
+the worse conditions of a dim scene, so that the evidence for a class accumulates over the recording
+instead of being complete after the first time bins. Differences from the defaults, each physical:
+
+- ``background = 0.5`` (0.25): lower contrast, a log step of ``log 2`` instead of ``log 4`` between a
+  full stroke and the background;
+- ``threshold = 0.3``, ``threshold_sigma = 0.06`` (0.2, 0.03): a less sensitive, more mismatched pixel
+  array. With the lower contrast a full edge crosses ``log 2 / 0.3 ~ 2.3`` levels instead of
+  ``log 4 / 0.2 ~ 6.9``, so a sample holds several times fewer events from the digit;
+- ``saccade_ms = 150`` (100): slower saccades, a 450 ms recording, so the digit's events are spread
+  thinner against the constant noise rate;
+- ``noise_hz = 2.5`` (0.2): the background activity of a dim scene,
+  ``2.5 * 34^2 * 0.45 s ~ 1300`` noise events per sample, uniform over the time bins.
+
+Noise then outnumbers the digit's events in every time bin. Cached under its own key
+(``cache_key(HARD, seed)``) next to the default's; the README lists its event statistics.
+"""
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:
@@ -267,15 +292,19 @@ def _paths(data_dir, params, seed, timesteps=None) -> tuple[pathlib.Path, pathli
 
 
 def _write_atomic(path: pathlib.Path, write: Callable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Writes a cache file atomically, then its size and checksum record (``integrity.write_sidecar``)."""
+    integrity.write_atomic(path, write)
+    integrity.write_sidecar(path)
+
+
+def _intact(path: pathlib.Path) -> bool:
+    """Whether the cache file ``path`` exists and matches its record; a damaged one warns, naming the file."""
+    if not path.is_file():
+        return False
+    problem = integrity.check_sidecar(path)
+    if problem is not None:
+        warnings.warn(f"N-Digits cache {path} fails its check ({problem}); rebuilding it", stacklevel=3)
+    return problem is None
 
 
 def load_events(data_dir, *, params: NDigitsParams = NDigitsParams(), seed: int = 0,
@@ -283,7 +312,7 @@ def load_events(data_dir, *, params: NDigitsParams = NDigitsParams(), seed: int 
     """All 1797 samples' ``(events, offsets, labels)`` as ``generate`` returns them, cached under
     ``<data_dir>/ndigits/events_s<seed>_<key>.npz`` (generated and written on the first call)."""
     path, _ = _paths(data_dir, params, seed)
-    if path.is_file():
+    if _intact(path):
         with np.load(path) as z:
             fields = {f: z[f] for f in "xytp"}
             ev = np.zeros(len(fields["t"]), EVENT_DTYPE)
@@ -314,9 +343,11 @@ def load_frames(data_dir, timesteps: int, *, params: NDigitsParams = NDigitsPara
     """All samples' frames (N, T, H, W, 2) and labels (N,), cached as ``frames_T<T>_<key>.npy``.
 
     A cached frame file is memory-mapped and the labels read alone from the events file: no regeneration.
+    Both files are checked against their records first; a damaged one is rebuilt (``load_events`` warns
+    about the events file).
     """
     ev_path, fr_path = _paths(data_dir, params, seed, timesteps)
-    if fr_path.is_file() and ev_path.is_file():
+    if _intact(fr_path) and integrity.check_sidecar(ev_path) is None:
         with np.load(ev_path) as z:
             labels = z["labels"]
         return np.load(fr_path, mmap_mode="r"), labels
@@ -368,5 +399,5 @@ def load_splits(data_cfg, *, params: NDigitsParams = NDigitsParams(),
             events_lib.FrameSet(frames[test], labels[test], NUM_CLASSES, native, bin_us[test]))
 
 
-__all__ = ["NDigitsParams", "generate", "split_events", "load_events", "load_frames", "frames_from_events",
+__all__ = ["NDigitsParams", "HARD", "generate", "split_events", "load_events", "load_frames", "frames_from_events",
            "split_indices", "load_splits", "cache_key", "saccade_path", "digits", "EVENT_DTYPE", "NUM_CLASSES"]
