@@ -1,6 +1,7 @@
 """Does RCS shorten latency? The study of issue 17: writes docs/results.md and its figures.
 
     python -m benchmarks.rcs_study                  # the grid below -> docs/results.md, docs/results/*.png
+    python -m benchmarks.rcs_study --epochs ndigits=8 --epochs ndigits_hard=10 --whole-split ndigits:mean
     python -m benchmarks.rcs_study --quick          # a small slice (smoke test) into a temporary folder
 
 Grid: for each data set (``configs/<name>.py``) and loss (mean, tet), one sweep ``reg.alpha`` x ``seed``
@@ -16,7 +17,10 @@ and every trained member is evaluated twice from its last checkpoint:
 Numbers (``ablation.summarise``): accuracy at T, Top-K accuracy and mean exit at epsilon 0 and 0.05, OCT's
 mean exit, synaptic operations per sample; the mean over seeds with a 95 % Student t interval. The effect of
 alpha is the difference against alpha = 0 with the same seed (``ablation.paired_contrasts``); the effect of
-the calibration the difference between the two evaluations of each member. Every number in the written
+the calibration the difference between the two evaluations of each member. ``--whole-split DATA:LOSS``
+also trains the data set's own alpha (its config's ``reg.alpha``) for each seed on the whole training split,
+calibrated on it with dropout 0.3 (today's default), in ``<runs>/<data>_<loss>_whole_split/``: what holding
+the validation split out costs, paired by seed with the grid's member of that alpha. Every number in the written
 file comes from the runs; the file's first lines give the command that made it.
 """
 
@@ -49,7 +53,8 @@ CALIBRATIONS = {"validation": ("eval.calibration=validation", "eval.calib_dropou
                 "train": ("eval.calibration=train", "eval.calib_dropout=0.3")}
 ARM_TEXT = {"validation": "held-out validation split, no dropout", "train": "training samples, dropout 0.3"}
 EPSILONS = (0.0, 0.05)
-QUICK = {"datasets": "ndigits", "alphas": "0,0.05", "seeds": "0,1", "epochs": ["ndigits=1"]}
+QUICK = {"datasets": "ndigits", "alphas": "0,0.002", "seeds": "0,1", "epochs": ["ndigits=1"],
+         "whole_split": ["ndigits:mean"]}
 
 
 def parse_args(argv=None):
@@ -63,24 +68,30 @@ def parse_args(argv=None):
     p.add_argument("--validation-fraction", type=float, default=0.2,
                    help="data.validation_fraction of every cell (the held-out calibration split)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every cell")
+    p.add_argument("--whole-split", action="append", default=[], metavar="DATA:LOSS",
+                   help="also train DATA with LOSS at its config's reg.alpha on the whole training split, "
+                        "calibrated on it with dropout 0.3 (today's default), for each seed")
     p.add_argument("--runs", help="run folders (default runs/rcs_study; --quick: a temporary folder)")
     p.add_argument("--out", help="where results.md and results/ go (default docs; --quick: the temporary folder)")
     p.add_argument("--quick", action="store_true",
-                   help=f"smoke test: {QUICK['datasets']}, alphas {QUICK['alphas']}, seeds {QUICK['seeds']}, 1 epoch")
+                   help=f"smoke test: {QUICK['datasets']}, alphas {QUICK['alphas']}, seeds {QUICK['seeds']}, 1 epoch, "
+                        f"--whole-split {QUICK['whole_split'][0]}")
     args = p.parse_args(argv)
     if args.quick:
         tmp = pathlib.Path(tempfile.mkdtemp(prefix="rcs_study_"))
         args.datasets, args.alphas, args.seeds = QUICK["datasets"], QUICK["alphas"], QUICK["seeds"]
-        args.epochs = args.epochs or QUICK["epochs"]
+        args.epochs, args.whole_split = args.epochs or QUICK["epochs"], args.whole_split or QUICK["whole_split"]
         args.runs, args.out = args.runs or str(tmp / "runs"), args.out or str(tmp)
     args.runs, args.out = pathlib.Path(args.runs or "runs/rcs_study"), pathlib.Path(args.out or "docs")
     return args
 
 
-def cell_config(args, dataset: str, loss: str) -> config.Config:
+def cell_config(args, dataset: str, loss: str, validation_fraction: float) -> config.Config:
+    """The config of a cell: the data set's config file with the loss, the held-out fraction, the epochs
+    and ``--set``; calibrated on the validation split when one is held out, else on the training samples."""
     epochs = dict(item.split("=") for item in args.epochs)
-    overrides = [f"train.loss={loss}", f"data.validation_fraction={args.validation_fraction}",
-                 *CALIBRATIONS["validation"], *args.set]
+    overrides = [f"train.loss={loss}", f"data.validation_fraction={validation_fraction}",
+                 *CALIBRATIONS["validation" if validation_fraction > 0 else "train"], *args.set]
     if dataset in epochs:
         overrides.append(f"train.epochs={int(epochs[dataset])}")
     return config.load(ROOT / "configs" / f"{dataset}.py", overrides)
@@ -94,14 +105,14 @@ def stored_report(path: pathlib.Path, cfg: config.Config):
     return report if config.from_dict(report["config"]) == cfg else None
 
 
-def run_cell(cfg: config.Config, workdir: pathlib.Path, sweep: dict) -> dict:
-    """Trains (or resumes) one cell, evaluates each member with both calibrations; returns
-    {arm: [report per member]} and the evaluation seconds spent in this call."""
+def run_cell(cfg: config.Config, workdir: pathlib.Path, sweep: dict, arms=tuple(CALIBRATIONS)) -> dict:
+    """Trains (or resumes) one cell, evaluates each member with each calibration of ``arms`` from its last
+    checkpoint (adding the seconds to ``workdir/eval_seconds.json``); returns {arm: [report per member]}."""
     members = ablation.members(cfg, sweep)
     dirs = [training.member_dir(workdir, m) for m in members]
-    arm_cfgs = {arm: [config.apply_overrides(m.cfg, CALIBRATIONS[arm]) for m in members] for arm in CALIBRATIONS}
+    arm_cfgs = {arm: [config.apply_overrides(m.cfg, CALIBRATIONS[arm]) for m in members] for arm in arms}
     reports = {arm: [stored_report(d / f"eval_{arm}" / "report.json", c) for d, c in zip(dirs, arm_cfgs[arm])]
-               for arm in CALIBRATIONS}
+               for arm in arms}
     if all(r is not None for arm in reports for r in reports[arm]):
         log.info("%s: all reports present", workdir)
         return reports
@@ -109,7 +120,7 @@ def run_cell(cfg: config.Config, workdir: pathlib.Path, sweep: dict) -> dict:
     train_split, test_set = data.load(cfg.data)
     fit, validation = input_pipeline.split_validation(train_split, cfg.data)
     mesh, options = parallel.data_mesh(), xla_tuning.compiler_options("auto")
-    for arm in CALIBRATIONS:
+    for arm in arms:
         t0, functions = time.time(), None
         for i, (d, c) in enumerate(zip(dirs, arm_cfgs[arm])):
             if reports[arm][i] is not None:
@@ -298,6 +309,40 @@ def plot_accuracy_per_timestep(cells, alphas, path):
     plt.close(fig)
 
 
+WHOLE_FIELDS = (("accuracy_at_T", "acc at T (%)", 100), ("topk_accuracy@0", "Top-K acc eps 0 (%)", 100),
+                ("topk_mean_timestep@0", "Top-K exit eps 0", 1), ("topk_accuracy@0.05", "Top-K acc eps 0.05 (%)", 100),
+                ("topk_mean_timestep@0.05", "Top-K exit eps 0.05", 1))
+
+
+def whole_split_section(cells, whole) -> list[str]:
+    """Today's default (trained on the whole training split, calibrated on it with dropout 0.3) against the
+    grid's members of the same alpha and seed (trained without the held-out split, calibrated on it)."""
+    lines = ["## What holding the validation split out costs", "",
+             "The grid trains every member without the held-out split. Here the config's own alpha is also "
+             "trained on the whole training split and calibrated on it with dropout 0.3 (today's default), "
+             "same seeds and epochs; paired by seed with the grid's member of that alpha calibrated on the "
+             "held-out split without dropout. Mean ± half width of the 95 % t interval over seeds; "
+             "differences: held-out minus whole, mean [95 % t interval].", "",
+             "| data | loss | alpha | setting | " + " | ".join(f[1] for f in WHOLE_FIELDS) + " |",
+             "|" + "---|" * (4 + len(WHOLE_FIELDS))]
+    for key, w in whole.items():
+        grid = cells[key]
+        held = {m.cfg.seed: ablation.headline(r) for m, r in zip(grid["members"], grid["reports"]["validation"])
+                if m.cfg.reg.alpha == w["alpha"]}
+        full = {m.cfg.seed: ablation.headline(r) for m, r in zip(w["members"], w["reports"])}
+        rows = (("whole split, train calibration, dropout 0.3", full), ("held out, validation calibration", held))
+        for name, by_seed in rows:
+            cols = [fmt(ablation.spread([h[f] for h in by_seed.values()]), scale) for f, _, scale in WHOLE_FIELDS]
+            lines.append(f"| {key[0]} | {key[1]} | {w['alpha']:g} | {name} | " + " | ".join(cols) + " |")
+        cols = []
+        for f, _, scale in WHOLE_FIELDS:
+            _, d = stats.paired_differences({s: h[f] for s, h in held.items()}, {s: h[f] for s, h in full.items()})
+            ci = ablation.spread(d)["ci95"]
+            cols.append(f"{fmt_interval(float(d.mean()), ci, scale)} ({verdict(ci)})")
+        lines.append(f"| {key[0]} | {key[1]} | {w['alpha']:g} | held out - whole | " + " | ".join(cols) + " |")
+    return lines + [""]
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -305,7 +350,7 @@ def machine() -> str:
             f"jax {jax.__version__}, Python {platform.python_version()}")
 
 
-def write_results(args, cells, command, wall_s, load_start, load_end):
+def write_results(args, cells, whole, command, wall_s, load_start, load_end):
     out, fig_dir = args.out, args.out / "results"
     fig_dir.mkdir(parents=True, exist_ok=True)
     datasets = list(dict.fromkeys(d for d, _ in cells))
@@ -316,8 +361,8 @@ def write_results(args, cells, command, wall_s, load_start, load_end):
              f"Generated by `{command}` (run from the repository root); every number below comes from the runs "
              f"in `{args.runs}/`.", ""]
     lines += ["## Setup", ""]
-    train_total = sum(sum(c["training"]["epoch_seconds"]) for c in cells.values())
-    eval_total = sum(sum(c["eval_seconds"].values()) for c in cells.values())
+    train_total = sum(sum(c["training"]["epoch_seconds"]) for c in [*cells.values(), *whole.values()])
+    eval_total = sum(sum(c["eval_seconds"].values()) for c in [*cells.values(), *whole.values()])
     lines += [f"- Machine: {machine()}; shared with other jobs (load average {load_start:.1f} when this "
               f"invocation started, {load_end:.1f} when it ended), so times are indicative only.",
               f"- Wall time: training {train_total / 3600:.2f} h (sum of the cells' epochs, from metrics.jsonl), "
@@ -395,6 +440,8 @@ def write_results(args, cells, command, wall_s, load_start, load_end):
               "Same weights, two calibrations; pooled over each cell's members (every alpha and seed): mean ± "
               "half width of the 95 % t interval over the members.", "", *means, "",
               "Paired per member (validation - train), mean [95 % t interval]:", "", *diffs, ""]
+    if whole:
+        lines += whole_split_section(cells, whole)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     log.info("wrote %s", out / "results.md")
 
@@ -412,7 +459,7 @@ def main(argv=None):
     cells = {}
     for dataset in args.datasets.split(","):
         for loss in args.losses.split(","):
-            cfg = cell_config(args, dataset, loss)
+            cfg = cell_config(args, dataset, loss, args.validation_fraction)
             workdir = args.runs / f"{dataset}_{loss}"
             log.info("cell %s, %s loss: %d epochs, %d members", dataset, loss, cfg.train.epochs,
                      len(ablation.members(cfg, sweep)))
@@ -426,7 +473,23 @@ def main(argv=None):
                 "training": training_record(workdir, members),
                 "eval_seconds": json.loads(timing.read_text()) if timing.exists() else {},
                 "n_fit": len(input_pipeline.split_validation(train_split, cfg.data)[0])}
-    write_results(args, cells, command, time.time() - t0, load_start, os.getloadavg()[0])
+    whole = {}
+    for item in args.whole_split:
+        dataset, _, loss = item.partition(":")
+        cfg = cell_config(args, dataset, loss, 0.0)
+        if (dataset, loss) not in cells or cfg.reg.alpha not in sweep["reg.alpha"]:
+            raise ValueError(f"--whole-split {item}: needs the grid cell ({dataset}, {loss}) and its config's "
+                             f"reg.alpha {cfg.reg.alpha} among --alphas")
+        workdir = args.runs / f"{dataset}_{loss}_whole_split"
+        seeds = {"seed": sweep["seed"]}
+        log.info("whole training split: %s, %s loss, alpha %g, %d seeds", dataset, loss, cfg.reg.alpha,
+                 len(seeds["seed"]))
+        reports = run_cell(cfg, workdir, seeds, ("train",))
+        whole[(dataset, loss)] = {"alpha": cfg.reg.alpha, "members": ablation.members(cfg, seeds),
+                                  "reports": reports["train"],
+                                  "training": training_record(workdir, ablation.members(cfg, seeds)),
+                                  "eval_seconds": json.loads((workdir / "eval_seconds.json").read_text())}
+    write_results(args, cells, whole, command, time.time() - t0, load_start, os.getloadavg()[0])
 
 
 if __name__ == "__main__":
