@@ -17,7 +17,8 @@ and every trained member is evaluated twice from its last checkpoint:
 Numbers (``ablation.summarise``): accuracy at T, Top-K accuracy and mean exit at epsilon 0 and 0.05, OCT's
 mean exit, synaptic operations per sample; the mean over seeds with a 95 % Student t interval. The effect of
 alpha is the difference against alpha = 0 with the same seed (``ablation.paired_contrasts``); the effect of
-the calibration the difference between the two evaluations of each member. ``--whole-split DATA:LOSS``
+the calibration the difference between the two evaluations of each member; the effect of the loss the
+difference between the two losses' members of the same alpha and seed. ``--whole-split DATA:LOSS``
 also trains the data set's own alpha (its config's ``reg.alpha``) for each seed on the whole training split,
 calibrated on it with dropout 0.3 (today's default), in ``<runs>/<data>_<loss>_whole_split/``: what holding
 the validation split out costs, paired by seed with the grid's member of that alpha. Every number in the written
@@ -309,6 +310,35 @@ def plot_accuracy_per_timestep(cells, alphas, path):
     plt.close(fig)
 
 
+LOSS_FIELDS = (("validation", "accuracy_at_T", "acc at T (points)", 100),
+               ("validation", "oct_mean_timestep", "OCT mean exit", 1),
+               ("validation", "topk_accuracy@0", "Top-K acc eps 0 (points, validation cal.)", 100),
+               ("validation", "topk_mean_timestep@0", "Top-K exit eps 0 (validation cal.)", 1),
+               ("train", "topk_mean_timestep@0", "Top-K exit eps 0 (train cal.)", 1),
+               ("validation", "topk_mean_timestep@0.05", "Top-K exit eps 0.05 (validation cal.)", 1))
+
+
+def loss_section(cells, losses) -> list[str]:
+    """The second loss against the first, paired by member (the same alpha and seed: the same
+    initialisation, batches and augmentation), pooled over the cell's members."""
+    first, second = losses
+    lines = [f"## Loss: {second} against {first}, paired by alpha and seed", "",
+             f"Per member (alpha, seed), the {second} run's number minus the {first} run's; mean over the "
+             "members and 95 % Student t interval.", "",
+             "| data | pairs | " + " | ".join(f[2] for f in LOSS_FIELDS) + " |", "|" + "---|" * (2 + len(LOSS_FIELDS))]
+    for d in dict.fromkeys(k[0] for k in cells):
+        if (d, first) not in cells or (d, second) not in cells:
+            continue
+        cols = []
+        for arm, field, _, scale in LOSS_FIELDS:
+            a, b = ({m["name"]: m[field] for m in cells[(d, loss)]["summary"][arm]["members"]} for loss in losses)
+            keys, diff = stats.paired_differences(b, a)
+            ci = ablation.spread(diff)["ci95"]
+            cols.append(f"{fmt_interval(float(diff.mean()), ci, scale)} ({verdict(ci)})")
+        lines.append(f"| {d} | {len(keys)} | " + " | ".join(cols) + " |")
+    return lines + [""]
+
+
 WHOLE_FIELDS = (("accuracy_at_T", "acc at T (%)", 100), ("topk_accuracy@0", "Top-K acc eps 0 (%)", 100),
                 ("topk_mean_timestep@0", "Top-K exit eps 0", 1), ("topk_accuracy@0.05", "Top-K acc eps 0.05 (%)", 100),
                 ("topk_mean_timestep@0.05", "Top-K exit eps 0.05", 1))
@@ -435,6 +465,9 @@ def write_results(args, cells, whole, command, wall_s, load_start, load_end):
     plot_paired(contrasts, alphas, fig_dir / "paired_exit.png")
     lines += ["", f"![paired differences]({rel(fig_dir / 'paired_exit.png')})", ""]
 
+    losses = args.losses.split(",")
+    if len(losses) == 2:
+        lines += loss_section(cells, losses)
     means, diffs = calibration_rows(cells)
     lines += ["## Calibration: held-out validation split (no dropout) against training samples (dropout 0.3)", "",
               "Same weights, two calibrations; pooled over each cell's members (every alpha and seed): mean ± "
