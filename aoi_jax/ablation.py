@@ -234,13 +234,14 @@ SUMMARY_EPSILONS = (0.0, 0.05)  # the epsilons whose Top-K numbers a summary car
 def headline(report: dict, epsilons: Sequence[float] = SUMMARY_EPSILONS) -> dict[str, float]:
     """The headline numbers of one report (``evaluation.evaluate``), by field name::
 
-        accuracy_at_T          accuracy of the cumulative output at the last step
+        accuracy_at_1          accuracy of the cumulative output after the first step
+        accuracy_at_T          and at the last step
         oct_mean_timestep      the oracle's mean exit step (1-based)
         synops_per_sample      synaptic operations per test sample, summed over layers
         topk_accuracy@e        Top-K's accuracy and mean exit step at epsilon e, for each e of
         topk_mean_timestep@e   ``epsilons`` the report holds (e written with ``:g``: "0", "0.05")
     """
-    out = {"accuracy_at_T": report["accuracy_per_timestep"][-1],
+    out = {"accuracy_at_1": report["accuracy_per_timestep"][0], "accuracy_at_T": report["accuracy_per_timestep"][-1],
            "oct_mean_timestep": report["oct"]["mean_timestep"],
            "synops_per_sample": float(np.sum(report["synops_per_sample"]))}
     for e in epsilons:

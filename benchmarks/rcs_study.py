@@ -177,14 +177,15 @@ def verdict(ci) -> str:
 
 
 def main_table(cells, dataset, arm) -> list[str]:
-    head = ("| loss | alpha | acc at T (%) | Top-K acc eps 0 (%) | Top-K exit eps 0 | Top-K acc eps 0.05 (%) "
-            "| Top-K exit eps 0.05 | OCT mean exit | synops per sample (M) |")
-    out = [head, "|" + "---|" * 9]
+    head = ("| loss | alpha | acc at t=1 (%) | acc at T (%) | Top-K acc eps 0 (%) | Top-K exit eps 0 "
+            "| Top-K acc eps 0.05 (%) | Top-K exit eps 0.05 | OCT mean exit | synops per sample (M) |")
+    out = [head, "|" + "---|" * 10]
     for (d, loss), cell in cells.items():
         if d != dataset:
             continue
         for g in cell["summary"][arm]["groups"]:
-            out.append(f"| {loss} | {g['settings']['reg.alpha']:g} | {fmt(g['accuracy_at_T'], 100)} "
+            out.append(f"| {loss} | {g['settings']['reg.alpha']:g} | {fmt(g['accuracy_at_1'], 100)} "
+                       f"| {fmt(g['accuracy_at_T'], 100)} "
                        f"| {fmt(g['topk_accuracy@0'], 100)} | {fmt(g['topk_mean_timestep@0'])} "
                        f"| {fmt(g['topk_accuracy@0.05'], 100)} | {fmt(g['topk_mean_timestep@0.05'])} "
                        f"| {fmt(g['oct_mean_timestep'])} | {fmt(g['synops_per_sample'], 1e-6, 3)} |")
@@ -196,6 +197,7 @@ PAIRED_FIELDS = (("validation", "topk_mean_timestep@0", "Top-K exit eps 0 (valid
                  ("train", "topk_mean_timestep@0", "Top-K exit eps 0 (train cal.)", 1),
                  ("train", "topk_mean_timestep@0.05", "Top-K exit eps 0.05 (train cal.)", 1),
                  ("validation", "oct_mean_timestep", "OCT mean exit", 1),
+                 ("validation", "accuracy_at_1", "acc at t=1 (points)", 100),
                  ("validation", "accuracy_at_T", "acc at T (points)", 100))
 
 
@@ -310,7 +312,8 @@ def plot_accuracy_per_timestep(cells, alphas, path):
     plt.close(fig)
 
 
-LOSS_FIELDS = (("validation", "accuracy_at_T", "acc at T (points)", 100),
+LOSS_FIELDS = (("validation", "accuracy_at_1", "acc at t=1 (points)", 100),
+               ("validation", "accuracy_at_T", "acc at T (points)", 100),
                ("validation", "oct_mean_timestep", "OCT mean exit", 1),
                ("validation", "topk_accuracy@0", "Top-K acc eps 0 (points, validation cal.)", 100),
                ("validation", "topk_mean_timestep@0", "Top-K exit eps 0 (validation cal.)", 1),

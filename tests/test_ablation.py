@@ -127,10 +127,10 @@ def test_summarise_by_hand():
 
     reports = [report(0.8, 0.7, 3.0), report(0.6, 0.5, 5.0), report(0.9, 0.9, 2.0, 1.0), report(0.9, 0.8, 2.5)]
     s = ablation.summarise(mem, reports)
-    assert s["fields"] == ["accuracy_at_T", "oct_mean_timestep", "synops_per_sample", "topk_accuracy@0",
+    assert s["fields"] == ["accuracy_at_1", "accuracy_at_T", "oct_mean_timestep", "synops_per_sample", "topk_accuracy@0",
                            "topk_mean_timestep@0", "topk_accuracy@0.05", "topk_mean_timestep@0.05"]
     assert s["members"][1] == {"name": "alpha=0.0_seed=1", "overrides": {"reg.alpha": 0.0, "seed": 1},
-                               "accuracy_at_T": 0.6, "oct_mean_timestep": 1.5, "synops_per_sample": 120.5,
+                               "accuracy_at_1": 0.1, "accuracy_at_T": 0.6, "oct_mean_timestep": 1.5, "synops_per_sample": 120.5,
                                "topk_accuracy@0": 0.5, "topk_mean_timestep@0": 5.0,
                                "topk_accuracy@0.05": 0.6, "topk_mean_timestep@0.05": 1.0}
     g0, g1 = s["groups"]
@@ -142,7 +142,7 @@ def test_summarise_by_hand():
     assert spread.pop("ci95") == pytest.approx([2.25 - 3.176551, 2.25 + 3.176551], abs=1e-6)
     assert spread == pytest.approx({"mean": 2.25, "std": np.sqrt(0.125), "min": 2.0, "max": 2.5})
     one = ablation.summarise(mem[:1], reports[:1], epsilons=(0.01,))        # one seed: no interval
-    assert one["fields"][3:] == ["topk_accuracy@0.01", "topk_mean_timestep@0.01"]
+    assert one["fields"][4:] == ["topk_accuracy@0.01", "topk_mean_timestep@0.01"]
     assert one["groups"][0]["oct_mean_timestep"] == {"mean": 1.5, "std": 0.0, "min": 1.5, "max": 1.5, "ci95": None}
 
     # paired by seed against alpha = 0: Top-K mean exit differences (2.0 - 3.0, 2.5 - 5.0) = (-1, -2.5):
