@@ -410,24 +410,28 @@ def write_results(args, cells, whole, command, wall_s, load_start, load_end):
               "held-out split without dropout (`eval.calibration=validation`) and on its training samples with the "
               "reference's dropout 0.3 (`eval.calibration=train`).",
               f"- Extra overrides: {', '.join(args.set) or 'none'}.", ""]
-    lines += ["| data | loss | epochs | train samples | validation | test | T |", "|---|---|---|---|---|---|---|"]
+    lines += ["| data | loss | epochs (config file's) | train samples | validation | test | T |",
+              "|---|---|---|---|---|---|---|"]
     for (d, loss), cell in cells.items():
         r = cell["reports"]["validation"][0]
         cfg = cell["members"][0].cfg
-        lines.append(f"| {d} | {loss} | {cfg.train.epochs} | {cell['n_fit']} | {r['n_calibration']} | {r['n_test']} "
-                     f"| {cfg.data.timesteps} |")
+        own = config.load(ROOT / "configs" / f"{d}.py").train.epochs
+        lines.append(f"| {d} | {loss} | {cfg.train.epochs} ({own}) | {cell['n_fit']} | {r['n_calibration']} "
+                     f"| {r['n_test']} | {cfg.data.timesteps} |")
     lines += ["", "## Convergence", "",
-              "Test accuracy at T after each epoch, mean and minimum over the cell's members (metrics.jsonl). "
-              "The cosine schedule decays to 0 at the last epoch.", "",
+              "Test accuracy at T after each epoch, mean and minimum over the cell's members (metrics.jsonl), "
+              "and its gain over the last two epochs. The cosine schedule decays to 0 at the last epoch, so a "
+              "flat end is partly the schedule: a longer schedule may still end higher.", "",
               "| data | loss | " + " | ".join(f"epoch {e}" for e in ("1", "E/2", "E-2", "E-1", "E"))
-              + " | epoch seconds (mean) |",
-              "|" + "---|" * 8]
+              + " | gain over the last 2 epochs (points) | epoch seconds (mean) |",
+              "|" + "---|" * 9]
     for (d, loss), cell in cells.items():
         acc = cell["training"]["test_accuracy_mean"]
         E = len(acc)
         picks = [0, E // 2 - 1, E - 3, E - 2, E - 1]
+        gain = f"{(acc[-1] - acc[-3]) * 100:+.2f}" if E >= 3 else "-"
         lines.append(f"| {d} | {loss} | " + " | ".join(f"{acc[i] * 100:.2f}" if 0 <= i < E else "-" for i in picks)
-                     + f" | {np.mean(cell['training']['epoch_seconds']):.0f} |")
+                     + f" | {gain} | {np.mean(cell['training']['epoch_seconds']):.0f} |")
     plot_convergence(cells, fig_dir / "convergence.png")
     lines += ["", f"![convergence]({rel(fig_dir / 'convergence.png')})", ""]
 
