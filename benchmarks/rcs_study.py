@@ -469,6 +469,12 @@ def write_results(args, cells, whole, command, wall_s, load_start, load_end):
         for row in zip(*per_field):
             lines.append(f"| {d} | {loss} | {row[0]['settings']['reg.alpha']:g} | "
                          + " | ".join(verdict(c["ci95"]) for c in row) + " |")
+    intervals = [c["ci95"] for per_field in contrasts.values() for cs in per_field for c in cs if c["ci95"]]
+    excluding = sum(ci[1] < 0 or ci[0] > 0 for ci in intervals)
+    lines += ["", f"{excluding} of these {len(intervals)} intervals exclude 0. Each is a 95 % interval on its own "
+              f"(no correction for the number of comparisons): with no effect anywhere, about "
+              f"{len(intervals) / 20:.1f} of {len(intervals)} would exclude 0 by chance, and the columns are "
+              "correlated (the same runs)."]
     plot_paired(contrasts, alphas, fig_dir / "paired_exit.png")
     lines += ["", f"![paired differences]({rel(fig_dir / 'paired_exit.png')})", ""]
 
