@@ -1,7 +1,8 @@
 """Does RCS shorten latency? The study of issue 17: writes docs/results.md and its figures.
 
     python -m benchmarks.rcs_study                  # the grid below -> docs/results.md, docs/results/*.png
-    python -m benchmarks.rcs_study --epochs ndigits=8 --epochs ndigits_hard=10 --whole-split ndigits:mean
+    python -m benchmarks.rcs_study --epochs ndigits=8 --epochs ndigits_hard=10 --whole-split ndigits:mean \
+        --set data.data_dir=data_cache           # what made docs/results.md (data in ./data_cache)
     python -m benchmarks.rcs_study --quick          # a small slice (smoke test) into a temporary folder
 
 Grid: for each data set (``configs/<name>.py``) and loss (mean, tet), one sweep ``reg.alpha`` x ``seed``
@@ -402,6 +403,94 @@ def summary_section(cells, alphas, n_seeds) -> list[str]:
     return lines + [""]
 
 
+def study_span(folders) -> float:
+    """Seconds from the oldest member config.json (written when a cell starts or resumes) to the newest
+    report.json in the cell folders ``folders``."""
+    starts = [p.stat().st_mtime for f in folders for p in f.glob("members/*/config.json")]
+    ends = [p.stat().st_mtime for f in folders for p in f.glob("members/*/eval_*/report.json")]
+    return max(ends) - min(starts)
+
+
+def _paired(a: dict, b: dict, field: str, scale: float = 1.0):
+    """('mean [low, high]', 95 % interval) of the differences a - b of ``field`` paired by key (``a`` and
+    ``b`` map member names to headline rows)."""
+    _, d = stats.paired_differences({k: v[field] for k, v in a.items()}, {k: v[field] for k, v in b.items()})
+    ci = ablation.spread(d)["ci95"]
+    return fmt_interval(float(d.mean()), ci, scale), ci
+
+
+def below(ci) -> bool:
+    """A 95 % interval that lies below 0."""
+    return ci is not None and ci[1] < 0
+
+
+def decisions_section(cells, whole, alphas, losses) -> list[str]:
+    """The defaults read off the tables by fixed rules (each stated with its outcome), and what
+    configs/ndigits.py sets."""
+    default = config.load(ROOT / "configs" / "ndigits.py")
+    rows = {key: {arm: {m["name"]: m for m in c["summary"][arm]["members"]} for arm in CALIBRATIONS}
+            for key, c in cells.items()}
+    lines = ["## Decisions", "", "Each default follows the rule stated with it. The rules were written while the "
+             "study ran, after part of its results had been seen: read them as stated criteria, not as "
+             "pre-registered ones. The numbers come from the tables above.", ""]
+    helps = []
+    for a in alphas[1:]:
+        found = []
+        for c in cells.values():
+            for arm, field in (("validation", "topk_mean_timestep@0"), ("train", "topk_mean_timestep@0"),
+                               ("validation", "oct_mean_timestep")):
+                contrasts = ablation.paired_contrasts(c["summary"][arm], field, "reg.alpha", alphas[0])
+                found.append(below(next(x["ci95"] for x in contrasts if x["settings"]["reg.alpha"] == a)))
+        if all(found):
+            helps.append(f"{a:g}")
+    lines.append("- **reg.alpha.** Rule: an alpha shortens latency if its paired differences in Top-K's exit "
+                 f"(epsilon 0, both calibrations) and in OCT's against alpha = {alphas[0]:g} lie below 0 in "
+                 "every cell. Outcome: " + (f"alpha {', '.join(helps)}." if helps else
+                                            "none; RCS shows no latency benefit in this study.")
+                 + f" configs/ndigits.py sets reg.alpha = {default.reg.alpha:g}.")
+    if len(losses) == 2:
+        first, second = losses
+        parts, better = [], True
+        for d in dict.fromkeys(d for d, _ in cells):
+            if (d, first) not in rows or (d, second) not in rows:
+                continue
+            b, a = rows[(d, second)], rows[(d, first)]
+            acc, acc_ci = _paired(b["validation"], a["validation"], "accuracy_at_T", 100)
+            ex, ex_ci = _paired(b["train"], a["train"], "topk_mean_timestep@0")
+            better &= below(ex_ci) and acc_ci is not None and acc_ci[1] >= 0
+            parts.append(f"{d}: accuracy at T {acc} points, Top-K exit (epsilon 0, training-sample "
+                         f"calibration) {ex} steps")
+        lines.append(f"- **train.loss.** Rule: {second} replaces {first} if, paired by alpha and seed, it exits "
+                     "earlier at epsilon 0 (interval below 0) without lower accuracy at T (interval not below 0) "
+                     f"on every data set. {second} - {first}: " + "; ".join(parts) + ". Outcome: "
+                     + (f"{second}." if better else f"{first}.")
+                     + f" configs/ndigits.py sets train.loss = {default.train.loss!r}.")
+    parts, better = [], True
+    for key in cells:
+        val, tr = rows[key]["validation"], rows[key]["train"]
+        acc, acc_ci = _paired(val, tr, "topk_accuracy@0", 100)
+        ex, ex_ci = _paired(val, tr, "topk_mean_timestep@0")
+        better &= below(ex_ci) and acc_ci is not None and acc_ci[1] >= 0
+        parts.append(f"{key[0]} {key[1]}: accuracy {acc} points, exit {ex} steps")
+    for key, w in whole.items():
+        grid = zip(cells[key]["members"], cells[key]["reports"]["validation"])
+        held = {m.cfg.seed: ablation.headline(r) for m, r in grid if m.cfg.reg.alpha == w["alpha"]}
+        full = {m.cfg.seed: ablation.headline(r) for m, r in zip(w["members"], w["reports"])}
+        acc, acc_ci = _paired(held, full, "topk_accuracy@0", 100)
+        better &= acc_ci is not None and acc_ci[1] >= 0
+        parts.append(f"{key[0]} {key[1]}, held out against today's default (whole split): Top-K accuracy "
+                     f"{acc} points")
+    lines.append("- **eval.calibration.** Rule: the held-out split without dropout replaces the training samples "
+                 "with dropout 0.3 if, at epsilon 0, it exits earlier (interval below 0) without lower accuracy "
+                 "(interval not below 0) in every cell, and holding the split out does not lower Top-K's "
+                 "accuracy at epsilon 0 against today's default. validation - train: " + "; ".join(parts)
+                 + ". Outcome: " + ("the held-out split." if better else
+                                    "the training samples with dropout 0.3 stay; the held-out split stays selectable.")
+                 + f" configs/ndigits.py sets eval.calibration = {default.eval.calibration!r}, eval.calib_dropout "
+                 f"= {default.eval.calib_dropout:g}, data.validation_fraction = {default.data.validation_fraction:g}.")
+    return lines + [""]
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -423,11 +512,15 @@ def write_results(args, cells, whole, command, wall_s, load_start, load_end):
     lines += ["## Setup", ""]
     train_total = sum(sum(c["training"]["epoch_seconds"]) for c in [*cells.values(), *whole.values()])
     eval_total = sum(sum(c["eval_seconds"].values()) for c in [*cells.values(), *whole.values()])
+    span = study_span([args.runs / f"{d}_{loss}" for d, loss in cells]
+                      + [args.runs / f"{d}_{loss}_whole_split" for d, loss in whole])
     lines += [f"- Machine: {machine()}; shared with other jobs (load average {load_start:.1f} when this "
               f"invocation started, {load_end:.1f} when it ended), so times are indicative only.",
               f"- Wall time: training {train_total / 3600:.2f} h (sum of the cells' epochs, from metrics.jsonl), "
-              f"evaluation {eval_total / 3600:.2f} h (both calibrations, all members), this invocation "
-              f"{wall_s / 3600:.2f} h (a resumed invocation reuses what earlier ones trained and evaluated).",
+              f"evaluation {eval_total / 3600:.2f} h (both calibrations, all members); from the first cell's "
+              f"start to the last report written {span / 3600:.2f} h (file times in `{args.runs}/`, including "
+              f"any time the runs waited); this invocation {wall_s / 3600:.2f} h "
+              "(a resumed invocation reuses what earlier ones trained and evaluated).",
               f"- Grid: data sets {', '.join(datasets)}; losses {args.losses}; "
               f"reg.alpha {', '.join(f'{a:g}' for a in alphas)}; "
               f"seeds {', '.join(map(str, seeds))} (each (data set, loss) is one sweep of "
@@ -515,6 +608,7 @@ def write_results(args, cells, whole, command, wall_s, load_start, load_end):
               "Paired per member (validation - train), mean [95 % t interval]:", "", *diffs, ""]
     if whole:
         lines += whole_split_section(cells, whole)
+    lines += decisions_section(cells, whole, alphas, losses)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     log.info("wrote %s", out / "results.md")
 

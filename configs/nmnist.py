@@ -1,6 +1,7 @@
 """N-MNIST with the small conv SNN: 34x34, T = 10, 10 classes, official split, mean loss, RCS alpha = 0.002,
 SGD 0.1 with cosine decay, no augmentation. Not a recipe of the paper (which has no N-MNIST run): the
-N-Digits settings (configs/ndigits.py) on the real recordings.
+N-Digits settings (configs/ndigits.py) on the real recordings, with the mean loss (configs/ndigits.py
+trains with TET since the RCS study on N-Digits, docs/results.md).
 
 Data: tonic's NMNIST layout under <data-dir>/NMNIST/ (see aoi_jax/data/nmnist.py).
 python train.py --config configs/nmnist.py --data-dir /path/with/NMNIST --workdir runs/nmnist
