@@ -542,8 +542,9 @@ def sweep(cum_calib, labels_calib, cum_test, labels_test, epsilons, *, bins=100,
       entropy_thresholds: explicit entropy thresholds (E,) in nats, or None for ``entropy_threshold``.
     Returns:
       dict with ``epsilons`` (E,); ``rules``: {rule: {"accuracy": (E,), "mean_timestep": (E,), "timesteps":
-      (E, N) int32 (each test sample's 1-based exit)}} for rule in ``RULES``; ``fixed_t_accuracy`` (T,) (test accuracy per timestep); ``oct_accuracy`` and ``oct_timestep``
-      (scalars: test OCT accuracy and mean timestep); ``topk_beta`` (E, T); ``spikecp_qhat`` (E, T);
+      (E, N) int32 (each test sample's 1-based exit)}} for rule in ``RULES``; ``fixed_t_accuracy`` (T,) (test
+      accuracy per timestep); ``oct_accuracy`` and ``oct_timestep`` (scalars: test OCT accuracy and mean
+      timestep); ``topk_beta`` (E, T); ``spikecp_qhat`` (E, T);
       ``entropy_threshold`` (E,).
     Raises:
       ValueError: a cum is not (T, N, K), the two splits differ in T or K, labels do not match their split,
