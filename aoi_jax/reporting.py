@@ -11,8 +11,6 @@ Every JSON file aoi_jax writes is strict JSON (``to_json``): a non-finite number
 ``null``, never as the ``NaN``/``Infinity`` tokens strict parsers reject. Files are written atomically.
 """
 
-import json
-import math
 import pathlib
 
 import matplotlib
@@ -26,25 +24,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 TABLE_EPSILONS = (0.0, 0.01, 0.05)  # the epsilons of the printed table (the report has all of them)
 
 
-def strict(obj):
-    """``obj`` (dicts, lists, tuples, numbers, strings) with every non-finite float replaced by None."""
-    if isinstance(obj, dict):
-        return {k: strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
-
-
-def to_json(obj, indent: int | None = None) -> str:
-    """Strict JSON of ``obj``: ``json.dumps(strict(obj), allow_nan=False)`` (non-finite numbers as null)."""
-    return json.dumps(strict(obj), indent=indent, allow_nan=False)
-
-
 def write_json(path: pathlib.Path, obj) -> None:
-    """``strict(obj)`` as JSON into ``path``, atomically (``integrity.write_json_atomic``)."""
-    integrity.write_json_atomic(path, strict(obj))
+    """``integrity.strict(obj)`` as JSON into ``path``, atomically (``integrity.write_json_atomic``)."""
+    integrity.write_json_atomic(path, integrity.strict(obj))
 
 
 def write_report(report: dict, out_dir) -> None:
