@@ -4,11 +4,15 @@
     python evaluate.py --checkpoint runs/x/checkpoints --step 900 --out runs/x/eval_900
                        [--data-dir DIR] [--set eval.calib_dropout=0] [--set eval.min_support=5]
                        [--set eval.calibration=validation]   # needs a run trained with data.validation_fraction > 0
+    python evaluate.py --workdir runs/ndigits --serve [--slots 16]   # + samples/s of continuous batching
 
 The model is rebuilt from the config stored in the checkpoint (neuron settings included); a mismatch between
 stored weights and that config is an error. ``--set`` changes evaluation settings (``eval.*`` keys) only.
-Writes ``report.json``, ``accuracy_per_timestep.png`` and ``accuracy_vs_latency.png`` into the output
-folder (``aoi_jax.evaluation``, ``aoi_jax.reporting``) and prints the summary table.
+Writes ``report.json``, ``accuracy_per_timestep.png``, ``accuracy_vs_latency.png`` and
+``accuracy_vs_energy.png`` into the output folder (``aoi_jax.evaluation``, ``aoi_jax.reporting``) and prints
+the summary table. ``--serve`` also times continuous batching (``aoi_jax.anytime.serve``) on the test set for
+every rule at the table's epsilons and for fixed T (``evaluation.serve_throughput``): samples/s in the table
+and in report.json (``serve``).
 """
 
 import argparse
@@ -20,7 +24,8 @@ import sys
 
 from tqdm import tqdm
 
-from aoi_jax import checkpoint, config, data, evaluation, input_pipeline, parallel, reporting, step, xla_tuning
+from aoi_jax import anytime, checkpoint, config, data, evaluation, input_pipeline, parallel, reporting, step
+from aoi_jax import xla_tuning
 
 log = logging.getLogger("aoi_jax")
 
@@ -35,6 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", help="where the data set lives, if not where training read it")
     p.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
                    help="override an evaluation setting, e.g. eval.calib_dropout=0 (repeatable)")
+    p.add_argument("--serve", action="store_true",
+                   help="time continuous batching on the test set for every rule (samples/s in the table)")
+    p.add_argument("--slots", type=int, default=anytime.SLOTS,
+                   help=f"continuous-batching slots S (default {anytime.SLOTS})")
     p.add_argument("--xla-tuning", default="auto", choices=xla_tuning.TUNINGS,
                    help="XLA options measured for this backend (aoi_jax.xla_tuning), or none")
     return p.parse_args(argv)
@@ -62,9 +71,13 @@ def main(argv=None):
     graphdef, state, cfg = evaluation.spiking_run(graphdef, state, cfg, input_shape)
     functions = evaluation.make_eval_functions(graphdef, cfg, compiler_options=xla_tuning.compiler_options(args.xla_tuning))
     calib_set = input_pipeline.calibration_set(*input_pipeline.split_validation(train_set, cfg.data), cfg)
-    report = evaluation.evaluate(graphdef, parallel.replicate(state, parallel.data_mesh()), cfg, calib_set, test_set,
-                                 step.run_keys(cfg.seed).calibration, functions=functions,
-                                 progress=functools.partial(tqdm, leave=False, dynamic_ncols=True))
+    state = parallel.replicate(state, parallel.data_mesh())
+    report = evaluation.evaluate(graphdef, state, cfg, calib_set, test_set, step.run_keys(cfg.seed).calibration,
+                                 functions=functions, progress=functools.partial(tqdm, leave=False, dynamic_ncols=True),
+                                 slots=args.slots)
+    if args.serve:
+        report["serve"] = evaluation.serve_throughput(functions, state, test_set, report, slots=args.slots,
+                                                      epsilons=reporting.table_epsilons(report))
     reporting.write_report(report, out)
     print(reporting.summary_table(report))
 

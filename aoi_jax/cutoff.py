@@ -7,9 +7,10 @@ confidence, DT-SNN entropy, SpikeCP conformal sets) and ``RULES`` their names. `
 applies a rule to all T steps at once: a sample leaves at the first t whose rule fires, or at T, and predicts
 ``argmax Y_n(exit)`` (first index on ties); ``apply_topk``, ``confidence_cutoff``, ``entropy_cutoff`` and
 ``spikecp_cutoff`` are that with one rule each. A step-by-step server that calls the same ``fires`` on each
-step's running sum exits exactly where ``first_exit`` does. Fixed T is the rule that never fires; ``oct`` is
-the oracle; ``sweep`` scores every rule over an array of epsilons. Every public function is jitted and its
-shape checks raise at trace time. Inputs are assumed finite.
+step's running sum exits exactly where ``first_exit`` does (``cumulative`` adds in that loop's order;
+``aoi_jax.anytime.serve`` is such a server). Fixed T is the rule that never fires (``never_fires``); ``oct``
+is the oracle; ``sweep`` scores every rule over an array of epsilons. Every public function is jitted and
+its shape checks raise at trace time. Inputs are assumed finite.
 
 A new rule is one function here and one entry in ``FIRES`` (and, for ``sweep``, its parameter per epsilon)::
 
@@ -93,13 +94,16 @@ def _settled(correct):
 # ----------------------------------------------------------------------------- section 6
 @jax.jit
 def cumulative(logits):
-    """Cumulative sums of per-step logits over time, as one lower-triangular matmul.
+    """Cumulative sums of per-step logits over time, added one step at a time.
 
     reference-semantics.md section 6::
 
-        Y_n(t) = sum_{s <= t} o_s[n] = sum_s tril[t, s] o_s[n]     (float32, precision HIGHEST: exact products)
+        Y_n(0) = o_0[n],   Y_n(t) = Y_n(t-1) + o_t[n]         (float32, one add per step, in order of t)
 
-    A non-finite logit makes the later sums NaN (0 * inf).
+    The order of the additions is fixed (a ``lax.scan``), so Y is bit for bit the running sum of a loop that
+    adds each step's logits as they come (``aoi_jax.anytime.serve``): both exit at the same step. (A
+    triangular matmul gives the same sums in exact arithmetic, but its kernel may add in another order:
+    XLA:CPU's does for N K >= 10000.) A non-finite logit makes the later sums non-finite.
 
     Args:
       logits: per-step logits o, (T, N, K).
@@ -110,10 +114,13 @@ def cumulative(logits):
     """
     if logits.ndim != 3:
         raise ValueError(f"logits must be per-step logits (T, N, K), got shape {logits.shape}")
-    T = logits.shape[0]
-    tril = jnp.tril(jnp.ones((T, T), jnp.float32))
-    flat = logits.astype(jnp.float32).reshape(T, -1)
-    return jnp.matmul(tril, flat, precision=lax.Precision.HIGHEST).reshape(logits.shape)
+
+    def add(y, o_t):
+        y = y + o_t
+        return y, y
+
+    logits = logits.astype(jnp.float32)
+    return lax.scan(add, jnp.zeros(logits.shape[1:], jnp.float32), logits)[1]
 
 
 @jax.jit
@@ -216,6 +223,18 @@ def spikecp_fires(y, t, qhat):
       (...) bool.
     """
     return jnp.min(-jax.nn.log_softmax(y, axis=-1), axis=-1) + _gap(y) > qhat[t]
+
+
+@jax.jit
+def never_fires(y, t, param):
+    """Fixed T: the rule that never fires, so every sample runs all T steps (``param`` is unused).
+
+    Args:
+      y: cumulative logits of one step, (..., K).  t: step index (unused).  param: anything (unused).
+    Returns:
+      (...) bool, all False.
+    """
+    return jnp.zeros(y.shape[:-1], bool)
 
 
 FIRES = {"topk": topk_fires, "confidence": confidence_fires, "entropy": entropy_fires, "spikecp": spikecp_fires}
@@ -522,9 +541,10 @@ def sweep(cum_calib, labels_calib, cum_test, labels_test, epsilons, *, bins=100,
       epsilons: tolerances, (E,).  bins, min_support: as in ``calibrate_topk``.
       entropy_thresholds: explicit entropy thresholds (E,) in nats, or None for ``entropy_threshold``.
     Returns:
-      dict with ``epsilons`` (E,); ``rules``: {rule: {"accuracy": (E,), "mean_timestep": (E,)}} for rule in
-      ``RULES``; ``fixed_t_accuracy`` (T,) (test accuracy per timestep); ``oct_accuracy`` and ``oct_timestep``
-      (scalars: test OCT accuracy and mean timestep); ``topk_beta`` (E, T); ``spikecp_qhat`` (E, T);
+      dict with ``epsilons`` (E,); ``rules``: {rule: {"accuracy": (E,), "mean_timestep": (E,), "timesteps":
+      (E, N) int32 (each test sample's 1-based exit)}} for rule in ``RULES``; ``fixed_t_accuracy`` (T,) (test
+      accuracy per timestep); ``oct_accuracy`` and ``oct_timestep`` (scalars: test OCT accuracy and mean
+      timestep); ``topk_beta`` (E, T); ``spikecp_qhat`` (E, T);
       ``entropy_threshold`` (E,).
     Raises:
       ValueError: a cum is not (T, N, K), the two splits differ in T or K, labels do not match their split,
@@ -556,7 +576,7 @@ def sweep(cum_calib, labels_calib, cum_test, labels_test, epsilons, *, bins=100,
     def score(fires, param):
         predictions, timesteps = first_exit(fires, cum_test, param)
         return {"accuracy": jnp.mean(predictions == labels_test, dtype=jnp.float32),
-                "mean_timestep": jnp.mean(timesteps, dtype=jnp.float32)}
+                "mean_timestep": jnp.mean(timesteps, dtype=jnp.float32), "timesteps": timesteps}
 
     oct_accuracy, oct_timesteps = oct(cum_test, labels_test)
     return {

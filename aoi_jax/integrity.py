@@ -6,15 +6,19 @@ different bytes (altered in place, e.g. flipped bits). The callers decide what a
 is rebuilt, a checkpoint step is skipped. Every record is written atomically (``write_atomic``: a temporary
 file in the same folder, flushed to disk, then ``os.replace``), so a record is either complete or absent.
 
-Hashing reads each file once (hashlib, 1 MiB blocks).
+Hashing reads each file once (hashlib, 1 MiB blocks). Every JSON file aoi_jax writes is strict JSON
+(``to_json``, ``write_json_atomic``): a non-finite number is written as null.
 """
 
 import hashlib
 import json
+import math
 import os
 import pathlib
 import tempfile
 from collections.abc import Callable
+
+import numpy as np
 
 BLOCK = 1 << 20
 SIDECAR_SUFFIX = ".sha256.json"  # the record of a single file ``f`` is ``f.sha256.json`` beside it
@@ -62,6 +66,22 @@ def write_atomic(path, write: Callable) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def strict(obj):
+    """``obj`` (dicts, lists, tuples, numbers, strings) with every non-finite float replaced by None."""
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def to_json(obj, indent: int | None = None) -> str:
+    """Strict JSON of ``obj``: ``json.dumps(strict(obj), allow_nan=False)`` (non-finite numbers as null)."""
+    return json.dumps(strict(obj), indent=indent, allow_nan=False)
 
 
 def write_json_atomic(path, obj) -> None:

@@ -94,7 +94,8 @@ class TEBatchNorm(nnx.BatchNorm):
         self.time_scale = nnx.Param(jnp.ones((timesteps,), jnp.float32))
 
     def scale_time(self, y, *, T=None, t=None):
-        """``p_t * y``: on a folded batch (T*N, ...) given ``T``, or on one step's (N, ...) given ``t``.
+        """``p_t * y``: on a folded batch (T*N, ...) given ``T``, or on one step's (N, ...) given ``t``, a
+        step index shared by the batch (scalar) or one per sample ((N,): continuous batching).
 
         Raises:
           ValueError: neither or both of T and t given, or T differs from the number of scales.
@@ -103,7 +104,8 @@ class TEBatchNorm(nnx.BatchNorm):
         if (T is None) == (t is None):
             raise ValueError("TEBN scales each time step by p_t: give T (folded batch) or t (one step)")
         if t is not None:
-            return y * p[t]
+            t = jnp.asarray(t)
+            return y * p[t].reshape(t.shape + (1,) * (y.ndim - t.ndim))
         if T != p.shape[0]:
             raise ValueError(f"TEBN has {p.shape[0]} per-timestep scales (model.tebn_steps) but the input "
                              f"has T = {T} steps")
@@ -364,8 +366,9 @@ class SpikingNet(nnx.Module):
 
     def step(self, membranes, frame, t=None):
         """One time step (evaluation mode): ``(membranes, frame (N, H, W, C)) -> (membranes, logits (N, K),
-        spikes)``, where ``spikes`` holds each layer's spike count per sample, (L, N). ``t`` (0-based) is
-        needed only by TEBN models, whose BatchNorm scale depends on the step."""
+        spikes)``, where ``spikes`` holds each layer's spike count per sample, (L, N). ``t`` (0-based; a
+        scalar, or (N,) when each sample is at its own step) is needed only by TEBN models, whose BatchNorm
+        scale depends on the step."""
         self._check_spiking("step")
         n = self.neuron
         new, counts = [], []

@@ -2,8 +2,8 @@
 
 The one module the scripts call to put results on disk (``evaluation`` and ``ablation`` only return dicts):
 
-- ``write_report(report, out_dir)``: ``report.json``, ``accuracy_per_timestep.png`` and
-  ``accuracy_vs_latency.png``;
+- ``write_report(report, out_dir)``: ``report.json``, ``accuracy_per_timestep.png``,
+  ``accuracy_vs_latency.png`` and ``accuracy_vs_energy.png``;
 - ``write_summary(summary, workdir)``: a sweep's ``summary.json`` and ``summary.png``;
 - ``summary_table(report)``: the text table ``train.py`` and ``evaluate.py`` print.
 
@@ -11,8 +11,6 @@ Every JSON file aoi_jax writes is strict JSON (``to_json``): a non-finite number
 ``null``, never as the ``NaN``/``Infinity`` tokens strict parsers reject. Files are written atomically.
 """
 
-import json
-import math
 import pathlib
 
 import matplotlib
@@ -26,34 +24,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 TABLE_EPSILONS = (0.0, 0.01, 0.05)  # the epsilons of the printed table (the report has all of them)
 
 
-def strict(obj):
-    """``obj`` (dicts, lists, tuples, numbers, strings) with every non-finite float replaced by None."""
-    if isinstance(obj, dict):
-        return {k: strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
-
-
-def to_json(obj, indent: int | None = None) -> str:
-    """Strict JSON of ``obj``: ``json.dumps(strict(obj), allow_nan=False)`` (non-finite numbers as null)."""
-    return json.dumps(strict(obj), indent=indent, allow_nan=False)
-
-
 def write_json(path: pathlib.Path, obj) -> None:
-    """``strict(obj)`` as JSON into ``path``, atomically (``integrity.write_json_atomic``)."""
-    integrity.write_json_atomic(path, strict(obj))
+    """``integrity.strict(obj)`` as JSON into ``path``, atomically (``integrity.write_json_atomic``)."""
+    integrity.write_json_atomic(path, integrity.strict(obj))
 
 
 def write_report(report: dict, out_dir) -> None:
-    """Writes ``report.json`` and the two figures of one evaluated run into ``out_dir`` (created)."""
+    """Writes ``report.json`` and the three figures of one evaluated run into ``out_dir`` (created)."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "report.json", report)
     plot_accuracy_per_timestep(report, out_dir / "accuracy_per_timestep.png")
     plot_accuracy_vs_latency(report, out_dir / "accuracy_vs_latency.png")
+    plot_accuracy_vs_energy(report, out_dir / "accuracy_vs_energy.png")
 
 
 def write_summary(summary: dict, workdir) -> None:
@@ -63,24 +46,59 @@ def write_summary(summary: dict, workdir) -> None:
     plot_summary(summary, workdir / "summary.png")
 
 
+def table_epsilons(report: dict) -> list[float]:
+    """The report's epsilons that the printed table shows (those of ``TABLE_EPSILONS``)."""
+    return [e for e in report["epsilons"] if any(abs(e - r) < 1e-9 for r in TABLE_EPSILONS)]
+
+
+def _served(report: dict, rule: str, epsilon: float):
+    """samples/s of ``report["serve"]`` (evaluate.py --serve) for a rule at an epsilon, or None."""
+    row = report.get("serve", {}).get("rules", {}).get(rule)
+    if row is None:
+        return None
+    return next((v for e, v in zip(row["epsilons"], row["samples_per_s"]) if abs(e - epsilon) < 1e-9), None)
+
+
 def summary_table(report: dict) -> str:
-    """The printed table: accuracy per timestep, OCT, each rule at ``TABLE_EPSILONS``, the anytime loop."""
+    """The printed table: accuracy per timestep, OCT, each rule at ``TABLE_EPSILONS`` with the mean synaptic
+    operations, energy and decision time per sample up to its exit (and samples/s of continuous batching
+    when the report has ``serve``), fixed T, the equivalent ANN's energy, the continuous-batching check."""
     acc = report["accuracy_per_timestep"]
+    costs = report["cost"]
+    timed = costs["fixed_t"]["decision_ms"] is not None                # event data: bins have a duration
+    serve = report.get("serve")
+
+    def cells(synops, energy, decision, served):
+        return (f"{synops:>11.4g}{energy:>11.4g}" + (f"{decision:>12.1f}" if timed else "")
+                + ("" if serve is None else f"{served:>11.0f}" if served is not None else f"{'':>11}"))
+
     lines = ["", "accuracy per timestep: " + "  ".join(f"{t + 1}:{a:.4f}" for t, a in enumerate(acc)),
              f"OCT (oracle): accuracy {report['oct']['accuracy']:.4f}, mean timestep "
-             f"{report['oct']['mean_timestep']:.3f}", "",
-             f"{'rule':<12}{'epsilon':>9}{'accuracy':>10}{'mean T':>9}"]
-    eps = report["epsilons"]
+             f"{report['oct']['mean_timestep']:.3f}, energy {costs['oct']['energy_uj']:.4g} uJ", "",
+             f"{'rule':<12}{'epsilon':>9}{'accuracy':>10}{'mean T':>9}{'synops':>11}{'energy uJ':>11}"
+             + (f"{'decision ms':>12}" if timed else "") + ("" if serve is None else f"{'samples/s':>11}")]
+    shown = table_epsilons(report)
     for rule, res in report["rules"].items():
-        for i, e in enumerate(eps):
-            if any(abs(e - r) < 1e-9 for r in TABLE_EPSILONS):
-                lines.append(f"{rule:<12}{e:>9.2f}{res['accuracy'][i]:>10.4f}{res['mean_timestep'][i]:>9.3f}")
-    lines.append(f"{'fixed T':<12}{'':>9}{acc[-1]:>10.4f}{len(acc):>9.3f}")
+        c = costs["rules"][rule]
+        for i, e in enumerate(report["epsilons"]):
+            if e in shown:
+                lines.append(f"{rule:<12}{e:>9.2f}{res['accuracy'][i]:>10.4f}{res['mean_timestep'][i]:>9.3f}"
+                             + cells(c["synops"][i], c["energy_uj"][i], c["decision_ms"][i] if timed else None,
+                                     _served(report, rule, e)))
+    f = costs["fixed_t"]
+    lines.append(f"{'fixed T':<12}{'':>9}{acc[-1]:>10.4f}{len(acc):>9.3f}"
+                 + cells(f["synops"][-1], f["energy_uj"][-1], f["decision_ms"][-1] if timed else None,
+                         None if serve is None else serve["fixed_t"]["samples_per_s"]))
     a = report["anytime"]
-    lines += ["", f"anytime loop (Top-K, epsilon 0): accuracy {a['accuracy']:.4f}, mean exit "
-                  f"{a['mean_timestep']:.3f}, {100 * a['fraction_of_steps_computed']:.1f}% of steps computed, "
-                  f"agrees with apply_topk: {a['agrees_with_apply_topk']}",
-              "synaptic operations per sample: " + f"{sum(report['synops_per_sample']):.4g}"]
+    lines += ["", f"equivalent ANN: {costs['ann_macs']:.4g} MACs, {costs['ann_energy_uj']:.4g} uJ per sample "
+                  f"({costs['e_mac_pj']} pJ per MAC; the SNN {costs['e_ac_pj']} pJ per accumulate, its first layer "
+                  f"{costs['macs_per_layer'][0]:.4g} MACs per step)",
+              f"anytime loop (Top-K, epsilon 0): continuous batching with {a['slots']} slots, accuracy "
+              f"{a['accuracy']:.4f}, mean exit {a['mean_timestep']:.3f}, {100 * a['fraction_of_steps_computed']:.1f}% "
+              f"of N x T steps computed, agrees with apply_topk: {a['agrees_with_apply_topk']}"]
+    if serve is not None:
+        lines.append(f"samples/s: continuous batching with {serve['slots']} slots on the test set (median of "
+                     f"{serve['rounds']} passes)")
     lines += [f"WARNING: {w}" for w in report["warnings"]]
     return "\n".join(lines)
 
@@ -110,6 +128,27 @@ def plot_accuracy_vs_latency(report: dict, path) -> None:
     ax.set_xlabel("mean exit timestep")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("accuracy vs latency, epsilon " + f"{min(report['epsilons'])}-{max(report['epsilons'])}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_energy(report: dict, path) -> None:
+    """Accuracy against energy per sample (uJ, up to each exit): every rule over its epsilons, fixed T at
+    every t, OCT; the equivalent ANN's energy as a vertical line."""
+    costs = report["cost"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot(costs["fixed_t"]["energy_uj"], np.asarray(report["accuracy_per_timestep"]) * 100, "k.-", alpha=0.5,
+            label="fixed T (t = 1..T)")
+    for rule, res in report["rules"].items():
+        ax.plot(costs["rules"][rule]["energy_uj"], np.asarray(res["accuracy"]) * 100, "o-", ms=4, label=rule)
+    ax.plot([costs["oct"]["energy_uj"]], [report["oct"]["accuracy"] * 100], "r*", ms=14, label="OCT (oracle)")
+    ax.axvline(costs["ann_energy_uj"], ls=":", c="gray", label="equivalent ANN, one pass")
+    ax.set_xlabel(f"energy per sample (uJ; {costs['e_ac_pj']} pJ/AC, {costs['e_mac_pj']} pJ/MAC)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy vs energy, epsilon " + f"{min(report['epsilons'])}-{max(report['epsilons'])}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aoi_jax import ablation, checkpoint, config as config_lib, data, evaluation, input_pipeline, integrity
-from aoi_jax import parallel, reporting, step, xla_tuning
+from aoi_jax import parallel, step, xla_tuning
 
 log = logging.getLogger("aoi_jax")
 
@@ -161,7 +161,7 @@ def reconcile_metrics(path: pathlib.Path, step_: int, record: dict | None) -> No
     changes += ["dropped a line cut short"] if cut else []
     changes += [f"restored the line of epoch {record['epoch']} from its checkpoint"] if restored else []
     if changes:
-        text = "".join(reporting.to_json(r) + "\n" for r in kept).encode()
+        text = "".join(integrity.to_json(r) + "\n" for r in kept).encode()
         integrity.write_atomic(path, lambda f: f.write(text))
         log.warning("%s: %s", path, "; ".join(changes))
 
@@ -169,7 +169,7 @@ def reconcile_metrics(path: pathlib.Path, step_: int, record: dict | None) -> No
 def append_metrics(path: pathlib.Path, record: dict) -> None:
     """Appends ``record`` as one strict-JSON line to ``path``, flushed to disk."""
     with open(path, "a") as f:
-        f.write(reporting.to_json(record) + "\n")
+        f.write(integrity.to_json(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -340,7 +340,7 @@ def _train_and_evaluate(workdir, members, run_eval, strategy, tuning, progress) 
                       **{f"train_{k}": float(v[i]) for k, v in means.items()}, "test_accuracy": test_acc,
                       "images_per_s": steps_per_epoch * base.train.batch_size / train_seconds,
                       "epoch_seconds": time.time() - t_epoch}
-            checkpoint.save(d / "checkpoints", state_m, m.cfg, input_shape, record=reporting.strict(record))
+            checkpoint.save(d / "checkpoints", state_m, m.cfg, input_shape, record=integrity.strict(record))
             if jax.process_index() == 0:
                 append_metrics(d / "metrics.jsonl", record)   # after the save: a record always has its checkpoint
             log.info("epoch %3d  %sloss %.4f (task %.4f, rcs %.3f)  train acc %.4f  test acc %.4f  %.0f img/s",

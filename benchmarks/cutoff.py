@@ -15,6 +15,7 @@ Each is the median over interleaved rounds of the wall time and, in parentheses,
 
     python -m benchmarks.cutoff                              # T=10, N=50000 per split, K=10, 10 epsilons
     python -m benchmarks.cutoff --n 1438 --n-test 359        # the N-Digits split sizes
+    python -m benchmarks.cutoff --block 5                    # 5 calls of each side per turn, back to back
 """
 
 import argparse
@@ -134,16 +135,22 @@ def seconds(fn):
     return time.perf_counter() - t0, out
 
 
-def interleaved(fns, repeats):
+def interleaved(fns, repeats, block=1):
     """Median wall and CPU (this process, all threads) seconds of each function over ``repeats`` rounds that
-    call them in turn, and their last results. On a shared machine the CPU times compare the work done."""
+    call them in turn, and their last results. On a shared machine the CPU times compare the work done.
+
+    ``block > 1``: each turn calls the function ``block`` times in a row and times all but the first (back
+    to back, as in a loop; a single call after the other side's work also pays for waking XLA's threads
+    and refilling the caches)."""
     wall, cpu, outs = [[] for _ in fns], [[] for _ in fns], [None] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
-            c0 = time.process_time()
-            t, outs[i] = seconds(fn)
-            wall[i].append(t)
-            cpu[i].append(time.process_time() - c0)
+            for k in range(block):
+                c0 = time.process_time()
+                t, outs[i] = seconds(fn)
+                if block == 1 or k > 0:
+                    wall[i].append(t)
+                    cpu[i].append(time.process_time() - c0)
     return [float(np.median(t)) for t in wall], [float(np.median(c)) for c in cpu], outs
 
 
@@ -156,6 +163,8 @@ def main(argv=None):
     p.add_argument("--epsilons", type=int, default=10, help="epsilon = 0, 0.01, ..., (E - 1) / 100")
     p.add_argument("--bins", type=int, default=100)
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians are printed)")
+    p.add_argument("--block", type=int, default=1, help="calls of each side per turn; all but the first "
+                   "are timed (1: strictly alternating single calls)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     n_test = args.n if args.n_test is None else args.n_test
@@ -175,13 +184,15 @@ def main(argv=None):
     compile_sweep = time.perf_counter() - t0
     wall_readme, cpu_readme, ((pred, steps), (pred_l, steps_l)) = interleaved(
         [lambda: readme(*dev_logits, args.bins), lambda: loop_readme(logits_c, y_c, logits_t, args.bins)],
-        args.repeats)
+        args.repeats, args.block)
     wall_sweep, cpu_sweep, (res, res_l) = interleaved(
-        [lambda: sweep_c(*dev_sweep), lambda: loop_sweep(cum_c, y_c, cum_t, y_t, eps, args.bins)], args.repeats)
+        [lambda: sweep_c(*dev_sweep), lambda: loop_sweep(cum_c, y_c, cum_t, y_t, eps, args.bins)], args.repeats,
+        args.block)
 
     print(f"per-step logits (T, N, K) = ({args.T}, {args.n}, {args.K}) calibration, ({args.T}, {n_test}, "
           f"{args.K}) test, {args.epsilons} epsilons, {len(cutoff.RULES)} rules, {args.bins} bins; "
-          f"{jax.devices()[0].platform}, medians of {args.repeats} interleaved rounds, wall (CPU) times")
+          f"{jax.devices()[0].platform}, medians of {args.repeats} interleaved rounds"
+          f"{f' of {args.block} calls each' if args.block > 1 else ''}, wall (CPU) times")
     print(f"{'work':<40}{'first call':>11}{'aoi_jax':>19}{'ref. loop':>21}{'speed-up':>15}")
     for name, c, (t, tl), (u, ul) in (("README calls (cumulative, Top-K eps 0)", warm_readme, wall_readme, cpu_readme),
                                       ("sweep (all rules, all epsilons)", compile_sweep, wall_sweep, cpu_sweep)):

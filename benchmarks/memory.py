@@ -118,7 +118,8 @@ def main(argv=None):
     p.add_argument("--models", default="vggsnn,ndigits")
     p.add_argument("--T", default="10,40", help="comma-separated timesteps")
     p.add_argument("--rss", action="store_true", help="also run one step per variant in a fresh process")
-    p.add_argument("--rss-worker", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--rss-worker", nargs=3, metavar=("MODEL", "T", "VARIANT"),
+                   help="measure one step's resident memory in this process (what --rss runs in a fresh one)")
     args = p.parse_args(argv)
     if args.rss_worker:
         model_name, T, variant = args.rss_worker

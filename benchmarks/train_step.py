@@ -145,7 +145,8 @@ def main(argv=None):
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for the workers")
     p.add_argument("--xla-tuning", default="auto", choices=("auto", "none"),
                    help="compiler options of aoi_jax.xla_tuning (auto) or XLA's defaults (none)")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker", action="store_true",
+                   help="measure in this process with its devices (what each --devices entry runs in a fresh one)")
     args = p.parse_args(argv)
     if args.worker:
         args.devices = int(args.devices)

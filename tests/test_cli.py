@@ -55,7 +55,7 @@ def test_train_writes_reports_figures_and_summary(sweep):
         member = workdir / "members" / name
         report = json.loads((member / "report.json").read_text())
         assert len(report["accuracy_per_timestep"]) == 3 and report["anytime"]["agrees_with_apply_topk"]
-        for fig in ("accuracy_per_timestep.png", "accuracy_vs_latency.png"):
+        for fig in ("accuracy_per_timestep.png", "accuracy_vs_latency.png", "accuracy_vs_energy.png"):
             assert (member / fig).read_bytes()[:4] == b"\x89PNG"
         assert f"== {name}" in proc.stdout
     summary = json.loads((workdir / "summary.json").read_text())
@@ -65,16 +65,25 @@ def test_train_writes_reports_figures_and_summary(sweep):
     assert "anytime loop (Top-K, epsilon 0)" in proc.stdout
 
 
-def test_evaluate_reproduces_the_members_report(sweep):
+def test_evaluate_reproduces_the_members_report_and_serves(sweep):
     root, _ = sweep
     member = root / "sweep" / "members" / "alpha=0.5"
-    proc = script("evaluate.py", "--workdir", str(member), "--out", "again", cwd=root)
+    proc = script("evaluate.py", "--workdir", str(member), "--out", "again", "--serve", "--slots", "8", cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = json.loads((member / "report.json").read_text())
     b = json.loads((root / "again" / "report.json").read_text())
     # same checkpoint, same calibration key: the whole report is reproduced
     assert a["accuracy_per_timestep"] == b["accuracy_per_timestep"]
-    assert a["topk_beta"] == b["topk_beta"] and a["rules"] == b["rules"]
+    assert a["topk_beta"] == b["topk_beta"] and a["rules"] == b["rules"] and a["cost"] == b["cost"]
+    # --serve: continuous batching on the test set for every rule at the table's epsilons (0 and 0.05 here)
+    serve = b["serve"]
+    assert serve["slots"] == 8 and serve["fixed_t"]["mean_timestep"] == 3 and serve["fixed_t"]["samples_per_s"] > 0
+    assert set(serve["rules"]) == set(b["rules"])
+    for rule, row in serve["rules"].items():                       # the served exits are the sweep's
+        assert row["epsilons"] == [0.0, 0.05] and min(row["samples_per_s"]) > 0
+        assert row["accuracy"] == pytest.approx(b["rules"][rule]["accuracy"], rel=1e-6)
+        assert row["mean_timestep"] == pytest.approx(b["rules"][rule]["mean_timestep"], rel=1e-6)
+    assert "samples/s: continuous batching with 8 slots" in proc.stdout
 
 
 def test_evaluate_changes_evaluation_settings_only(sweep):

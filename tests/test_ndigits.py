@@ -311,8 +311,9 @@ def test_hard_registry_cache_reused_and_keyed(tmp_path, small_digits, monkeypatc
     cfg = DataConfig(name="ndigits_hard", data_dir=str(tmp_path), timesteps=4, seed=0)
     train, test = data.load(cfg)
     key = ndigits.cache_key(H, 0)
-    assert sorted(p.name for p in (tmp_path / "ndigits").iterdir()) == [f"events_s0_{key}.npz",
-                                                                        f"frames_T4_{key}.npy"]
+    assert sorted(p.name for p in (tmp_path / "ndigits").iterdir()) == [
+        f"events_s0_{key}.npz", f"events_s0_{key}.npz.sha256.json", f"frames_T4_{key}.npy",
+        f"frames_T4_{key}.npy.sha256.json"]                                # each cache file with its record
     ev, offsets, labels = ndigits.generate(np.arange(60), params=H)
     want = np.stack([events.integrate(e, 4, (34, 34, 2), 0, H.duration_us)
                      for e in ndigits.split_events(ev, offsets)]).transpose(0, 1, 3, 4, 2)

@@ -80,6 +80,24 @@ def test_tebn_step_by_step_needs_t_and_matches_multistep(key):
         model(x[:2])
 
 
+def test_tebn_step_takes_one_t_per_sample(key):
+    """Continuous batching: samples at different steps in one batch, t (N,); row n equals row n of the
+    batch's step at the scalar t[n] (the scale p_t multiplies each sample's rows by its own p_t)."""
+    _, model = tebn_model()
+    model.norms[0].time_scale[...] = jnp.asarray([0.5, 1.7, 3.0])
+    model.norms[1].time_scale[...] = jnp.asarray([1.0, 0.6, 2.0])
+    frame = frames_with_a_drift(key)[1] * 2.0                                 # (N, 8, 8, 2), N = 5
+    v = tuple(m + 0.3 for m in model.init_membranes(frame.shape))
+    t = jnp.asarray([2, 0, 1, 1, 2])
+    new, logits, counts = model.step(v, frame, t)
+    for n in range(5):
+        at_t = model.step(v, frame, int(t[n]))
+        np.testing.assert_array_equal(logits[n], at_t[1][n])
+        np.testing.assert_array_equal(counts[:, n], at_t[2][:, n])
+        for m, m_at_t in zip(new, at_t[0]):
+            np.testing.assert_array_equal(m[n], m_at_t[n])
+
+
 def test_tebn_config_checks():
     with pytest.raises(ValueError, match="tebn_steps must be >= 0"):
         config.ModelConfig(tebn_steps=-1)

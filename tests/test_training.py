@@ -83,9 +83,31 @@ def test_a_run_writes_metrics_checkpoints_and_returns_its_report(run):
     assert report["accuracy_per_timestep"][-1] == pytest.approx(lines[0]["test_accuracy"])   # same checkpoint
     assert report["oct"]["accuracy"] == pytest.approx(report["accuracy_per_timestep"][-1])
     assert set(report["rules"]) == {"topk", "confidence", "entropy", "spikecp"}
-    assert report["anytime"]["agrees_with_apply_topk"] and report["warnings"] == []
+    assert report["anytime"]["agrees_with_apply_topk"] and report["anytime"]["spikes_agree_with_multistep"]
+    assert report["warnings"] == []
     assert len(report["synops_per_sample"]) == 2
     assert not (workdir / "report.json").exists()                  # the library returns it; the shell writes
+
+
+def test_the_report_costs_each_exit(run):
+    """Energy and decision time per rule: fixed T at T is the per-layer synaptic operations of the whole pass
+    (``synops_per_sample``, summed another way); decision times are exits x 75 ms (N-Digits: 300 ms in T = 4
+    bins); no rule costs more than fixed T; the continuous-batching check computes a fraction of N x T."""
+    _, result = run
+    report, costs = result.report, result.report["cost"]
+    fixed = costs["fixed_t"]
+    assert fixed["synops"][-1] == pytest.approx(sum(report["synops_per_sample"]), rel=1e-6)
+    assert fixed["decision_ms"] == pytest.approx([75.0, 150.0, 225.0, 300.0])
+    assert np.all(np.diff(fixed["energy_uj"]) > 0)
+    for rule, res in report["rules"].items():
+        c = costs["rules"][rule]
+        assert np.all(np.asarray(c["energy_uj"]) <= fixed["energy_uj"][-1] * (1 + 1e-9))
+        np.testing.assert_allclose(c["decision_ms"], 75.0 * np.asarray(res["mean_timestep"]), rtol=1e-6)
+    assert costs["oct"]["decision_ms"] == pytest.approx(75.0 * report["oct"]["mean_timestep"], rel=1e-6)
+    assert costs["ann_macs"] == sum(costs["macs_per_layer"]) and len(costs["macs_per_layer"]) == 3
+    assert costs["ann_energy_uj"] == pytest.approx(4.6e-6 * costs["ann_macs"])
+    anytime = report["anytime"]
+    assert anytime["fraction_of_steps_computed"] >= anytime["mean_timestep"] / 4
 
 
 def test_rerun_resumes_and_a_different_config_is_refused_naming_the_keys(run, ndigits_dir):
