@@ -245,10 +245,10 @@ def headline(report: dict, epsilons: Sequence[float] = SUMMARY_EPSILONS) -> dict
            "oct_mean_timestep": report["oct"]["mean_timestep"],
            "synops_per_sample": float(np.sum(report["synops_per_sample"]))}
     for e in epsilons:
-        hits = [i for i, r in enumerate(report["epsilons"]) if abs(r - e) < 1e-9]
-        if hits:
-            out[f"topk_accuracy@{e:g}"] = report["rules"]["topk"]["accuracy"][hits[0]]
-            out[f"topk_mean_timestep@{e:g}"] = report["rules"]["topk"]["mean_timestep"][hits[0]]
+        i = config_lib.epsilon_index(report["epsilons"], e)
+        if i is not None:
+            out[f"topk_accuracy@{e:g}"] = report["rules"]["topk"]["accuracy"][i]
+            out[f"topk_mean_timestep@{e:g}"] = report["rules"]["topk"]["mean_timestep"][i]
     return out
 
 

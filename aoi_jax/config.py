@@ -202,6 +202,12 @@ class EvalConfig:
         _check_range("eval.batch_size", self.batch_size, 1)
 
 
+def epsilon_index(epsilons, epsilon: float) -> int | None:
+    """The index of ``epsilon`` in ``epsilons`` (e.g. a report's ``eval.epsilons``), equal within 1e-9; None if
+    it is not there."""
+    return next((i for i, e in enumerate(epsilons) if abs(e - epsilon) < 1e-9), None)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """A whole experiment."""
@@ -367,5 +373,5 @@ def from_dict(d: dict[str, Any], cls=Config, prefix: str = ""):
 __all__ = [
     "Config", "ModelConfig", "NeuronConfig", "DataConfig", "RegConfig", "OptimConfig", "TrainConfig",
     "EvalConfig", "load", "override", "apply_overrides", "valid_keys", "differences", "to_dict", "to_json",
-    "from_dict",
+    "from_dict", "epsilon_index",
 ]

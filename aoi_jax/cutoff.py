@@ -544,7 +544,7 @@ def sweep(cum_calib, labels_calib, cum_test, labels_test, epsilons, *, bins=100,
       dict with ``epsilons`` (E,); ``rules``: {rule: {"accuracy": (E,), "mean_timestep": (E,), "timesteps":
       (E, N) int32 (each test sample's 1-based exit)}} for rule in ``RULES``; ``fixed_t_accuracy`` (T,) (test
       accuracy per timestep); ``oct_accuracy`` and ``oct_timestep`` (scalars: test OCT accuracy and mean
-      timestep); ``topk_beta`` (E, T); ``spikecp_qhat`` (E, T);
+      timestep); ``oct_timesteps`` (N,) int32 (each test sample's OCT exit); ``topk_beta`` (E, T); ``spikecp_qhat`` (E, T);
       ``entropy_threshold`` (E,).
     Raises:
       ValueError: a cum is not (T, N, K), the two splits differ in T or K, labels do not match their split,
@@ -585,6 +585,7 @@ def sweep(cum_calib, labels_calib, cum_test, labels_test, epsilons, *, bins=100,
         "fixed_t_accuracy": accuracy_per_timestep(cum_test, labels_test),
         "oct_accuracy": oct_accuracy,
         "oct_timestep": jnp.mean(oct_timesteps, dtype=jnp.float32),
+        "oct_timesteps": oct_timesteps,
         "topk_beta": params["topk"],
         "spikecp_qhat": params["spikecp"],
         "entropy_threshold": entropy_thresholds,

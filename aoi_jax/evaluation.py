@@ -103,13 +103,14 @@ def anytime_check(served: anytime.ServeResult, predictions, timesteps, counts, l
                                                                cost.spikes_to_exit(counts, timesteps)))}
 
 
-def exit_cost_report(result, oct_timesteps, counts, fan_out, macs, bin_us) -> dict:
-    """The report's ``cost`` entry: per rule and epsilon (the exits of ``result = cutoff.sweep(...)``), for
-    fixed T at every t and for OCT, the mean synaptic operations, energy (uJ) and decision time (ms of sensor
-    time, None without ``bin_us``) per test sample (``cost.exit_costs``), with the equivalent ANN's energy.
+def exit_cost_report(result, counts, fan_out, macs, bin_us) -> dict:
+    """The report's ``cost`` entry: per rule and epsilon and for OCT (the exits of ``result =
+    cutoff.sweep(...)``), and for fixed T at every t, the mean synaptic operations, energy (uJ) and decision
+    time (ms of sensor time, None without ``bin_us``) per test sample (``cost.exit_costs``), with the
+    equivalent ANN's energy.
 
     Args:
-      result: ``cutoff.sweep``'s dict (host arrays).  oct_timesteps: (N,) from ``cutoff.oct``.
+      result: ``cutoff.sweep``'s dict (host arrays).
       counts: (L, T, N) test spike counts.  fan_out: (L,).  macs: ``cost.layer_macs``.  bin_us: (N,) or None.
     """
     T, N = counts.shape[1:]
@@ -123,7 +124,7 @@ def exit_cost_report(result, oct_timesteps, counts, fan_out, macs, bin_us) -> di
             "rules": {rule: lists(cost.exit_costs(counts, r["timesteps"], fan_out, macs, bin_us))
                       for rule, r in result["rules"].items()},
             "fixed_t": lists(cost.exit_costs(counts, fixed, fan_out, macs, bin_us)),
-            "oct": lists(cost.exit_costs(counts, oct_timesteps, fan_out, macs, bin_us))}
+            "oct": lists(cost.exit_costs(counts, result["oct_timesteps"], fan_out, macs, bin_us))}
 
 
 def rule_params(report: dict) -> dict:
@@ -147,7 +148,7 @@ def serve_throughput(functions: EvalFunctions, state, frameset, report: dict, *,
     Raises:
       ValueError: an epsilon that the report does not hold.
     """
-    missing = [e for e in epsilons if not any(abs(e - r) < 1e-9 for r in report["epsilons"])]
+    missing = [e for e in epsilons if config_lib.epsilon_index(report["epsilons"], e) is None]
     if missing:
         raise ValueError(f"epsilons {missing} are not in the report's {report['epsilons']}")
     queue = jnp.asarray(frameset.frames)
@@ -168,8 +169,7 @@ def serve_throughput(functions: EvalFunctions, state, frameset, report: dict, *,
     params = rule_params(report)
     rules = {}
     for rule, fires in cutoff.FIRES.items():
-        rows = [timed(fires, params[rule][i]) for e in epsilons
-                for i, r in enumerate(report["epsilons"]) if abs(e - r) < 1e-9]
+        rows = [timed(fires, params[rule][config_lib.epsilon_index(report["epsilons"], e)]) for e in epsilons]
         rules[rule] = {"epsilons": list(epsilons), **{k: [row[k] for row in rows] for k in rows[0]}}
     fixed = timed(cutoff.never_fires, None)
     return {"slots": slots, "rounds": rounds, "fixed_t": {"samples_per_s": fixed["samples_per_s"],
@@ -231,7 +231,6 @@ def evaluate(graphdef, state: step.TrainState, cfg: config_lib.Config, calib_set
     model = nnx.merge(graphdef, state.params, state.batch_stats)
     fan_out = model.fan_out
     macs = cost.layer_macs(model, test_set.frames.shape[2:])
-    oct_timesteps = np.asarray(cutoff.oct(cum_t, jnp.asarray(labels_t))[1])
     n_test = len(labels_t)
     per_sample_spikes = spikes.sum(1) / n_test                      # (L,)
     return {
@@ -247,7 +246,7 @@ def evaluate(graphdef, state: step.TrainState, cfg: config_lib.Config, calib_set
         "spikecp_qhat": result["spikecp_qhat"].tolist(),
         "entropy_threshold": result["entropy_threshold"].tolist(),
         "anytime": anytime_check(served, pred_m, steps_m, counts, labels_t, slots),
-        "cost": exit_cost_report(result, oct_timesteps, counts, fan_out, macs, test_set.bin_us),
+        "cost": exit_cost_report(result, counts, fan_out, macs, test_set.bin_us),
         "spikes_per_sample": per_sample_spikes.tolist(),
         "spikes_per_sample_per_timestep": (spikes / n_test).tolist(),
         "fan_out": list(fan_out),

@@ -17,6 +17,7 @@ import matplotlib
 import numpy as np
 
 from aoi_jax import integrity
+from aoi_jax.config import epsilon_index
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -48,7 +49,7 @@ def write_summary(summary: dict, workdir) -> None:
 
 def table_epsilons(report: dict) -> list[float]:
     """The report's epsilons that the printed table shows (those of ``TABLE_EPSILONS``)."""
-    return [e for e in report["epsilons"] if any(abs(e - r) < 1e-9 for r in TABLE_EPSILONS)]
+    return [e for e in report["epsilons"] if epsilon_index(TABLE_EPSILONS, e) is not None]
 
 
 def _served(report: dict, rule: str, epsilon: float):
@@ -56,7 +57,8 @@ def _served(report: dict, rule: str, epsilon: float):
     row = report.get("serve", {}).get("rules", {}).get(rule)
     if row is None:
         return None
-    return next((v for e, v in zip(row["epsilons"], row["samples_per_s"]) if abs(e - epsilon) < 1e-9), None)
+    i = epsilon_index(row["epsilons"], epsilon)
+    return None if i is None else row["samples_per_s"][i]
 
 
 def summary_table(report: dict) -> str:
@@ -103,6 +105,12 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _save(fig, path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_accuracy_per_timestep(report: dict, path) -> None:
     acc = report["accuracy_per_timestep"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -113,47 +121,44 @@ def plot_accuracy_per_timestep(report: dict, path) -> None:
     ax.set_title("accuracy per timestep (cumulative output)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
+
+
+def _plot_tradeoff(report: dict, path, *, fixed_t, rules: dict, oct_x, xlabel: str, what: str, ann_x=None):
+    """Test accuracy against a cost per sample: fixed T at every t (``fixed_t`` (T,)), each rule over the
+    report's epsilons (``rules``: {rule: (E,)}), OCT (``oct_x``), and an optional vertical line at ``ann_x``."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot(fixed_t, np.asarray(report["accuracy_per_timestep"]) * 100, "k.-", alpha=0.5,
+            label="fixed T" if ann_x is None else "fixed T (t = 1..T)")
+    for rule, res in report["rules"].items():
+        ax.plot(rules[rule], np.asarray(res["accuracy"]) * 100, "o-", ms=4, label=rule)
+    ax.plot([oct_x], [report["oct"]["accuracy"] * 100], "r*", ms=14, label="OCT (oracle)")
+    if ann_x is not None:
+        ax.axvline(ann_x, ls=":", c="gray", label="equivalent ANN, one pass")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"accuracy vs {what}, epsilon {min(report['epsilons'])}-{max(report['epsilons'])}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
 
 
 def plot_accuracy_vs_latency(report: dict, path) -> None:
-    acc = report["accuracy_per_timestep"]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.plot(range(1, len(acc) + 1), np.asarray(acc) * 100, "k.-", alpha=0.5, label="fixed T")
-    for rule, res in report["rules"].items():
-        ax.plot(res["mean_timestep"], np.asarray(res["accuracy"]) * 100, "o-", ms=4, label=rule)
-    ax.plot([report["oct"]["mean_timestep"]], [report["oct"]["accuracy"] * 100], "r*", ms=14, label="OCT (oracle)")
-    ax.set_xlabel("mean exit timestep")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("accuracy vs latency, epsilon " + f"{min(report['epsilons'])}-{max(report['epsilons'])}")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """Accuracy against the mean exit timestep (the paper's figure): every rule over its epsilons, fixed T
+    at every t, OCT."""
+    _plot_tradeoff(report, path, fixed_t=range(1, len(report["accuracy_per_timestep"]) + 1),
+                   rules={rule: res["mean_timestep"] for rule, res in report["rules"].items()},
+                   oct_x=report["oct"]["mean_timestep"], xlabel="mean exit timestep", what="latency")
 
 
 def plot_accuracy_vs_energy(report: dict, path) -> None:
     """Accuracy against energy per sample (uJ, up to each exit): every rule over its epsilons, fixed T at
     every t, OCT; the equivalent ANN's energy as a vertical line."""
     costs = report["cost"]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.plot(costs["fixed_t"]["energy_uj"], np.asarray(report["accuracy_per_timestep"]) * 100, "k.-", alpha=0.5,
-            label="fixed T (t = 1..T)")
-    for rule, res in report["rules"].items():
-        ax.plot(costs["rules"][rule]["energy_uj"], np.asarray(res["accuracy"]) * 100, "o-", ms=4, label=rule)
-    ax.plot([costs["oct"]["energy_uj"]], [report["oct"]["accuracy"] * 100], "r*", ms=14, label="OCT (oracle)")
-    ax.axvline(costs["ann_energy_uj"], ls=":", c="gray", label="equivalent ANN, one pass")
-    ax.set_xlabel(f"energy per sample (uJ; {costs['e_ac_pj']} pJ/AC, {costs['e_mac_pj']} pJ/MAC)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("accuracy vs energy, epsilon " + f"{min(report['epsilons'])}-{max(report['epsilons'])}")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _plot_tradeoff(report, path, fixed_t=costs["fixed_t"]["energy_uj"],
+                   rules={rule: c["energy_uj"] for rule, c in costs["rules"].items()},
+                   oct_x=costs["oct"]["energy_uj"], ann_x=costs["ann_energy_uj"], what="energy",
+                   xlabel=f"energy per sample (uJ; {costs['e_ac_pj']} pJ/AC, {costs['e_mac_pj']} pJ/MAC)")
 
 
 def plot_summary(summary: dict, path) -> None:
