@@ -261,6 +261,12 @@ def spread(values, level: float = 0.95) -> dict:
             "ci95": [ci["low"], ci["high"]] if ci else None}
 
 
+def _settings(row: dict) -> tuple:
+    """A summary row's swept settings other than the seed, ((key, value), ...): the runs that differ only in
+    seed share them."""
+    return tuple((k, v) for k, v in row["overrides"].items() if k != "seed")
+
+
 def summarise(member_list: Sequence[Member], reports: Sequence[dict],
               epsilons: Sequence[float] = SUMMARY_EPSILONS) -> dict:
     """The sweep's summary: each member's ``headline`` numbers, and their spread over seeds.
@@ -279,8 +285,7 @@ def summarise(member_list: Sequence[Member], reports: Sequence[dict],
     fields = [k for k in rows[0] if k not in ("name", "overrides")]
     groups = {}
     for row in rows:
-        settings = tuple((k, v) for k, v in row["overrides"].items() if k != "seed")
-        groups.setdefault(settings, []).append(row)
+        groups.setdefault(_settings(row), []).append(row)
     out = [{"settings": dict(settings), "seeds": [r["overrides"].get("seed") for r in group],
             **{f: spread([r[f] for r in group]) for f in fields}} for settings, group in groups.items()]
     return {"fields": fields, "members": rows, "groups": out}
@@ -303,8 +308,7 @@ def paired_contrasts(summary: dict, field: str, key: str, baseline) -> list[dict
     """
     by_setting = {}
     for row in summary["members"]:
-        settings = tuple((k, v) for k, v in row["overrides"].items() if k != "seed")
-        by_setting.setdefault(settings, {})[row["overrides"].get("seed")] = row[field]
+        by_setting.setdefault(_settings(row), {})[row["overrides"].get("seed")] = row[field]
     out = []
     for settings, values in by_setting.items():
         if dict(settings)[key] == baseline:
