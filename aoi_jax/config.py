@@ -47,11 +47,23 @@ class NeuronConfig:
     surrogate: str = "triangle"  # surrogate gradient shape: triangle | sigmoid | arctan
     width: float = 1.0  # surrogate width g
     v0: float = 0.0  # initial membrane (IF conversion: half the threshold)
+    # lif: tau fixed | plif: the leak learnt (SpikingJelly's ParametricLIFNode, decay_input=False, v_reset=0):
+    # tau = 1 - sigmoid(w), w learnt, starting where tau = the value above (0.5 -> w = 0; needs tau < 1)
+    kind: str = "lif"
+    learn_vth: bool = False  # learn the threshold, starting at vth (aoi_jax.neurons.cell)
+    per_channel: bool = False  # learnt parameters (plif's w, a learnt vth): one per channel, not one per layer
 
     def __post_init__(self):
         _check_choice("model.neuron.reset", self.reset, ("hard", "soft"))
         _check_choice("model.neuron.surrogate", self.surrogate, ("triangle", "sigmoid", "arctan"))
+        _check_choice("model.neuron.kind", self.kind, ("lif", "plif"))
+        if self.kind == "plif":
+            _check_range("model.neuron.tau (the initial leak of kind 'plif')", self.tau, 0.0, 1.0,
+                         low_open=True, high_open=True)
         _check_range("model.neuron.tau", self.tau, 0.0, 1.0, low_open=True)
+        if self.per_channel and not (self.kind == "plif" or self.learn_vth):
+            raise ValueError("model.neuron.per_channel needs a learnt parameter (kind='plif' or learn_vth=True), "
+                             f"got kind={self.kind!r}, learn_vth={self.learn_vth!r}")
         _check_range("model.neuron.vth", self.vth, 0.0, low_open=True)
         _check_range("model.neuron.width", self.width, 0.0, low_open=True)
         if not math.isfinite(self.v0):

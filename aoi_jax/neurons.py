@@ -214,3 +214,86 @@ def _lif_bwd(static, residuals, cotangents):
 
 
 _lif.defvjp(_lif_fwd, _lif_bwd)
+
+
+def _plain(p):
+    """A parameter as plain Python: a float, or a list of floats (one per channel)."""
+    a = np.asarray(p[...] if isinstance(p, nnx.Variable) else p, np.float64)
+    return float(a) if a.ndim == 0 else a.tolist()
+
+
+class LIF(nnx.Module):
+    """LIF cell module: ``lif`` / ``lif_step`` with the settings of a ``NeuronConfig`` (docs/semantics.md
+    section 2); with ``learn_vth`` the threshold is an ``nnx.Param`` (per layer (), or (C,) with
+    ``per_channel``), initialised to ``neuron.vth``::
+
+        h_t = v_t + x_t,   s_t = S(h_t - vth),   m_t = h_t (1 - s_t) | h_t - vth s_t,   v_{t+1} = tau m_t
+
+    ``__call__(x (T, N, ..., C)) -> (spikes, membranes)`` runs ``lif`` (one scan); ``step(v, x (N, ..., C))
+    -> (v_next, spike, membrane)`` runs ``lif_step``, the same maths; ``initial(shape)`` is v0 broadcast to
+    ``shape``; ``values()`` the current tau, vth and v0 as plain floats (lists when per channel).
+    """
+
+    def __init__(self, neuron: NeuronConfig, features: int, *, rngs: nnx.Rngs | None = None):
+        self.features = features
+        self.reset, self.surrogate, self.width, self.v0 = neuron.reset, neuron.surrogate, neuron.width, neuron.v0
+        self.vth = nnx.Param(jnp.full(self._shape(neuron), neuron.vth, jnp.float32)) if neuron.learn_vth \
+            else neuron.vth
+        self._init_leak(neuron)
+
+    def _shape(self, neuron):
+        return (self.features,) if neuron.per_channel else ()
+
+    def _init_leak(self, neuron):
+        self.tau = neuron.tau
+
+    def _tau(self):
+        return self.tau
+
+    def params(self):
+        """``{"tau", "vth"}`` as ``lif_step`` takes them (numbers or arrays)."""
+        return {"tau": self._tau(), "vth": self.vth[...] if isinstance(self.vth, nnx.Variable) else self.vth}
+
+    def __call__(self, x):
+        return lif(x, **self.params(), v0=self.v0, reset=self.reset, surrogate=self.surrogate, width=self.width)
+
+    def step(self, v, x):
+        return lif_step(v, x, **self.params(), reset=self.reset, surrogate=self.surrogate, width=self.width)
+
+    def initial(self, shape):
+        return jnp.full(shape, self.v0, jnp.float32)
+
+    def values(self):
+        return {k: _plain(p) for k, p in {**self.params(), "v0": self.v0}.items()}
+
+
+class PLIF(LIF):
+    """Parametric LIF (Fang et al., ICCV 2021): the leak learnt, as SpikingJelly's ``ParametricLIFNode(
+    decay_input=False, v_reset=0)``; otherwise ``LIF`` (docs/semantics.md section 2)::
+
+        tau = 1 - sigmoid(w),   w an nnx.Param, () or (C,) with ``per_channel``
+        w_0 = log((1 - tau_0) / tau_0),   tau_0 = neuron.tau   (0.5 -> w_0 = 0, SpikingJelly's init_tau = 2)
+
+    For the same w its spikes equal SpikingJelly's ``v = v - v sigmoid(w) + x``, then fire and reset to 0
+    (up to rounding, and SpikingJelly fires at h == vth where this cell needs h > vth).
+    """
+
+    def _init_leak(self, neuron):
+        self.w = nnx.Param(jnp.full(self._shape(neuron), math.log((1.0 - neuron.tau) / neuron.tau), jnp.float32))
+
+    def _tau(self):
+        return 1.0 - jax.nn.sigmoid(self.w[...])
+
+
+CELLS = {"lif": LIF, "plif": PLIF}
+
+
+def cell(neuron: NeuronConfig, features: int, *, rngs: nnx.Rngs):
+    """The cell module of ``neuron.kind`` (``CELLS``) for ``features`` channels on the trailing axis.
+
+    Raises:
+      ValueError: unknown ``neuron.kind``.
+    """
+    if neuron.kind not in CELLS:
+        raise ValueError(f"model.neuron.kind must be one of {sorted(CELLS)}, got {neuron.kind!r}")
+    return CELLS[neuron.kind](neuron, features, rngs=rngs)
