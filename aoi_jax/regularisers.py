@@ -1,4 +1,4 @@
-"""RCS, the Regularising Cosine Similarity regulariser (reference-semantics.md section 5).
+"""RCS, the Regularising Cosine Similarity regulariser (docs/semantics.md section 5).
 
 ``rcs_scores`` scores each sample of one spiking layer by how little its activity changes over time;
 ``rcs_loss`` masks the scores to samples that are already correct late in time and penalises each
@@ -30,36 +30,8 @@ def _max_by_argmax(x, axis=None):
     return jnp.take_along_axis(x, idx, axis=axis).squeeze(axis)
 
 
-@jax.custom_vjp
-def _dot_and_square(r, r_d):
-    """``(sum_d r * r_d, sum_d r * r)`` for r (T, N, D), r_d (N, D), each (T, N), in one variadic reduction.
-
-    The same values as two ``jnp.sum``s. On XLA:CPU two reductions of r make it materialise r (T, N, D);
-    one variadic reduction fuses both products into it (no (T, N, D) temporary; docs/performance.md). Its
-    gradient is written out (autodiff of a variadic reduction holds far more)::
-
-        dr   = g_dot[..., None] * r_d + 2 g_square[..., None] * r
-        dr_d = sum_t g_dot[..., None] * r
-    """
-    zero = jnp.zeros((), r.dtype)
-    return jax.lax.reduce((r * r_d[None], r * r), (zero, zero), lambda a, b: (a[0] + b[0], a[1] + b[1]), (2,))
-
-
-def _dot_and_square_fwd(r, r_d):
-    return _dot_and_square(r, r_d), (r, r_d)
-
-
-def _dot_and_square_bwd(residuals, cotangents):
-    (r, r_d), (g_dot, g_square) = residuals, cotangents
-    return (g_dot[..., None] * r_d[None] + 2.0 * g_square[..., None] * r,
-            jnp.sum(g_dot[..., None] * r, axis=0))
-
-
-_dot_and_square.defvjp(_dot_and_square_fwd, _dot_and_square_bwd)
-
-
 def rcs_scores(spikes, membranes, vth=1.0, window=0.3):
-    """Per-sample RCS score of one spiking layer::
+    """Per-sample RCS score of one spiking layer (docs/semantics.md section 5; plain jnp, autodiff)::
 
         r_t   = s_t + relu(V_t / vth)                                  (T, N, ...)
         k     = int(T * window)   (k == 0 -> all T steps)
@@ -69,7 +41,8 @@ def rcs_scores(spikes, membranes, vth=1.0, window=0.3):
 
     Args:
       spikes: s, (T, N, ...).  membranes: V after reset, (T, N, ...).
-      vth: the layer's threshold.  window: fraction of last steps in the delayed target.
+      vth: the layer's threshold, a number or an array, () or (C,) (per channel of the trailing axis; a learnt
+        threshold receives the gradient).  window: fraction of last steps in the delayed target.
     Returns:
       scores, (N,); large when the layer's response changes over time.
     Raises:
@@ -79,9 +52,13 @@ def rcs_scores(spikes, membranes, vth=1.0, window=0.3):
         raise ValueError(f"spikes and membranes must share a (T, N, ...) shape, got {spikes.shape} "
                          f"and {membranes.shape}")
     T, N = spikes.shape[:2]
+    vth = jnp.asarray(vth)
+    vth = vth.reshape((1,) * (membranes.ndim - vth.ndim) + vth.shape)          # () or (C,): per channel
     r = (spikes + jax.nn.relu(membranes / vth)).reshape(T, N, -1)
     r_d = jax.lax.stop_gradient(r[T - _num_last(T, window):].mean(0))          # (N, D)
-    dot, square = _dot_and_square(r, r_d)                                        # (T, N) each
+    exact = jax.lax.Precision.HIGHEST                                            # no TF32 on GPUs
+    dot = jnp.einsum("tnd,nd->tn", r, r_d, precision=exact)                      # (T, N)
+    square = jnp.einsum("tnd,tnd->tn", r, r, precision=exact)                    # (T, N)
     norm_t = jnp.sqrt(square + 1e-5)
     norm_d = jnp.sqrt(jnp.sum(r_d * r_d, axis=-1) + 1e-5)                        # (N,)
     cos = dot / (norm_t * norm_d[None, :])

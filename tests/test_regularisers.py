@@ -149,3 +149,36 @@ def test_tet_loss_by_hand():
 def test_loss_shape_errors():
     with pytest.raises(ValueError, match=r"logits \(T, N, K\)"):
         losses.tet_loss(jnp.ones((3, 4)), jnp.zeros(3, jnp.int32))
+
+
+def test_rcs_scores_gradient_equals_float64_sums(key):
+    """Values and gradients of ``rcs_scores`` (einsums, autodiff) against the formula written with two plain
+    sums in float64, r_d held constant (what the former hand-written reduction and its VJP computed)."""
+    s, m = layer(key, 6, 3, shape=(2, 5))
+    f32 = jax.grad(lambda s, m: regularisers.rcs_scores(s, m, vth=0.8, window=0.5).sum(), argnums=(0, 1))(s, m)
+
+    def sums(s, m):
+        r = (s + jax.nn.relu(m / 0.8)).reshape(6, 3, -1)
+        r_d = jax.lax.stop_gradient(r[3:].mean(0))
+        cos = jnp.sum(r * r_d[None], -1) / (jnp.sqrt(jnp.sum(r * r, -1) + 1e-5)
+                                            * jnp.sqrt(jnp.sum(r_d * r_d, -1) + 1e-5)[None, :])
+        return 1.0 / (cos.mean(0) + 1e-5)
+
+    with jax.enable_x64(True):
+        s64, m64 = np.asarray(s, np.float64), np.asarray(m, np.float64)
+        want = np.asarray(sums(s64, m64))
+        g64 = [np.asarray(g) for g in jax.grad(lambda s, m: sums(s, m).sum(), argnums=(0, 1))(s64, m64)]
+    np.testing.assert_allclose(regularisers.rcs_scores(s, m, vth=0.8, window=0.5), want, rtol=1e-6)
+    for a, b in zip(f32, g64):
+        assert np.abs(b).max() > 1e-3
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_rcs_scores_per_channel_threshold(key):
+    """vth may be one value per channel (a learnt threshold): r = s + relu(V / vth_c); the gradient reaches it."""
+    s, m = layer(key, 5, 2, shape=(3, 4))
+    vth = jnp.array([0.5, 1.0, 2.0, 1.5])
+    want = rcs_scores_reference(np.asarray(s), np.asarray(m) / np.asarray(vth), 1.0, 0.3)
+    np.testing.assert_allclose(regularisers.rcs_scores(s, m, vth=vth), want, rtol=1e-5)
+    g = jax.grad(lambda v: regularisers.rcs_scores(s, m, vth=v).sum())(vth)
+    assert g.shape == (4,) and float(jnp.abs(g).min()) > 0
