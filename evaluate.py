@@ -17,14 +17,12 @@ and in report.json (``serve``).
 
 import argparse
 import dataclasses
-import functools
 import logging
 import pathlib
 import sys
 
-from tqdm import tqdm
-
-from aoi_jax import anytime, checkpoint, config, data, evaluation, input_pipeline, parallel, reporting, step
+from aoi_jax import anytime, checkpoint, config, data, evaluation, input_pipeline, parallel, progress, reporting
+from aoi_jax import step
 from aoi_jax import xla_tuning
 
 log = logging.getLogger("aoi_jax")
@@ -63,7 +61,7 @@ def main(argv=None):
     cfg = config.apply_overrides(cfg, args.set + ([f"data.data_dir={args.data_dir}"] if args.data_dir else []))
     log.info("restored %s step %d (%s, %s, neuron %s)", ckpt_dir, int(state.step), cfg.model.name,
              cfg.model.activation, dataclasses.asdict(cfg.model.neuron))
-    train_set, test_set = data.load(cfg.data)
+    train_set, test_set = data.load(cfg.data, progress=progress.progress)
     log.info("data %s from %s", cfg.data.name, data.data_root(cfg.data.data_dir))
     if tuple(train_set.frames.shape[2:]) != tuple(input_shape):
         raise ValueError(f"data frames {train_set.frames.shape[2:]} do not match the checkpoint's input shape "
@@ -73,7 +71,7 @@ def main(argv=None):
     calib_set = input_pipeline.calibration_set(*input_pipeline.split_validation(train_set, cfg.data), cfg)
     state = parallel.replicate(state, parallel.data_mesh())
     report = evaluation.evaluate(graphdef, state, cfg, calib_set, test_set, step.run_keys(cfg.seed).calibration,
-                                 functions=functions, progress=functools.partial(tqdm, leave=False, dynamic_ncols=True),
+                                 functions=functions, progress=progress.progress,
                                  slots=args.slots)
     if args.serve:
         report["serve"] = evaluation.serve_throughput(functions, state, test_set, report, slots=args.slots,

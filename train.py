@@ -15,15 +15,13 @@ gets ``summary.json`` and ``summary.png``.
 """
 
 import argparse
-import functools
 import logging
 import pathlib
 import sys
 
 import jax
-from tqdm import tqdm
 
-from aoi_jax import ablation, config, parallel, reporting, training, xla_tuning
+from aoi_jax import ablation, config, parallel, progress, reporting, training, xla_tuning
 
 log = logging.getLogger("aoi_jax")
 
@@ -68,9 +66,8 @@ def main(argv=None):
     sweep = ablation.parse_sweep(args.sweep)
     workdir = pathlib.Path(args.workdir)
     setup_logging(workdir)
-    progress = functools.partial(tqdm, leave=False, dynamic_ncols=True)
     results = training.train_and_evaluate(cfg, workdir, sweep=sweep, run_eval=not args.no_eval,
-                                          strategy=args.strategy, tuning=args.xla_tuning, progress=progress)
+                                          strategy=args.strategy, tuning=args.xla_tuning, progress=progress.progress)
     if args.no_eval or jax.process_index() != 0:
         return
     for r in results:
