@@ -28,7 +28,8 @@ log = logging.getLogger("aoi_jax")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="config file defining get_config()")
+    p.add_argument("--config", required=True,
+                   help=f"config file defining get_config(), or a shipped config: {', '.join(config.shipped())}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. reg.alpha=0.004 (repeatable)")
     p.add_argument("--workdir", required=True, help="folder for checkpoints, metrics and the report")
