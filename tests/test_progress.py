@@ -137,7 +137,7 @@ def test_training_log_in_a_file_has_no_bar_frames(tmp_path, ndigits_dir):
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
     env["JAX_PLATFORMS"] = "cpu"
     log = tmp_path / "log"
-    args = train_args(ndigits_dir, tmp_path / "run", "train.epochs=2", "train.batch_size=512", "data.timesteps=2")
+    args = train_args(ndigits_dir, tmp_path / "run", "train.epochs=2", "train.batch_size=512")
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--no-eval"], cwd=tmp_path, env=env,
                               stdout=f, stderr=subprocess.STDOUT, timeout=600)
