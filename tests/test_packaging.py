@@ -89,3 +89,12 @@ def test_installed_wheel_trains_a_shipped_config_by_name(wheel, tmp_path, ndigit
     assert "epoch   1  loss" in proc.stdout
     assert (tmp_path / "run" / "config.json").is_file() and (tmp_path / "run" / "checkpoints").is_dir()
     assert "--workdir" in run([venv / "bin" / "aoi-evaluate", "--help"], cwd=tmp_path, env=env).stdout
+
+
+def test_config_by_name_or_path():
+    assert config.load("ndigits_hard", ["train.epochs=3"]) == config.load(ROOT / "configs" / "ndigits_hard.py",
+                                                                          ["train.epochs=3"])
+    assert set(config.shipped()) == {p.stem for p in (ROOT / "configs").glob("*.py")}
+    with pytest.raises(FileNotFoundError, match=r"'ndigitz' does not exist, nor is it the name of a shipped "
+                                                r"config: \['cifar100_qcfs', .*'ndigits', .*'nmnist'\]"):
+        config.load("ndigitz")
