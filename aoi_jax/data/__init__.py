@@ -1,9 +1,9 @@
 """Data sets as frames: event checks and integration, static images, frame sets and batching, a registry.
 
-``DATASETS`` maps ``DataConfig.name`` to a ``load_splits(data_cfg, *, progress=None) -> (train, test)`` function
-returning two ``FrameSet``s (``progress(done, total)`` is called while a cache is built); ``load(data_cfg)``
-resolves it and raises listing the valid names. ``data_root`` is the one
-place that turns ``DataConfig.data_dir`` into a folder (its default does not depend on the current directory).
+``DATASETS`` maps ``DataConfig.name`` to a ``load_splits(data_cfg, *, progress=None) -> (train, test)``
+function returning two ``FrameSet``s (``progress(done, total)`` is called while a cache is built);
+``load(data_cfg)`` resolves it and raises listing the valid names. ``data_root`` is the one place that turns
+``DataConfig.data_dir`` into a folder (its default does not depend on the current directory).
 """
 
 import dataclasses
