@@ -1,7 +1,7 @@
 """Experiment configuration: frozen dataclasses, small Python config files, command-line overrides.
 
-A config file (``configs/*.py``) defines ``get_config() -> Config``. ``load(path, overrides)`` runs it
-and applies ``KEY=VALUE`` overrides such as ``reg.alpha=0.004`` or ``model.channels=(8,16)``. Every
+A config file (``configs/*.py``) defines ``get_config() -> Config``. ``load(path, overrides)`` runs it (a
+path, or a shipped config's name such as ``"ndigits"``) and applies ``KEY=VALUE`` overrides such as ``reg.alpha=0.004`` or ``model.channels=(8,16)``. Every
 field is read somewhere and does what its comment says; an unknown key, a value of the wrong type or a value
 outside its valid range is a ``KeyError``/``ValueError`` naming the key, the value and what is valid, raised
 when the config is built, before any work (reference-semantics.md section 9.6).
@@ -322,15 +322,33 @@ def apply_overrides(cfg: Config, overrides: typing.Iterable[str] = ()) -> Config
     return cfg
 
 
+def shipped() -> dict[str, pathlib.Path]:
+    """The configs that come with aoi-jax, by name: ``{"ndigits": .../ndigits.py, ...}``.
+
+    They are the files ``configs/*.py`` of the repository, installed as the package ``aoi_jax.configs``
+    (``setup.cfg``): that folder when it exists (an installed wheel), else ``configs/`` beside the
+    ``aoi_jax`` folder (a checkout or an editable install).
+    """
+    package = pathlib.Path(__file__).resolve().parent
+    folder = package / "configs" if (package / "configs").is_dir() else package.parent / "configs"
+    return {p.stem: p for p in sorted(folder.glob("*.py")) if not p.name.startswith("_")}
+
+
 def load(path: str | pathlib.Path, overrides: typing.Iterable[str] = ()) -> Config:
-    """Runs the config file ``path`` (its ``get_config()``), then applies ``overrides``.
+    """Runs the config file ``path`` (its ``get_config()``), then applies ``overrides``. ``path`` is a file, or
+    the name of a shipped config (``"ndigits"``, ``shipped()``) when no such file exists.
 
     Raises:
-      FileNotFoundError: no such file.  ValueError: the file defines no ``get_config`` returning a Config.
+      FileNotFoundError: neither a file nor a shipped name (the message lists the names).
+      ValueError: the file defines no ``get_config`` returning a Config.
     """
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        names = shipped()
+        if str(path) not in names:
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist, nor is it the name of a shipped "
+                                    f"config: {sorted(names)}")
+        path = names[str(path)]
     namespace = runpy.run_path(str(path))
     if "get_config" not in namespace:
         raise ValueError(f"config file {str(path)!r} defines no get_config()")
@@ -384,6 +402,6 @@ def from_dict(d: dict[str, Any], cls=Config, prefix: str = ""):
 
 __all__ = [
     "Config", "ModelConfig", "NeuronConfig", "DataConfig", "RegConfig", "OptimConfig", "TrainConfig",
-    "EvalConfig", "load", "override", "apply_overrides", "valid_keys", "differences", "to_dict", "to_json",
+    "EvalConfig", "shipped", "load", "override", "apply_overrides", "valid_keys", "differences", "to_dict", "to_json",
     "from_dict", "epsilon_index",
 ]

@@ -255,7 +255,7 @@ def _train_and_evaluate(workdir, members, run_eval, strategy, tuning, progress) 
              f" ({', '.join(m.name for m in members)})" if M > 1 else "", jax.devices(), data_mesh.devices.size)
 
     t0 = time.time()
-    train_split, test_set = data.load(base.data)
+    train_split, test_set = data.load(base.data, progress=progress)
     train_set, validation_set = input_pipeline.split_validation(train_split, base.data)
     calib_set = input_pipeline.calibration_set(train_set, validation_set, base)
     input_shape = train_set.frames.shape[2:]

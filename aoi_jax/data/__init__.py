@@ -1,8 +1,9 @@
 """Data sets as frames: event checks and integration, static images, frame sets and batching, a registry.
 
-``DATASETS`` maps ``DataConfig.name`` to a ``load_splits(data_cfg) -> (train, test)`` function returning two
-``FrameSet``s; ``load(data_cfg)`` resolves it and raises listing the valid names. ``data_root`` is the one
-place that turns ``DataConfig.data_dir`` into a folder (its default does not depend on the current directory).
+``DATASETS`` maps ``DataConfig.name`` to a ``load_splits(data_cfg, *, progress=None) -> (train, test)``
+function returning two ``FrameSet``s (``progress(done, total)`` is called while a cache is built);
+``load(data_cfg)`` resolves it and raises listing the valid names. ``data_root`` is the one place that turns
+``DataConfig.data_dir`` into a folder (its default does not depend on the current directory).
 """
 
 import dataclasses
@@ -10,6 +11,7 @@ import functools
 import os
 import pathlib
 
+from aoi_jax import progress as progress_lib
 from aoi_jax.data import augment, cifar, cifar10_dvs, dvs_gesture, events, ncaltech101, ndigits, nmnist, static
 from aoi_jax.data.events import FrameSet, batches, check_events, integrate, num_batches
 
@@ -40,16 +42,21 @@ def data_root(data_dir: str) -> pathlib.Path:
     return pathlib.Path(cache_home).expanduser().absolute() / "aoi_jax"
 
 
-def load(data_cfg) -> tuple[FrameSet, FrameSet]:
+def load(data_cfg, *, progress=None) -> tuple[FrameSet, FrameSet]:
     """The (train, test) frame sets of ``data_cfg.name`` (an ``aoi_jax.config.DataConfig``), read from (and
     cached under) ``data_root(data_cfg.data_dir)``: the loaders see that absolute folder as ``data_dir``.
 
+    Args:
+      progress: ``progress(iterable, total=, desc=)`` reporting each cache build (e.g.
+        ``aoi_jax.progress.progress``), as for training and evaluation passes; None reports nothing.
     Raises:
       ValueError: unknown data set name; the message lists the valid ones.
     """
     if data_cfg.name not in DATASETS:
         raise ValueError(f"unknown data set {data_cfg.name!r}; valid names: {sorted(DATASETS)}")
-    return DATASETS[data_cfg.name](dataclasses.replace(data_cfg, data_dir=str(data_root(data_cfg.data_dir))))
+    report = None if progress is None else progress_lib.as_callback(progress, f"{data_cfg.name} cache")
+    return DATASETS[data_cfg.name](dataclasses.replace(data_cfg, data_dir=str(data_root(data_cfg.data_dir))),
+                                   progress=report)
 
 
 def augment_batch(frames, rng, data_cfg, sensor_hw):

@@ -128,7 +128,7 @@ def read_recording(dataset, index: int) -> np.ndarray:
     except ModuleNotFoundError as e:
         if e.name == "aedat":
             raise ImportError(f"{path}: reading .aedat4 files needs the 'aedat' package "
-                              "(pip install aedat)") from e
+                              "(pip install 'aoi-jax[cifar10dvs]', or pip install aedat)") from e
         raise
     except Exception as e:
         raise ValueError(f"{path}: could not read the recording ({type(e).__name__}: {e})") from e

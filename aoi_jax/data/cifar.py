@@ -17,6 +17,7 @@ normalisation) with an explicit ``np.random.Generator``. AutoAugment is left out
 
 import pathlib
 import pickle
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -69,8 +70,11 @@ def read_batch(path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
-def load_raw(data_dir, name: str) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def load_raw(data_dir, name: str, *, progress: Callable[[int, int], None] | None = None
+             ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """((train images, labels), (test images, labels)), images uint8 (N, 32, 32, 3), file order.
+
+    ``progress(done, total)``, if given, is called after each batch file read (in files).
 
     Raises:
       FileNotFoundError: the folder or a batch file is missing; the message says what to put where.
@@ -85,11 +89,17 @@ def load_raw(data_dir, name: str) -> tuple[tuple[np.ndarray, np.ndarray], tuple[
             f"{str(data_dir)!r}: the folder {spec.folder}/ with {', '.join(spec.train + spec.test)} (the "
             f"archive {spec.archive} unpacked there); nothing is downloaded")
 
-    def read(files):
-        parts = [read_batch(root / f, spec.label_key) for f in files]
+    files = spec.train + spec.test
+    parts = []
+    for f in files:
+        parts.append(read_batch(root / f, spec.label_key))
+        if progress is not None:
+            progress(len(parts), len(files))
+
+    def join(parts):
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    return read(spec.train), read(spec.test)
+    return join(parts[:len(spec.train)]), join(parts[len(spec.train):])
 
 
 def normalise(images: np.ndarray, name: str) -> np.ndarray:
@@ -98,11 +108,11 @@ def normalise(images: np.ndarray, name: str) -> np.ndarray:
     return (images.astype(np.float32) / 255.0 - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
 
 
-def load_splits(data_cfg) -> tuple[FrameSet, FrameSet]:
+def load_splits(data_cfg, *, progress: Callable[[int, int], None] | None = None) -> tuple[FrameSet, FrameSet]:
     """(train, test) of ``data_cfg.name`` ("cifar10" | "cifar100") from ``data_cfg.data_dir``.
 
     Frames are the normalised images repeated ``data_cfg.timesteps`` times, (N, T, 32, 32, 3) float32
-    (a broadcast view: one copy per image in memory).
+    (a broadcast view: one copy per image in memory). ``progress`` as in ``load_raw``.
 
     Raises:
       FileNotFoundError: the batches are not in data_dir (see ``load_raw``).
@@ -110,7 +120,7 @@ def load_splits(data_cfg) -> tuple[FrameSet, FrameSet]:
     """
     if tuple(data_cfg.size) not in ((), (32, 32)):
         raise ValueError(f"CIFAR images are 32x32; data.size = {tuple(data_cfg.size)} is not supported")
-    (x_tr, y_tr), (x_te, y_te) = load_raw(data_cfg.data_dir, data_cfg.name)
+    (x_tr, y_tr), (x_te, y_te) = load_raw(data_cfg.data_dir, data_cfg.name, progress=progress)
     k = _spec(data_cfg.name).num_classes
     return tuple(FrameSet(static.repeat(normalise(x, data_cfg.name), data_cfg.timesteps), y, k, (32, 32))
                  for x, y in ((x_tr, y_tr), (x_te, y_te)))

@@ -35,7 +35,7 @@ OFFICIAL_COUNT = 10000
 HOW_TO_GET = ("CIFAR10-DVS: tonic's AEDAT4 conversion CIFAR10DVS.zip (figshare file 38023437, from Li et al. 2017, "
               "figshare 4724671) with its per-class archives airplane.zip ... truck.zip extracted to "
               "<class>/*.aedat4; or run tonic.datasets.CIFAR10DVS(save_to=<data_dir>) once on a machine with "
-              "network. Reading needs 'pip install aedat'.")
+              "network. Reading needs the aedat package: pip install 'aoi-jax[cifar10dvs]'.")
 
 CIFAR10DVS = cache.offline(tonic.datasets.CIFAR10DVS)
 

@@ -7,6 +7,8 @@ of one image per sample.
 
 """
 
+from collections.abc import Callable
+
 import numpy as np
 
 from aoi_jax.data import ndigits
@@ -36,13 +38,13 @@ def summed(frameset, timesteps: int) -> FrameSet:
     return FrameSet(repeat(images, timesteps), frameset.labels, frameset.num_classes, frameset.sensor_hw)
 
 
-def ndigits_summed(data_cfg) -> tuple[FrameSet, FrameSet]:
+def ndigits_summed(data_cfg, *, progress: Callable[[int, int], None] | None = None) -> tuple[FrameSet, FrameSet]:
     """N-Digits as static images: each recording's event counts summed over its whole duration (the QCFS
     ANN's input), shown at each of ``data_cfg.timesteps`` steps (the converted SNN's input).
 
-    Reads data_dir, timesteps, seed and size as ``ndigits.load_splits`` does.
+    Reads data_dir, timesteps, seed and size as ``ndigits.load_splits`` does (``progress`` as there).
     """
-    return tuple(summed(split, data_cfg.timesteps) for split in ndigits.load_splits(data_cfg))
+    return tuple(summed(split, data_cfg.timesteps) for split in ndigits.load_splits(data_cfg, progress=progress))
 
 
 __all__ = ["repeat", "summed", "ndigits_summed"]
