@@ -224,8 +224,11 @@ class SpikingLayer(nnx.Module):
 
     Multistep (``SpikingNet.__call__``): ``pre`` and ``post`` on the folded (T*N, ...) batch, the cell
     scanned over T; record ``(s, m)`` (T, N, ...), or ``layer_fn(s, m)``; with remat the whole layer is one
-    ``jax.checkpoint`` (the backward pass keeps its inputs and recomputes it). One step (``SpikingNet.step``):
-    ``cell.step`` from the carried membrane; record ``(s, v_next)`` (N, ...).
+    ``jax.checkpoint`` (the backward pass keeps its inputs and recomputes it), with an optimisation barrier
+    over its inputs and parameters and one over its outputs, so that the layer is recomputed as one block
+    when its cotangent arrives (XLA:CPU keeps them only with ``xla_tuning.CPU_REMAT_OPTIONS``;
+    docs/performance.md has what they save). One step (``SpikingNet.step``): ``cell.step`` from
+    the carried membrane; record ``(s, v_next)`` (N, ...).
 
     Args:
       pre: an ``nnx.Module`` taking the layer's inputs (a closure would keep the modules of the model it
@@ -255,15 +258,16 @@ class SpikingLayer(nnx.Module):
             call.probe(self, self.pre, *inputs)
         if not (call.kind == "multistep" and call.remat):
             return self._apply(inputs)
-        graphdef, state = nnx.split(self)
+        graphdef, params, others = nnx.split(self, nnx.Param, ...)
 
         @jax.checkpoint
-        def rematerialised(state, inputs):
-            layer = nnx.merge(graphdef, state, copy=True)
-            return layer._apply(inputs), nnx.state(layer)
+        def rematerialised(inputs, params, others):
+            inputs, params = jax.lax.optimization_barrier((inputs, params))
+            layer = nnx.merge(graphdef, params, others, copy=True)
+            return jax.lax.optimization_barrier((layer._apply(inputs), nnx.split(layer, nnx.Param, ...)[2]))
 
-        out, state = rematerialised(state, inputs)
-        nnx.update(self, state)
+        out, others = rematerialised(inputs, params, others)
+        nnx.update(self, others)
         return out
 
     def _apply(self, inputs):
