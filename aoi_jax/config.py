@@ -84,8 +84,9 @@ class ModelConfig:
     activation: str = "lif"
     levels: int = 4  # QCFS quantisation steps L (activation == "qcfs"; 4 in the reference, also 8)
     tebn_steps: int = 0  # TEBN: BatchNorm followed by a learnt scale p_t for each of this many steps T; 0 = off
-    # rematerialise in training: keep only each spiking layer's input for the backward pass (spikes as int8)
-    # and recompute its conv, BatchNorm and cell there (fewer temporaries, more FLOPs: docs/performance.md)
+    # rematerialise in training: keep only each spiking layer's input for the backward pass and recompute its
+    # conv, BatchNorm and cell there (fewer temporaries, more FLOPs; on XLA:CPU only with
+    # xla_tuning.CPU_REMAT_OPTIONS: docs/performance.md)
     remat: bool = False
 
     @property

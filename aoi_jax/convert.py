@@ -11,7 +11,8 @@ Its time-averaged logits approach the ANN's as T grows (tests/test_convert.py me
 
 The result is an ordinary ``models.SpikingNet`` (``__call__``, ``init_membranes``, ``step``,
 ``fan_out``): the training-free evaluation path of directly trained SNNs (``step.make_eval_step``,
-``cutoff``, ``anytime``) runs it unchanged. ``to_snn`` is what evaluation calls on a trained run.
+``cutoff``, ``anytime``) runs it unchanged. ``to_snn`` is what ``aoi_jax.method.QCFS.evaluated`` calls on a
+trained run.
 """
 
 import dataclasses
@@ -20,7 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from aoi_jax import models, step
+from aoi_jax import models
 from aoi_jax.config import Config, ModelConfig
 
 
@@ -72,14 +73,15 @@ def _describe(state) -> dict[str, tuple]:
     return {jax.tree_util.keystr(p): (tuple(x.shape), str(x.dtype)) for p, x in leaves}
 
 
-def to_snn(state: step.TrainState, cfg: Config, input_shape):
+def to_snn(state, cfg: Config, input_shape):
     """The SNN a trained QCFS ANN run converts to, as ``(graphdef, state, cfg)`` of an ``activation = "if"`` run.
 
-    ``state`` keeps its step and its parameters and BatchNorm statistics (``convert``); the optimiser state
-    is dropped (the SNN is not trained).
+    ``state`` (a ``step.TrainState``) keeps its step and its parameters and BatchNorm statistics
+    (``convert``); the optimiser state is dropped (the SNN is not trained).
 
     Raises:
       ValueError: as ``convert``.
     """
     snn_model, graphdef, params, batch_stats = convert(cfg.model, input_shape, state.params, state.batch_stats)
-    return graphdef, step.TrainState(state.step, params, batch_stats, ()), dataclasses.replace(cfg, model=snn_model)
+    return graphdef, state._replace(params=params, batch_stats=batch_stats, opt_state=()), \
+        dataclasses.replace(cfg, model=snn_model)

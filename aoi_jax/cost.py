@@ -62,30 +62,27 @@ def _jaxpr_macs(jaxpr) -> int:
 def layer_macs(model, input_shape) -> tuple[int, ...]:
     """Multiply-accumulates per frame of each affine stage of a ``models.SpikingNet`` (any activation).
 
-    ``forward`` is traced on one frame (1, H, W, C) with every cell replaced by the identity (shapes only)::
+    ``forward`` is traced on one frame (1, H, W, C) with every cell replaced by the identity
+    (``SpikingNet.probe``, shapes only)::
 
-        macs_i = MACs of spiking layer i's pre-activation pre(x, *modules),   i = 0..L-1
-        macs_L = MACs of the whole forward pass - sum_i macs_i                 (the head)
+        macs_i = MACs of spiking layer i's pre-activation pre(*inputs),   i = 0..L-1
+        macs_L = MACs of the whole forward pass - sum_i macs_i            (the head)
 
     Args:
       model: a ``models.SpikingNet``.  input_shape: (H, W, C) of one frame.
     Returns:
       (L + 1,) Python ints.
     """
-    stages = []
+    stages = {}
 
-    def layer(pre, x, *modules, post=None):
-        spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x)
-        stages.append(_jaxpr_macs(jax.make_jaxpr(lambda x: pre(x, *modules))(spec).jaxpr))
-        u = pre(x, *modules)
-        return u if post is None else post(u)
-
-    def norm(bn, u):
-        return bn(u, use_running_average=True)
+    def probe(layer, pre, *inputs):
+        specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), inputs)
+        stages[layer.index] = _jaxpr_macs(jax.make_jaxpr(lambda xs: pre(*xs))(specs).jaxpr)
 
     frame = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    total = _jaxpr_macs(jax.make_jaxpr(lambda f: model.forward(f, layer, norm))(frame).jaxpr)
-    return (*stages, total - sum(stages))
+    total = _jaxpr_macs(jax.make_jaxpr(lambda f: model.probe(f, probe)[0])(frame).jaxpr)
+    macs = [stages[i] for i in range(len(stages))]
+    return (*macs, total - sum(macs))
 
 
 def spikes_to_exit(counts, timesteps) -> np.ndarray:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aoi_jax import anytime, config as config_lib, convert, cost, cutoff, input_pipeline, parallel, step
+from aoi_jax import anytime, config as config_lib, cost, cutoff, input_pipeline, method, parallel, step
 
 
 def no_progress(iterable, **_):
@@ -52,11 +52,9 @@ def make_eval_functions(graphdef, cfg: config_lib.Config, *, compiler_options: d
 
 
 def spiking_run(graphdef, state: step.TrainState, cfg: config_lib.Config, input_shape):
-    """``(graphdef, state, cfg)`` of the SNN that is evaluated: the run itself, or for a QCFS ANN
-    (``cfg.model.is_ann``) the IF network it converts to (``convert.to_snn``)."""
-    if cfg.model.is_ann:
-        return convert.to_snn(state, cfg, input_shape)
-    return graphdef, state, cfg
+    """``(graphdef, state, cfg)`` of the SNN that is evaluated (``method.of(cfg).evaluated``): the run itself,
+    or for a QCFS ANN the IF network it converts to."""
+    return method.of(cfg).evaluated(graphdef, state, cfg, input_shape)
 
 
 def collect(eval_step, state, frameset, batch_size, key, mesh, *, progress=no_progress, desc="eval"):
@@ -195,7 +193,7 @@ def evaluate(graphdef, state: step.TrainState, cfg: config_lib.Config, calib_set
     Raises:
       ValueError: ``cfg`` is a QCFS ANN.
     """
-    if cfg.model.is_ann:
+    if method.of(cfg).converts:
         raise ValueError("evaluate needs a spiking run; convert the QCFS ANN first (evaluation.spiking_run)")
     found = []
     state_leaves = jax.tree.leaves((state.params, state.batch_stats))
@@ -250,6 +248,7 @@ def evaluate(graphdef, state: step.TrainState, cfg: config_lib.Config, calib_set
         "spikes_per_sample": per_sample_spikes.tolist(),
         "spikes_per_sample_per_timestep": (spikes / n_test).tolist(),
         "fan_out": list(fan_out),
+        "neurons": jax.tree.map(lambda v: np.asarray(v).tolist(), model.cell_values()),
         "synops_per_sample": (per_sample_spikes * np.asarray(fan_out)).tolist(),
         "warnings": found,
     }

@@ -8,8 +8,8 @@
 - Calibration: ``split_validation`` holds ``data.validation_fraction`` of each class of the training split
   out (never trained on); ``calibration_set`` is the split Top-K and SpikeCP calibrate on
   (``eval.calibration``): the samples trained on, or the held-out ones.
-- A QCFS ANN (``ModelConfig.is_ann``) trains on one static frame per sample: the first time step of each
-  recording (``model_input``), repeated nowhere; its converted SNN is evaluated on all T steps.
+- What the model trains on is the training method's (``aoi_jax.method``, ``model_input``): a QCFS ANN
+  trains on the first time step of each recording; its converted SNN is evaluated on all T steps.
 
 Batches are ``{"frames": (T, B, H, W, C) float32, "label": (B,) int32}`` (time-major).
 """
@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from aoi_jax import data
+from aoi_jax import data, method
 from aoi_jax.config import Config, DataConfig
 from aoi_jax.data import FrameSet
 from aoi_jax.data.ndigits import split_indices
@@ -30,14 +30,10 @@ def steps_per_epoch(n_train: int, cfg: Config) -> int:
     return data.num_batches(n_train, cfg.train.batch_size, drop_last=True)
 
 
-def static_input(frameset: FrameSet) -> FrameSet:
-    """The frame set with only its first time step, (N, 1, H, W, C): a QCFS ANN's static input."""
-    return dataclasses.replace(frameset, frames=frameset.frames[:, :1])
-
-
 def model_input(frameset: FrameSet, cfg: Config) -> FrameSet:
-    """What the model of ``cfg`` trains on: ``static_input`` for a QCFS ANN, else the frame set itself."""
-    return static_input(frameset) if cfg.model.is_ann else frameset
+    """What the model of ``cfg`` trains on (``method.of(cfg).model_input``): a QCFS ANN's first frame, else
+    the frame set itself."""
+    return method.of(cfg).model_input(frameset)
 
 
 def subset(frameset: FrameSet, index: np.ndarray) -> FrameSet:

@@ -10,55 +10,39 @@ spikes times fan-out (reference-semantics.md section 9 item 3; border effects ar
 Calibration (reference-semantics.md section 7) runs the forward pass with inverted dropout of rate
 ``dropout`` on every spiking layer's output; it draws from the explicit ``key``.
 
-``ModelConfig.activation`` picks what sits at each spiking layer of the same architecture (one forward):
-``"lif"`` the cells of ``ModelConfig.neuron`` (direct training); ``"qcfs"`` the QCFS activation of an ANN
+``ModelConfig.activation`` picks what a ``SpikingLayer`` runs on its pre-activation (one architecture):
+``"lif"`` the cell of ``ModelConfig.neuron`` (direct training); ``"qcfs"`` the QCFS activation of an ANN
 with a learnt threshold ``lam_l`` per layer (``aoi_jax.qcfs``); ``"if"`` the converted SNN, IF cells of
 threshold ``lam_l`` emitting ``lam_l`` per spike (``aoi_jax.convert``). ``ModelConfig.tebn_steps > 0``
-follows every conv BatchNorm by TEBN's per-timestep scale (``TEBatchNorm``).
+makes every conv BatchNorm a ``TEBatchNorm`` (TEBN's per-timestep scale).
 
-Adding an architecture: subclass ``SpikingNet``; in ``__init__`` create the NNX modules and end with
-``super().__init__(cfg, fan_out)``, ``fan_out`` holding one entry per spiking layer (as above); write
-``forward(h, layer, norm)`` once, on a folded batch ``h`` (B, H, W, C), returning the logits (B, K); add
-the class to ``MODELS``. ``forward`` calls ``h = layer(pre, x, *modules, post=None)`` once per spiking
-layer, in order. The layer's pre-activation is ``u = pre(x, *modules)``: ``pre`` reaches its NNX modules
-only through ``modules`` (so remat can recompute and differentiate them) and sends each BatchNorm through
-``norm(bn, u)`` (batch or running statistics; TEBN's scale). ``layer`` runs on u the cell that
-``ModelConfig.activation`` selects and returns ``post(its output)`` (``post``: e.g. the pooling after the
-cell; it runs inside the layer, so remat recomputes it too). This one ``forward`` serves training
-(``__call__``: the cells scanned over T), calibration dropout, remat, QCFS / IF conversion (set
-``CONVERTIBLE = False`` if the model max-pools) and ``step`` (one frame at a time). ``model.channels`` is
-small_snn's: other models set it to ``()``. The complete example (the README shows it too)::
+Adding an architecture: subclass ``SpikingNet`` and add the class to ``MODELS``. In ``__init__`` create the
+NNX modules as usual; each spiking layer is a ``SpikingLayer(pre, cfg, features, post=)`` owning its
+pre-activation ``pre`` (an ``nnx.Module``, e.g. ``nnx.Sequential(conv, bn)``; it may share modules the
+model also holds), its cell (``ModelConfig.neuron``, ``features`` channels) and ``post`` (a plain function
+on its output, e.g. ``avg_pool``); end with ``super().__init__(cfg, fan_out)``, one ``fan_out`` entry per
+spiking layer. Write ``forward(x)`` as any NNX ``__call__``, on one folded batch ``x`` (B, H, W, C): a
+spiking layer called on its inputs returns ``(output, record)``; ``forward`` returns ``(logits (B, K),
+records)``, the records in the order the layers ran. Spiking layer i is the i-th one ``forward`` calls
+(``build`` numbers them once, by tracing ``forward``). That one ``forward`` serves every mode, which
+``SpikingNet`` sets on a working copy of the model for the duration of one call (``_Call``):
 
-    from flax import nnx
+- ``__call__`` (training, evaluation, calibration dropout): ``x`` is (T*N, ...); each layer runs ``pre``
+  on the folded batch and scans only its cell over T (a conv inside a scan is slow on XLA:CPU); its
+  record is (spikes, membranes) (T, N, ...), or ``layer_fn`` of them; with ``ModelConfig.remat`` each
+  layer is one ``jax.checkpoint``.
+- ``step`` (one frame, carried membranes: ``anytime.serve``): each layer advances its cell by one step.
+- the activation (lif / qcfs / if, above) and ``TEBatchNorm``'s scale ``p_t`` (over T, or at step t) are
+  read by the layers from the same call, so QCFS / IF conversion needs nothing from the model (set
+  ``CONVERTIBLE = False`` if it max-pools).
 
-    from aoi_jax import models
-    from aoi_jax.config import ModelConfig
-
-
-    class TinySNN(models.SpikingNet):
-        # Conv 3x3 (C -> 8), BatchNorm, cell, 2x2 average pool; Conv 3x3 (8 -> 16), BatchNorm, cell;
-        # Linear(16 * H/2 * W/2, K)
-        def __init__(self, cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs):
-            H, W, C = input_shape
-            self.conv1, self.bn1 = nnx.Conv(C, 8, (3, 3), padding=1, rngs=rngs), nnx.BatchNorm(8, rngs=rngs)
-            self.conv2, self.bn2 = nnx.Conv(8, 16, (3, 3), padding=1, rngs=rngs), nnx.BatchNorm(16, rngs=rngs)
-            self.head = nnx.Linear(16 * (H // 2) * (W // 2), cfg.num_classes, rngs=rngs)
-            # a spike of layer 0 reaches 3 x 3 x 16 synapses of conv2, one of layer 1 the head's K
-            super().__init__(cfg, fan_out=(9 * 16, cfg.num_classes))
-
-        def forward(self, h, layer, norm):
-            conv_bn = lambda x, conv, bn: norm(bn, conv(x))
-            h = layer(conv_bn, h, self.conv1, self.bn1, post=models.avg_pool)
-            h = layer(conv_bn, h, self.conv2, self.bn2)
-            return self.head(h.reshape(h.shape[0], -1))
-
-
-    models.MODELS["tiny_snn"] = TinySNN
-    model = models.build(ModelConfig(name="tiny_snn", channels=(), num_classes=3), (8, 8, 2), rngs=nnx.Rngs(0))
+``model.channels`` is small_snn's: other models set it to ``()``. README.md, "Extending it", shows a complete
+new model in this style with remat on; tests/test_models.py runs that very block.
 """
 
 import dataclasses
-import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +60,58 @@ def _conv(cin, cout, kernel, stride, padding, rngs, *, use_bias=True):
                     use_bias=use_bias, kernel_init=_kaiming_fan_out, rngs=rngs)
 
 
+# --- STAND-IN for the cells helper's ``neurons.cell`` (branch wip/cells); the lead swaps it in at the merge ---
+class _LIFCell(nnx.Module):
+    """The LIF cell of ``neuron`` as a module: ``neurons.lif`` over time, ``neurons.lif_step`` for one step."""
+
+    def __init__(self, neuron: NeuronConfig, features: int, *, rngs: nnx.Rngs):
+        self.neuron = neuron
+
+    def _settings(self):
+        n = self.neuron
+        return {"tau": n.tau, "vth": n.vth, "reset": n.reset, "surrogate": n.surrogate, "width": n.width}
+
+    def __call__(self, x):
+        return neurons.lif(x, v0=self.neuron.v0, **self._settings())
+
+    def step(self, v, x):
+        return neurons.lif_step(v, x, **self._settings())
+
+    def initial(self, shape):
+        return jnp.full(shape, self.neuron.v0, jnp.float32)
+
+    def values(self) -> dict:
+        return {}
+
+
+def _cell(neuron: NeuronConfig, features: int, *, rngs: nnx.Rngs) -> nnx.Module:
+    return _LIFCell(neuron, features, rngs=rngs)
+# --- end of the stand-in ---
+
+
+@dataclasses.dataclass(eq=False)
+class _Call:
+    """One call of a ``SpikingNet``, read by its ``SpikingLayer``s and ``TEBatchNorm``s (a static attribute of
+    the working copy that ``SpikingNet`` runs; compared by identity).
+
+    kind: "multistep" (``__call__``: the folded (T*N, ...) batch), "step" (one frame) or "probe" (shapes,
+    initial membranes and the order of the layers; ``probe(layer, pre, *inputs)`` is called by each layer).
+    """
+
+    kind: str
+    T: int | None = None
+    train: bool = False
+    dropout: float = 0.0
+    remat: bool = False
+    layer_fn: Callable | None = None
+    probe: Callable | None = None
+
+
+class _Inputs(nnx.Variable):
+    """The arrays of one call, shared by the layers of the working copy: {"key": dropout key, "thresholds":
+    (L,) lam (qcfs / if), "membranes": one (N, ...) per layer (step), "t": the step of TEBN (step)}."""
+
+
 class TEBatchNorm(nnx.BatchNorm):
     """BatchNorm followed by TEBN's learnt per-timestep scale (reference-semantics.md section 4).
 
@@ -86,12 +122,27 @@ class TEBatchNorm(nnx.BatchNorm):
         out = p_t * y_t
 
     On the folded (T*N, ...) batch plain BatchNorm already takes its statistics over time, so only the
-    scale is new. ``__call__`` is ``nnx.BatchNorm``'s; the models apply ``scale_time`` after it.
+    scale is new. Inside a ``SpikingNet`` call it scales by the call's T (multistep) or t (one step).
+
+    Raises:
+      ValueError: called outside a ``SpikingNet`` call (no T or t).
     """
 
     def __init__(self, num_features, timesteps, *, rngs: nnx.Rngs):
         super().__init__(num_features, momentum=0.9, epsilon=1e-5, rngs=rngs)
         self.time_scale = nnx.Param(jnp.ones((timesteps,), jnp.float32))
+        self.call, self.inputs = None, nnx.data(None)   # set for one call by SpikingNet._run
+
+    def __call__(self, x, use_running_average=None, *, mask=None):
+        y = super().__call__(x, use_running_average, mask=mask)
+        call = self.call
+        if call is None:
+            raise ValueError("TEBatchNorm scales each time step by p_t: it runs inside SpikingNet.__call__ or "
+                             "step, which give T (folded batch) or t (one step)")
+        if call.kind == "multistep":
+            return self.scale_time(y, T=call.T)
+        t = self.inputs["t"] if call.kind == "step" else 0
+        return self.scale_time(y, t=t)
 
     def scale_time(self, y, *, T=None, t=None):
         """``p_t * y``: on a folded batch (T*N, ...) given ``T``, or on one step's (N, ...) given ``t``, a
@@ -129,31 +180,22 @@ def avg_pool(h):
     return h.reshape(B, H // 2, 2, W // 2, 2, C).mean(axis=(2, 4))
 
 
-def _max_pool(h):
+def max_pool(h):
+    """2x2 max pooling, stride 2, of (B, H, W, C)."""
     return nnx.max_pool(h, (2, 2), strides=(2, 2))
 
 
-def spiking(u, T, neuron: NeuronConfig, *, dropout=0.0, key=None):
-    """Runs the cell of ``neuron`` over time on a folded pre-activation.
+def flatten(x):
+    """(B, ...) -> (B, prod(...))."""
+    return x.reshape(x.shape[0], -1)
 
-    Args:
-      u: pre-activation on the folded batch, (T*N, ...).  T: number of time steps.
-      neuron: cell settings.  dropout: inverted-dropout rate on the spikes (0 = none).
-      key: PRNG key, required when dropout > 0.
-    Returns:
-      (h, (spikes, membranes)): h = the (possibly dropped-out) spikes folded back to (T*N, ...);
-      spikes and membranes (T, N, ...) as returned by ``neurons.lif``.
+
+def dropout(h, rate, key):
+    """Inverted dropout: each entry kept with probability 1 - rate and scaled by 1 / (1 - rate).
+
     Raises:
-      ValueError: dropout > 0 without a key.
+      ValueError: rate > 0 without a key.
     """
-    x = u.reshape(T, u.shape[0] // T, *u.shape[1:])
-    s, m = neurons.lif(x, tau=neuron.tau, vth=neuron.vth, reset=neuron.reset, v0=neuron.v0,
-                       surrogate=neuron.surrogate, width=neuron.width)
-    return _dropout(s, dropout, key).reshape(u.shape), (s, m)
-
-
-def _dropout(h, rate, key):
-    """Inverted dropout: each entry kept with probability 1 - rate and scaled by 1 / (1 - rate)."""
     if rate == 0.0:
         return h
     if key is None:
@@ -162,130 +204,16 @@ def _dropout(h, rate, key):
     return jnp.where(keep, h / (1.0 - rate), 0.0)
 
 
-def _multistep(model, h, *, T, train, dropout, key, layer_fn=None):
-    """``SpikingNet.__call__`` on the folded batch h (T*N, H, W, C) -> (logits (T*N, K), layers).
+class SpikingLayer(nnx.Module):
+    """One spiking layer: ``pre`` (the affine part), the cell, ``post``; called ``(output, record) =
+    layer(*inputs)`` inside a ``SpikingNet`` call.
 
-    ``layers[i] = layer_fn(a_i, b_i)`` (``(a_i, b_i)`` without ``layer_fn``) with ``(a_i, b_i)`` spiking
-    layer i's (spikes, membranes) or, for qcfs, (activations, pre-activations), each (T, N, ...); layer i
-    is ``forward``'s i-th call of ``layer``.
+    With ``u = pre(*inputs)``, ``lam_i = thresholds[i]`` (i: the layer's number, ``build``), by
+    ``ModelConfig.activation``, the output before ``post`` and inverted dropout (calibration)::
 
-    With ``ModelConfig.remat`` each spiking layer (its ``pre``: conv, BatchNorm, ...; its cell; its
-    dropout; its ``post``; ``layer_fn``) is one ``jax.checkpoint`` (``_remat``).
-
-    Raises:
-      ValueError: ``forward`` calls ``layer`` a number of times other than ``len(model.fan_out)``.
-    """
-    N = h.shape[0] // T
-    keys = None if dropout == 0.0 or key is None else jax.random.split(key, len(model.fan_out))
-    layers = []
-    reduce = (lambda a, b: (a, b)) if layer_fn is None else layer_fn
-    spikes = []  # the layer outputs that are exactly 0/1 (lif cells without dropout or post)
-
-    def cell(i, u, lam, key):
-        """(output, reduce(pair)) of spiking layer i on its pre-activation u; lam its threshold (qcfs/if)."""
-        if model.is_ann:
-            y = qcfs.qcfs(u, lam, model.levels)
-            return _dropout(y, dropout, key), reduce(*(a.reshape(T, N, *a.shape[1:]) for a in (y, u)))
-        if model.activation == "lif":
-            out, sm = spiking(u, T, model.neuron, dropout=dropout, key=key)
-            return out, reduce(*sm)
-        out, sm = spiking(u / lam, T, model.neuron, dropout=dropout, key=key)
-        return out * lam, reduce(*sm)
-
-    def layer(pre, x, *modules, post=None):
-        i = len(layers)
-        lam = None if model.thresholds is None else model.thresholds[i]
-        layer_key = None if keys is None else keys[i]
-
-        def run(x, lam, modules, key):
-            out, record = cell(i, pre(x, *modules), lam, key)
-            return (out if post is None else post(out)), record
-
-        if model.remat:
-            binary = jax.tree.map(lambda a: any(a is s for s in spikes), x)
-            out, record = _remat(run, x, binary, lam, modules, layer_key)
-        else:
-            out, record = run(x, lam, modules, layer_key)
-        if model.activation == "lif" and dropout == 0.0 and post is None:
-            spikes.append(out)
-        layers.append(record)
-        return out
-
-    logits = model.forward(h, layer, model._norm(train, T=T))
-    if len(layers) != len(model.fan_out):
-        raise ValueError(f"{type(model).__name__}.forward calls layer {len(layers)} times, so fan_out needs "
-                         f"{len(layers)} entries (one per spiking layer), got {len(model.fan_out)}")
-    return logits, tuple(layers)
-
-
-def _remat(run, x, binary, lam, modules, key):
-    """``run(x, lam, modules, key)`` rematerialised: one ``jax.checkpoint``, so the backward pass keeps
-    only its inputs and recomputes the layer from them when it needs the layer's intermediates.
-
-    ``binary``: a tree like x, True where the leaf is exactly 0/1 (spikes straight from a LIF layer);
-    those leaves are kept as int8 (exact, a quarter of float32): cast outside the checkpoint, back inside
-    (``_from_int8``, which takes its derivative from the float leaf, so the gradient still reaches x).
-    The modules are split into parameters (differentiated) and the rest (BatchNorm statistics, updated
-    in training and returned).
-
-    Two optimisation barriers order the layer as one block (XLA:CPU keeps them only with
-    ``xla_disable_hlo_passes="cse_barrier_expander"``; without it, it merges the recomputation with the
-    forward pass): one over the layer's inputs, whose transpose makes the layer's gradients (input,
-    threshold, parameters) complete together, and one over its outputs (``layer_fn``'s result too).
-    """
-    graphdef, params, others = nnx.split(modules, nnx.Param, ...)
-    kept = jax.tree.map(lambda b, a: a.astype(jnp.int8) if b else a, binary, x)
-
-    @functools.partial(jax.checkpoint, prevent_cse=True)
-    def f(kept, x, lam, params, others, key):
-        x = jax.tree.map(lambda b, k, a: _from_int8(k, a) if b else a, binary, kept, x)
-        x, lam, params = jax.lax.optimization_barrier((x, lam, params))
-        mods = nnx.merge(graphdef, params, others, copy=True)
-        return jax.lax.optimization_barrier((run(x, lam, mods, key), nnx.split(mods, nnx.Param, ...)[2]))
-
-    result, others = f(kept, x, lam, params, others, key)
-    nnx.update(modules, others)
-    return result
-
-
-@jax.custom_jvp
-def _from_int8(kept, x):
-    """``kept`` (an exact int8 copy of x) in x's dtype, with x's tangent: the value needs only ``kept``,
-    the derivative is that of the identity in x (the cast to int8 alone would have none)."""
-    return kept.astype(x.dtype)
-
-
-@_from_int8.defjvp
-def _from_int8_jvp(primals, tangents):
-    kept, x = primals
-    return kept.astype(x.dtype), tangents[1]
-
-
-def _conv_norm(norm):
-    """``pre(x, conv, bn) = norm(bn, conv(x))``: the pre-activation of a conv spiking layer."""
-    return lambda x, conv, bn: norm(bn, conv(x))
-
-
-def _flatten(x):
-    return x.reshape(x.shape[0], -1)
-
-
-class SpikingNet(nnx.Module):
-    """Base of the models: one ``forward`` per architecture, run multistep or one step at a time.
-
-    A subclass ends its ``__init__`` with ``super().__init__(cfg, fan_out)`` and defines ``forward(h,
-    layer, norm)``, calling ``h = layer(pre, x, *modules, post=None)`` once per spiking layer (the
-    protocol and a worked example: the module docstring). ``__call__`` runs ``forward`` on (T*N, ...) with
-    the cell scanned over time (each layer one ``jax.checkpoint`` with ``remat``); ``step`` runs it on one
-    frame, advancing carried membranes by one ``neurons.lif_step``. Both give the same spikes (a
-    feed-forward net is exact in either order).
-
-    Spiking layer i is ``forward``'s i-th call of ``layer``; with ``u = pre(x, *modules)``, by
-    ``activation`` (``lam_i = thresholds[i]``, the learnt QCFS threshold; ``layer`` returns ``post(output)``)::
-
-        lif:   s = lif(u; neuron)                                   output s
-        qcfs:  y = qcfs(u, lam_i, levels)                           output y   (an ANN; no time dynamics)
-        if:    s = lif(u / lam_i; tau=1, vth=1, soft, v0)           output lam_i * s
+        lif:   s, m = cell(u)                                  output s
+        qcfs:  y = qcfs(u, lam_i, levels)                      output y    (an ANN; record (y, u))
+        if:    s, m = cell(u / lam_i)  (tau=1, vth=1, soft)    output lam_i * s
 
     The ``if`` cell is the IF neuron of threshold ``lam_i`` and initial membrane ``v0 * lam_i`` (v0 = 0.5:
     half the threshold), soft reset, emitting ``lam_i`` per spike, computed in units of ``lam_i``: dividing
@@ -293,6 +221,94 @@ class SpikingNet(nnx.Module):
     recursion for ``h / lam``, ``v / lam``, ``x / lam`` with threshold 1, so the spikes are identical and
     the membranes returned (and carried by ``step``) are ``m_t / lam``: one ``NeuronConfig`` serves every
     layer, and RCS reads the membranes with ``vth = 1``.
+
+    Multistep (``SpikingNet.__call__``): ``pre`` and ``post`` on the folded (T*N, ...) batch, the cell
+    scanned over T; record ``(s, m)`` (T, N, ...), or ``layer_fn(s, m)``; with remat the whole layer is one
+    ``jax.checkpoint`` (the backward pass keeps its inputs and recomputes it), with an optimisation barrier
+    over its inputs and parameters and one over its outputs, so that the layer is recomputed as one block
+    when its cotangent arrives (XLA:CPU keeps them only with ``xla_tuning.CPU_REMAT_OPTIONS``;
+    docs/performance.md has what they save). One step (``SpikingNet.step``): ``cell.step`` from
+    the carried membrane; record ``(s, v_next)`` (N, ...).
+
+    Args:
+      pre: an ``nnx.Module`` taking the layer's inputs (a closure would keep the modules of the model it
+        was built in, not those of the copy ``nnx.merge`` makes).  cfg: the model config (activation,
+        levels, neuron).  features: channels of u (for the cell).  post: a function on the output.
+    Raises:
+      TypeError: ``pre`` is not an ``nnx.Module``.
+    """
+
+    def __init__(self, pre: nnx.Module, cfg: ModelConfig, features: int, *, post: Callable | None = None,
+                 rngs: nnx.Rngs):
+        if not isinstance(pre, nnx.Module):
+            raise TypeError(f"SpikingLayer's pre must be an nnx.Module owning its modules (e.g. "
+                            f"nnx.Sequential(conv, bn)), got {pre!r}")
+        self.pre, self.post = pre, post
+        self.cell = _cell(cfg.neuron, features, rngs=rngs)
+        self.activation, self.levels = cfg.activation, cfg.levels
+        self.index = None       # set by build: the order in which forward calls the layer
+        self.call, self.inputs = None, nnx.data(None)   # set for one call by SpikingNet._run
+
+    def __call__(self, *inputs):
+        call = self.call
+        if call is None or self.index is None:
+            raise ValueError("a SpikingLayer runs inside SpikingNet.__call__ / step of a model made by "
+                             "models.build (which numbers the layers)")
+        if call.kind == "probe":
+            call.probe(self, self.pre, *inputs)
+        if not (call.kind == "multistep" and call.remat):
+            return self._apply(inputs)
+        graphdef, params, others = nnx.split(self, nnx.Param, ...)
+
+        @jax.checkpoint
+        def rematerialised(inputs, params, others):
+            inputs, params = jax.lax.optimization_barrier((inputs, params))
+            layer = nnx.merge(graphdef, params, others, copy=True)
+            return jax.lax.optimization_barrier((layer._apply(inputs), nnx.split(layer, nnx.Param, ...)[2]))
+
+        out, others = rematerialised(inputs, params, others)
+        nnx.update(self, others)
+        return out
+
+    def _apply(self, inputs):
+        call, i = self.call, self.index
+        u = self.pre(*inputs)
+        if call.kind == "probe":
+            return self._out(u), self.cell.initial(u.shape)
+        lam = None if self.activation == "lif" else self.inputs["thresholds"][i]
+        if call.kind == "step":
+            if self.activation == "qcfs":
+                raise ValueError("one-step inference needs a spiking model; this is a QCFS ANN (activation "
+                                 "'qcfs'): convert it first with aoi_jax.convert")
+            v, s, _ = self.cell.step(self.inputs["membranes"][i], u if lam is None else u / lam)
+            return self._out(s if lam is None else s * lam), (s, v)
+        key = self.inputs["key"]
+        key = None if key is None else jax.random.fold_in(key, i)
+        T = call.T
+        if self.activation == "qcfs":
+            y = qcfs.qcfs(u, lam, self.levels)
+            out, pair = dropout(y, call.dropout, key), tuple(a.reshape(T, -1, *a.shape[1:]) for a in (y, u))
+        else:
+            x = u if lam is None else u / lam
+            s, m = self.cell(x.reshape(T, x.shape[0] // T, *x.shape[1:]))
+            out = dropout(s, call.dropout, key).reshape(u.shape)
+            out, pair = (out if lam is None else out * lam), (s, m)
+        return self._out(out), pair if call.layer_fn is None else call.layer_fn(*pair)
+
+    def _out(self, h):
+        return h if self.post is None else self.post(h)
+
+
+class SpikingNet(nnx.Module):
+    """Base of the models: one ``forward`` per architecture, run multistep or one step at a time.
+
+    A subclass creates its modules and ``SpikingLayer``s, ends its ``__init__`` with
+    ``super().__init__(cfg, fan_out)`` and defines ``forward(x) -> (logits, records)`` on a folded batch (the
+    module docstring; README.md, "Extending it"). ``__call__`` runs ``forward`` on (T*N, ...) with the cells
+    scanned over time; ``step`` runs it on one frame, advancing carried membranes by one cell step. Both give
+    the same spikes (a feed-forward net is exact in either order). Each call runs on a working copy of the
+    model (``nnx.split`` / ``nnx.merge`` in the caller's trace) whose layers, BatchNorms and TEBNs are told
+    the call (``_Call``, ``_Inputs``); a training call writes the copy's BatchNorm statistics back.
     """
 
     CONVERTIBLE = True  # only linear pooling (average), so a QCFS / IF form exists
@@ -306,8 +322,6 @@ class SpikingNet(nnx.Module):
         """
         self.neuron = cfg.neuron
         self.activation = cfg.activation
-        self.is_ann = cfg.is_ann  # a QCFS ANN (ModelConfig.is_ann): QCFS activations instead of cells
-        self.levels = cfg.levels
         self.fan_out = tuple(fan_out)
         self.remat = cfg.remat
         if cfg.activation != "lif" and not self.CONVERTIBLE:
@@ -316,13 +330,33 @@ class SpikingNet(nnx.Module):
         self.thresholds = None if cfg.activation == "lif" else \
             nnx.Param(jnp.full((len(self.fan_out),), qcfs.LAM_INIT, jnp.float32))
 
-    def _norm(self, train, *, T=None, t=None):
-        """``norm(bn, u)``: BatchNorm (batch statistics when training, else running averages), then TEBN's
-        per-timestep scale for a ``TEBatchNorm`` (folded over ``T`` steps, or at step ``t``)."""
-        def norm(bn, u):
-            y = bn(u, use_running_average=not train)
-            return bn.scale_time(y, T=T, t=t) if isinstance(bn, TEBatchNorm) else y
-        return norm
+    def forward(self, x):
+        """(logits (B, K), records) of a folded batch x (B, H, W, C): the architecture (subclasses)."""
+        raise NotImplementedError(f"{type(self).__name__} must define forward(x) -> (logits, records)")
+
+    def _run(self, call: _Call, x, **inputs):
+        """``forward(x)`` on a working copy told ``call`` and ``inputs``; BatchNorm statistics written back
+        when training.
+
+        Raises:
+          ValueError: ``forward`` returns a number of records other than ``len(fan_out)``.
+        """
+        graphdef, state = nnx.split(self)
+        model = nnx.merge(graphdef, state, copy=True)
+        shared = _Inputs({"key": None, "thresholds": None if self.thresholds is None else model.thresholds[...],
+                          "membranes": None, "t": None, **inputs})
+        for _, node in nnx.iter_graph(model):
+            if isinstance(node, (SpikingLayer, TEBatchNorm)):
+                node.call, node.inputs = call, shared
+            if isinstance(node, nnx.BatchNorm):
+                node.use_running_average = not call.train
+        logits, layers = model.forward(x)
+        if len(layers) != len(self.fan_out):
+            raise ValueError(f"{type(self).__name__}.forward returns {len(layers)} spiking layers' records, so "
+                             f"fan_out needs {len(layers)} entries (one per spiking layer), got {len(self.fan_out)}")
+        if call.train:
+            nnx.update(self, nnx.state(model, nnx.BatchStat))
+        return logits, tuple(layers)
 
     def __call__(self, x, *, train=False, dropout=0.0, key=None, layer_fn=None):
         """x: (T, N, H, W, C) -> (logits (T, N, K), layers), one entry of ``layers`` per spiking layer.
@@ -332,37 +366,39 @@ class SpikingNet(nnx.Module):
 
         ``layer_fn``: optional ``(a (T, N, ...), b (T, N, ...)) -> pytree`` applied to each layer's pair
         inside the forward pass; ``layers[i]`` is then ``layer_fn(*pair_i)``. With ``remat`` only its
-        result leaves the rematerialised region, so a small result (the loss's per-sample RCS scores,
+        result leaves the rematerialised layer, so a small result (the loss's per-sample RCS scores,
         (N,)) spares the backward pass every layer's (T, N, ...) spikes and membranes.
+
+        Raises:
+          ValueError: x is not (T, N, H, W, C); dropout > 0 without a key.
         """
         if x.ndim != 5:
             raise ValueError(f"expected frames (T, N, H, W, C), got shape {x.shape}")
         T, N = x.shape[:2]
-        logits, layers = _multistep(self, x.reshape(T * N, *x.shape[2:]), T=T, train=train, dropout=dropout,
-                                    key=key, layer_fn=layer_fn)
+        call = _Call("multistep", T=T, train=train, dropout=dropout, remat=self.remat, layer_fn=layer_fn)
+        logits, layers = self._run(call, x.reshape(T * N, *x.shape[2:]), key=key)
         return logits.reshape(T, N, -1), layers
 
-    def _check_spiking(self, what):
-        if self.is_ann:
-            raise ValueError(f"{what} needs a spiking model; this is a QCFS ANN (activation 'qcfs'): "
-                             "convert it first with aoi_jax.convert")
+    def probe(self, frame, fn):
+        """``forward`` on ``frame`` (N, H, W, C) with ``fn(layer, pre, *inputs)`` called by each spiking layer
+        (cells replaced by the identity: shapes only); returns ``(logits, initial membranes per layer)``."""
+        return self._run(_Call("probe", probe=fn), frame)
 
     def init_membranes(self, frame_shape):
-        """Initial carried membranes for ``step``: one (N, ...) array per spiking layer, filled with v0.
+        """Initial carried membranes for ``step``: one (N, ...) array per spiking layer (the cell's v0).
 
         Args:
           frame_shape: (N, H, W, C) of one input frame.
+        Raises:
+          ValueError: a QCFS ANN (no membranes: convert it first).
         """
         self._check_spiking("init_membranes")
-        shapes = []
+        return self.probe(jnp.zeros(frame_shape, jnp.float32), lambda *_: None)[1]
 
-        def layer(pre, x, *modules, post=None):
-            u = pre(x, *modules)
-            shapes.append(u)
-            return u if post is None else post(u)
-
-        jax.eval_shape(lambda: self.forward(jnp.zeros(frame_shape), layer, self._norm(False, t=0)))
-        return tuple(jnp.full(u.shape, self.neuron.v0, u.dtype) for u in shapes)
+    def _check_spiking(self, what):
+        if self.activation == "qcfs":
+            raise ValueError(f"{what} needs a spiking model; this is a QCFS ANN (activation 'qcfs'): "
+                             "convert it first with aoi_jax.convert")
 
     def step(self, membranes, frame, t=None):
         """One time step (evaluation mode): ``(membranes, frame (N, H, W, C)) -> (membranes, logits (N, K),
@@ -370,22 +406,38 @@ class SpikingNet(nnx.Module):
         scalar, or (N,) when each sample is at its own step) is needed only by TEBN models, whose BatchNorm
         scale depends on the step."""
         self._check_spiking("step")
-        n = self.neuron
-        new, counts = [], []
+        logits, layers = self._run(_Call("step"), frame, membranes=tuple(membranes), t=t)
+        counts = jnp.stack([s.reshape(s.shape[0], -1).sum(-1) for s, _ in layers])
+        return tuple(v for _, v in layers), logits, counts
 
-        def layer(pre, x, *modules, post=None):
-            i = len(new)
-            u = pre(x, *modules)
-            lam = self.thresholds[i] if self.activation == "if" else None
-            v, s, _ = neurons.lif_step(membranes[i], u if lam is None else u / lam, tau=n.tau, vth=n.vth,
-                                       reset=n.reset, surrogate=n.surrogate, width=n.width)
-            new.append(v)
-            counts.append(s.reshape(s.shape[0], -1).sum(-1))
-            out = s if lam is None else s * lam
-            return out if post is None else post(out)
+    def spiking_layers(self) -> list:
+        """The ``SpikingLayer``s, in the order ``forward`` calls them (layer i first)."""
+        layers = [node for _, node in nnx.iter_graph(self) if isinstance(node, SpikingLayer)]
+        return sorted(layers, key=lambda layer: layer.index)
 
-        logits = self.forward(frame, layer, self._norm(False, t=t))
-        return tuple(new), logits, jnp.stack(counts)
+    def cell_values(self) -> list[dict]:
+        """Each spiking layer's ``cell.values()`` (its learnt neuron parameters, e.g. PLIF's leak), in order."""
+        return [layer.cell.values() for layer in self.spiking_layers()]
+
+
+def _number_layers(model: SpikingNet, input_shape):
+    """Sets each ``SpikingLayer.index`` to the order in which ``forward`` calls it (one abstract trace).
+
+    Raises:
+      ValueError: a layer called twice or never; the number of layers differs from ``len(fan_out)``.
+    """
+    layers = [node for _, node in nnx.iter_graph(model) if isinstance(node, SpikingLayer)]
+    for k, layer in enumerate(layers):
+        layer.index = k
+    order = []
+    frame = jnp.zeros((1, *input_shape), jnp.float32)
+    jax.eval_shape(lambda: model.probe(frame, lambda layer, *_: order.append(layer.index)))
+    name = type(model).__name__
+    if sorted(order) != list(range(len(layers))):
+        raise ValueError(f"{name}.forward must call each of its {len(layers)} SpikingLayers once, called "
+                         f"them in the order {order} (numbered as the model holds them)")
+    for i, k in enumerate(order):
+        layers[k].index = i
 
 
 class SmallSNN(SpikingNet):
@@ -399,6 +451,8 @@ class SmallSNN(SpikingNet):
         chans = (C, *cfg.channels)
         self.convs = nnx.List([_conv(a, b, 3, 1, 1, rngs) for a, b in zip(chans[:-1], chans[1:])])
         self.norms = nnx.List([_bn(b, rngs, cfg.tebn_steps) for b in chans[1:]])
+        self.stages = nnx.List([SpikingLayer(nnx.Sequential(conv, bn), cfg, c, post=avg_pool, rngs=rngs)
+                                for conv, bn, c in zip(self.convs, self.norms, cfg.channels)])
         for _ in cfg.channels:
             H, W = H // 2, W // 2
         if H == 0 or W == 0:
@@ -406,40 +460,48 @@ class SmallSNN(SpikingNet):
         self.head = nnx.Linear(H * W * chans[-1], cfg.num_classes, rngs=rngs)
         super().__init__(cfg, tuple(9 * c for c in cfg.channels[1:]) + (cfg.num_classes,))
 
-    def forward(self, h, layer, norm):
-        for conv, bn in zip(self.convs, self.norms):
-            h = layer(_conv_norm(norm), h, conv, bn, post=avg_pool)
-        return self.head(_flatten(h))
+    def forward(self, x):
+        h, layers = x, []
+        for stage in self.stages:
+            h, record = stage(h)
+            layers.append(record)
+        return self.head(flatten(h)), tuple(layers)
 
 
 VGG_PLAN = (64, 128, "P", 256, 256, "P", 512, 512, "P", 512, 512, "P")
 
 
-def _vgg_stack(plan, in_shape, convs, norms, rngs, tebn_steps):
-    """Appends Conv 3x3 (padding 1) + BatchNorm to ``convs``/``norms`` for each width of ``plan``; "P" is
-    a 2x2 pool. Returns the (H, W, C) after the plan, starting from ``in_shape``."""
+def _vgg_stack(plan, in_shape, cfg, rngs):
+    """Conv 3x3 (padding 1) + BatchNorm + ``SpikingLayer`` for each width of ``plan``, a 2x2 average pool
+    (the layer's ``post``) for each "P" after a width. Returns (convs, norms, layers, (H, W, C) after it).
+
+    Raises:
+      ValueError: a "P" that does not follow a width.
+    """
     H, W, cin = in_shape
-    for item in plan:
-        if item == "P":
-            H, W = H // 2, W // 2
-        else:
-            convs.append(_conv(cin, item, 3, 1, 1, rngs))
-            norms.append(_bn(item, rngs, tebn_steps))
-            cin = item
-    return H, W, cin
-
-
-def _run_vgg(plan, h, convs, norms, layer, norm):
-    """Runs ``plan`` on ``h``: conv -> norm -> cell per width, with the next of ``convs`` and ``norms``,
-    2x2 average pool per "P". Returns h."""
-    pairs = iter(zip(convs, norms, strict=True))
+    convs, norms, layers = [], [], []
     for k, item in enumerate(plan):
-        if item != "P":
-            pooled = k + 1 < len(plan) and plan[k + 1] == "P"    # the pool runs inside the layer
-            h = layer(_conv_norm(norm), h, *next(pairs), post=avg_pool if pooled else None)
-        elif k == 0 or plan[k - 1] == "P":
-            h = avg_pool(h)
-    return h
+        if item == "P":
+            if k == 0 or plan[k - 1] == "P":
+                raise ValueError(f"plan {plan}: each pool must follow a conv width")
+            H, W = H // 2, W // 2
+            continue
+        convs.append(_conv(cin, item, 3, 1, 1, rngs))
+        norms.append(_bn(item, rngs, cfg.tebn_steps))
+        pooled = k + 1 < len(plan) and plan[k + 1] == "P"
+        layers.append(SpikingLayer(nnx.Sequential(convs[-1], norms[-1]), cfg, item, post=avg_pool if pooled else None,
+                                   rngs=rngs))
+        cin = item
+    return convs, norms, layers, (H, W, cin)
+
+
+def _run_layers(layers, h):
+    """Each layer of ``layers`` on the previous one's output: (h, records)."""
+    records = []
+    for layer in layers:
+        h, record = layer(h)
+        records.append(record)
+    return h, records
 
 
 class VGGSNN(SpikingNet):
@@ -452,19 +514,19 @@ class VGGSNN(SpikingNet):
 
     def __init__(self, cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs):
         H, W, C = input_shape
-        convs, norms = [_conv(C, 64, 8, 4, 3, rngs)], [_bn(64, rngs, cfg.tebn_steps)]
-        H, W, cin = _vgg_stack(VGG_PLAN, ((H + 6 - 8) // 4 + 1, (W + 6 - 8) // 4 + 1, 64), convs, norms, rngs,
-                               cfg.tebn_steps)
+        conv0, bn0 = _conv(C, 64, 8, 4, 3, rngs), _bn(64, rngs, cfg.tebn_steps)
+        convs, norms, layers, (H, W, cin) = _vgg_stack(VGG_PLAN, ((H + 6 - 8) // 4 + 1, (W + 6 - 8) // 4 + 1, 64),
+                                                       cfg, rngs)
         if H == 0 or W == 0:
             raise ValueError(f"input {input_shape} too small for VGGSNN")
-        self.convs, self.norms = nnx.List(convs), nnx.List(norms)
+        self.convs, self.norms = nnx.List([conv0, *convs]), nnx.List([bn0, *norms])
+        self.stages = nnx.List([SpikingLayer(nnx.Sequential(conv0, bn0), cfg, 64, rngs=rngs), *layers])
         self.head = nnx.Linear(H * W * cin, cfg.num_classes, rngs=rngs)
         super().__init__(cfg, tuple(9 * c for c in VGG_PLAN if c != "P") + (cfg.num_classes,))
 
-    def forward(self, h, layer, norm):
-        h = layer(_conv_norm(norm), h, self.convs[0], self.norms[0])
-        h = _run_vgg(VGG_PLAN, h, self.convs[1:], self.norms[1:], layer, norm)
-        return self.head(_flatten(h))
+    def forward(self, x):
+        h, layers = _run_layers(self.stages, x)
+        return self.head(flatten(h)), tuple(layers)
 
 
 class GestureSNN(SpikingNet):
@@ -490,46 +552,55 @@ class GestureSNN(SpikingNet):
         self.fc = nnx.Linear(128 * H * W, 512, rngs=rngs)
         self.fc_norm = _bn(512, rngs)  # a BatchNorm1d in the reference: TEBN leaves it plain
         self.head = nnx.Linear(512, cfg.num_classes, rngs=rngs)
+        # the max pool before convs 2..5 and before the Linear runs as the previous layer's post
+        self.stages = nnx.List([SpikingLayer(nnx.Sequential(conv, bn), cfg, conv.out_features,
+                                             post=max_pool if i >= 1 else None, rngs=rngs)
+                                for i, (conv, bn) in enumerate(zip(self.convs, self.norms))]
+                               + [SpikingLayer(nnx.Sequential(flatten, self.fc, self.fc_norm), cfg, 512, rngs=rngs)])
         super().__init__(cfg, (9 * 128,) * 5 + (512, cfg.num_classes))
 
-    def forward(self, h, layer, norm):
-        for i, (conv, bn) in enumerate(zip(self.convs, self.norms)):
-            if i >= 2:
-                h = _max_pool(h)
-            h = layer(_conv_norm(norm), h, conv, bn)
-        h = _max_pool(h)
-        h = layer(lambda x, fc, bn: norm(bn, fc(_flatten(x))), h, self.fc, self.fc_norm)
-        return self.head(h)
+    def forward(self, x):
+        h, layers = _run_layers(self.stages, x)
+        return self.head(h), tuple(layers)
+
+
+class _Residual(nnx.Module):
+    """The pre-activation of a basic block's second layer: ``norm(bn2, conv2(o)) + shortcut(h)``."""
+
+    def __init__(self, conv2, bn2, shortcut: nnx.Module | None):
+        self.conv2, self.bn2, self.shortcut = conv2, bn2, shortcut
+
+    def __call__(self, o, h):
+        return self.bn2(self.conv2(o)) + (h if self.shortcut is None else self.shortcut(h))
 
 
 class BasicBlock(nnx.Module):
     """ResNet basic block (the reference's ``BasicBlock``), two spiking layers::
 
-        o = cell(norm(bn1, conv3x3_s(h)))
-        o = cell(norm(bn2, conv3x3(o)) + shortcut(h))
+        o = cell(bn1(conv3x3_s(h)))
+        o = cell(bn2(conv3x3(o)) + shortcut(h))
 
     shortcut = identity, or conv1x1_s + BatchNorm when the stride or the width changes; convs without bias.
     """
 
-    def __init__(self, cin, cout, stride, tebn_steps, *, rngs: nnx.Rngs):
+    def __init__(self, cin, cout, stride, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.conv1 = _conv(cin, cout, 3, stride, 1, rngs, use_bias=False)
-        self.bn1 = _bn(cout, rngs, tebn_steps)
+        self.bn1 = _bn(cout, rngs, cfg.tebn_steps)
         self.conv2 = _conv(cout, cout, 3, 1, 1, rngs, use_bias=False)
-        self.bn2 = _bn(cout, rngs, tebn_steps)
+        self.bn2 = _bn(cout, rngs, cfg.tebn_steps)
         self.projection = stride != 1 or cin != cout
+        shortcut = None
         if self.projection:
             self.short_conv = _conv(cin, cout, 1, stride, 0, rngs, use_bias=False)
-            self.short_bn = _bn(cout, rngs, tebn_steps)
+            self.short_bn = _bn(cout, rngs, cfg.tebn_steps)
+            shortcut = nnx.Sequential(self.short_conv, self.short_bn)
+        self.spiking1 = SpikingLayer(nnx.Sequential(self.conv1, self.bn1), cfg, cout, rngs=rngs)
+        self.spiking2 = SpikingLayer(_Residual(self.conv2, self.bn2, shortcut), cfg, cout, rngs=rngs)
 
-    def __call__(self, h, layer, norm):
-        o = layer(_conv_norm(norm), h, self.conv1, self.bn1)
-
-        def second(x, conv2, bn2, *shortcut):
-            o, h = x
-            return norm(bn2, conv2(o)) + (norm(shortcut[1], shortcut[0](h)) if shortcut else h)
-
-        shortcut = (self.short_conv, self.short_bn) if self.projection else ()
-        return layer(second, (o, h), self.conv2, self.bn2, *shortcut)
+    def __call__(self, h):
+        o, first = self.spiking1(h)
+        o, second = self.spiking2(o, h)
+        return o, (first, second)
 
 
 class ResNet(SpikingNet):
@@ -548,10 +619,11 @@ class ResNet(SpikingNet):
         w0 = self.STAGES[0][0]
         self.stem = _conv(input_shape[-1], w0, 3, 1, 1, rngs, use_bias=False)
         self.stem_bn = _bn(w0, rngs, cfg.tebn_steps)
+        self.stem_spiking = SpikingLayer(nnx.Sequential(self.stem, self.stem_bn), cfg, w0, rngs=rngs)
         blocks, cin = [], w0
         for s, (width, n) in enumerate(self.STAGES):
             for b in range(n):
-                blocks.append(BasicBlock(cin, width, 2 if s > 0 and b == 0 else 1, cfg.tebn_steps, rngs=rngs))
+                blocks.append(BasicBlock(cin, width, 2 if s > 0 and b == 0 else 1, cfg, rngs=rngs))
                 cin = width
         self.blocks = nnx.List(blocks)
         self.head = nnx.Linear(cin, cfg.num_classes, rngs=rngs)
@@ -561,11 +633,13 @@ class ResNet(SpikingNet):
             fan_out += [9 * cout + (cout if blk.projection else 1), 9 * cout]
         super().__init__(cfg, fan_out + [cfg.num_classes])
 
-    def forward(self, h, layer, norm):
-        h = layer(_conv_norm(norm), h, self.stem, self.stem_bn)
+    def forward(self, x):
+        h, stem = self.stem_spiking(x)
+        layers = [stem]
         for block in self.blocks:
-            h = block(h, layer, norm)
-        return self.head(h.mean(axis=(1, 2)))
+            h, records = block(h)
+            layers += records
+        return self.head(h.mean(axis=(1, 2))), tuple(layers)
 
 
 class ResNet18(ResNet):
@@ -590,22 +664,21 @@ class VGG16(SpikingNet):
     """
 
     def __init__(self, cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs):
-        convs, norms = [], []
-        H, W, cin = _vgg_stack(VGG16_PLAN, input_shape, convs, norms, rngs, cfg.tebn_steps)
+        convs, norms, layers, (H, W, cin) = _vgg_stack(VGG16_PLAN, input_shape, cfg, rngs)
         if H == 0 or W == 0:
             raise ValueError(f"input {input_shape} too small for VGG-16 (needs at least 32x32)")
         self.convs, self.norms = nnx.List(convs), nnx.List(norms)
         self.fc1 = nnx.Linear(H * W * cin, 4096, rngs=rngs)
         self.fc2 = nnx.Linear(4096, 4096, rngs=rngs)
         self.head = nnx.Linear(4096, cfg.num_classes, rngs=rngs)
+        self.stages = nnx.List([*layers, SpikingLayer(nnx.Sequential(flatten, self.fc1), cfg, 4096, rngs=rngs),
+                                SpikingLayer(nnx.Sequential(self.fc2), cfg, 4096, rngs=rngs)])
         widths = [c for c in VGG16_PLAN if c != "P"]
         super().__init__(cfg, [9 * c for c in widths[1:]] + [4096, 4096, cfg.num_classes])
 
-    def forward(self, h, layer, norm):
-        h = _run_vgg(VGG16_PLAN, h, self.convs, self.norms, layer, norm)
-        h = layer(lambda x, fc: fc(_flatten(x)), h, self.fc1)
-        h = layer(lambda x, fc: fc(x), h, self.fc2)
-        return self.head(h)
+    def forward(self, x):
+        h, layers = _run_layers(self.stages, x)
+        return self.head(h), tuple(layers)
 
 
 MODELS = {"small_snn": SmallSNN, "vggsnn": VGGSNN, "gesture_snn": GestureSNN, "resnet18": ResNet18,
@@ -615,12 +688,14 @@ IF_NEURON = {"tau": 1.0, "vth": 1.0, "reset": "soft"}  # activation qcfs / if: t
 
 
 def build(cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs) -> nnx.Module:
-    """Builds the model named ``cfg.name`` for per-step frames of ``input_shape = (H, W, C)``.
+    """Builds the model named ``cfg.name`` for per-step frames of ``input_shape = (H, W, C)`` and numbers its
+    spiking layers in the order its ``forward`` calls them (one abstract trace).
 
     Raises:
       ValueError: unknown model name (the message lists the valid ones); ``channels`` set for a fixed
         plan or empty for small_snn; activation qcfs / if with a neuron other than ``IF_NEURON`` or on
-        a model with max pooling; TEBN with activation other than lif.
+        a model with max pooling; TEBN with activation other than lif; a ``forward`` that does not call
+        each spiking layer once, or whose layers do not match ``fan_out``.
     """
     if cfg.name not in MODELS:
         raise ValueError(f"unknown model.name {cfg.name!r}; valid: {sorted(MODELS)}")
@@ -637,7 +712,9 @@ def build(cfg: ModelConfig, input_shape, *, rngs: nnx.Rngs) -> nnx.Module:
         if cfg.tebn_steps:
             raise ValueError(f"model.tebn_steps is for directly trained SNNs (activation 'lif'), "
                              f"got activation {cfg.activation!r}")
-    return MODELS[cfg.name](cfg, tuple(input_shape), rngs=rngs)
+    model = MODELS[cfg.name](cfg, tuple(input_shape), rngs=rngs)
+    _number_layers(model, tuple(input_shape))
+    return model
 
 
 def with_neuron(cfg: ModelConfig, **changes) -> ModelConfig:

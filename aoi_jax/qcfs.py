@@ -1,15 +1,14 @@
-"""QCFS activation and the ANN form of RCS, for ANN-to-SNN conversion (reference-semantics.md sections 3, 5).
+"""QCFS activation, for ANN-to-SNN conversion (reference-semantics.md section 3).
 
 A QCFS network is one of the ``aoi_jax.models`` with ``ModelConfig.activation == "qcfs"``: every spiking
 layer's cell is replaced by ``qcfs(u, lam_l, levels)`` with a learnable threshold ``lam_l`` per layer
 (``model.thresholds``, initialised to ``LAM_INIT``). ``aoi_jax.convert`` turns the trained network into
-an SNN of IF neurons with the same weights and thresholds.
+an SNN of IF neurons with the same weights and thresholds; ``aoi_jax.method`` (``QCFS``) trains it on one
+static frame with the ANN form of RCS (``regularisers.rcs_ann_scores`` of each layer's pre-activation).
 """
 
 import jax
 import jax.numpy as jnp
-
-from aoi_jax import regularisers
 
 LAM_INIT = 8.0  # initial per-layer threshold lam (the reference's vthr)
 
@@ -52,23 +51,3 @@ def qcfs(x, lam, levels=4):
     q = floor_ste(jax.nn.relu(x) / lam * levels + 0.5) / levels
     q = jnp.where(q <= 1.0, q, jax.lax.stop_gradient(jnp.minimum(q, 1.0)))   # q >= 0 always
     return lam * q
-
-
-def ann_rcs_loss(preactivations, logits, labels, rcs_n=0.3):
-    """The ANN form of RCS over a QCFS network's layers (reference-semantics.md section 5)::
-
-        scores[l] = rcs_ann_scores(x_l)                 x_l: pre-activation of QCFS layer l, (N, ...)
-        loss      = rcs_loss(scores (L, N), logits (1, N, K), labels)
-
-    Args:
-      preactivations: sequence of the L layers' pre-activations, each (N, ...).
-      logits: the ANN's logits as one time step, (1, N, K).  labels: (N,).  rcs_n: as in ``rcs_loss``.
-    Returns:
-      scalar loss.
-    Raises:
-      ValueError: logits do not have a single time step, or shapes do not match.
-    """
-    if logits.ndim != 3 or logits.shape[0] != 1:
-        raise ValueError(f"ANN logits must have one time step, (1, N, K), got {logits.shape}")
-    scores = jnp.stack([regularisers.rcs_ann_scores(x) for x in preactivations])
-    return regularisers.rcs_loss(scores, logits, labels, rcs_n=rcs_n)

@@ -12,7 +12,6 @@ XLA compiler options are the caller's choice (``compiler_options=``; ``aoi_jax.x
 measured XLA:CPU ones), never hard-wired here.
 """
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from aoi_jax import losses, qcfs, regularisers
+from aoi_jax import losses, method, regularisers
 from aoi_jax.config import Config, OptimConfig
 
 
@@ -112,17 +111,27 @@ def init_state(model: nnx.Module, optimizer: optax.GradientTransformation):
 
 
 def loss_fn(params, batch_stats, batch, weights: LossWeights, *, graphdef, cfg: Config):
-    """Total loss ``task_loss + alpha * rcs_loss`` of a spiking model on one batch, training-mode BatchNorm.
+    """Total loss ``task_loss + alpha * rcs_loss`` on one batch, training-mode BatchNorm, for either training
+    method (``aoi_jax.method``: its input and its per-layer RCS score)::
+
+        loss = task_loss(o, y) + alpha * rcs_loss([score(pair_l) for each spiking layer l], o, y)
+
+    A directly trained SNN scores each layer's spikes and membranes (``regularisers.rcs_scores``); a QCFS
+    ANN sees one static frame, its logits are one time step (the task loss is then plain cross-entropy) and
+    it scores each layer's pre-activation (``regularisers.rcs_ann_scores``, reference-semantics.md section 5).
 
     Args:
-      params, batch_stats: the model's state.  batch: {"frames": (T, N, H, W, C), "label": (N,)}.
-      weights: ``LossWeights`` (alpha, TET's lambda), scalars.
+      params, batch_stats: the model's state.  batch: {"frames": (T, N, H, W, C), "label": (N,)}, T = 1 for
+        a QCFS ANN.  weights: ``LossWeights`` (alpha, TET's lambda), scalars.
     Returns:
       (loss, (new batch_stats, metrics dict with loss, task, rcs, accuracy at T)).
+    Raises:
+      ValueError: frames with a number of steps the method does not train on (a QCFS ANN's T > 1).
     """
+    how = method.of(cfg)
+    how.check_batch(batch["frames"])
     model = nnx.merge(graphdef, params, batch_stats, copy=True)
-    score = functools.partial(regularisers.rcs_scores, vth=cfg.model.neuron.vth, window=cfg.reg.window)
-    logits, scores = model(batch["frames"], train=True, layer_fn=score)   # scores: (N,) per layer
+    logits, scores = model(batch["frames"], train=True, layer_fn=how.layer_score(cfg))   # scores: (N,) per layer
     task = task_loss(logits, batch["label"], cfg, weights)
     reg = regularisers.rcs_loss(jnp.stack(scores), logits, batch["label"], rcs_n=cfg.reg.rcs_n)   # (L, N)
     acc = jnp.mean(jnp.argmax(logits.sum(0), -1) == batch["label"])
@@ -130,46 +139,15 @@ def loss_fn(params, batch_stats, batch, weights: LossWeights, *, graphdef, cfg: 
     return loss, (nnx.state(model, nnx.BatchStat), {"loss": loss, "task": task, "rcs": reg, "accuracy": acc})
 
 
-def ann_loss_fn(params, batch_stats, batch, weights: LossWeights, *, graphdef, cfg: Config):
-    """QCFS ANN loss ``CE + alpha * rcs_ann`` on one batch, training-mode BatchNorm.
-
-    reference-semantics.md sections 3 and 5 (ANN form): the ANN sees one static frame per sample; its
-    logits are one time step, so the task loss (``task_loss``; "mean" is plain cross-entropy) and RCS's
-    correctness mask read the ANN's own prediction::
-
-        loss = CE(o, y) + alpha * rcs_loss([rcs_ann_scores(x_l) for each QCFS layer l], o (1, N, K), y)
-
-    Args:
-      params, batch_stats: the model's state (``ModelConfig.is_ann``).
-      batch: {"frames": (1, N, H, W, C), "label": (N,)}.  weights: as in ``loss_fn``.
-    Returns:
-      (loss, (new batch_stats, metrics dict with loss, task, rcs, accuracy)).
-    Raises:
-      ValueError: frames with more than one time step.
-    """
-    if batch["frames"].shape[0] != 1:
-        raise ValueError(f"the ANN sees one static frame: frames must be (1, N, H, W, C), got "
-                         f"{batch['frames'].shape}")
-    model = nnx.merge(graphdef, params, batch_stats, copy=True)
-    logits, layers = model(batch["frames"], train=True)                      # (1, N, K); (y, x) per layer
-    task = task_loss(logits, batch["label"], cfg, weights)
-    reg = qcfs.ann_rcs_loss([x[0] for _, x in layers], logits, batch["label"], rcs_n=cfg.reg.rcs_n)
-    acc = jnp.mean(jnp.argmax(logits[0], -1) == batch["label"])
-    loss = task + weights.alpha * reg
-    return loss, (nnx.state(model, nnx.BatchStat), {"loss": loss, "task": task, "rcs": reg, "accuracy": acc})
-
-
 def make_update(graphdef, cfg: Config, optimizer: optax.GradientTransformation):
     """Returns the (not jitted) ``update(state, batch, weights) -> (state, metrics)``: one optimiser step.
 
-    The objective is ``ann_loss_fn`` for a QCFS ANN (``cfg.model.is_ann``, batches of one static frame) and
-    ``loss_fn`` otherwise. ``make_train_step`` jits it; ``aoi_jax.ablation`` runs several members of it in
-    one program.
+    The objective is ``loss_fn``. ``make_train_step`` jits it; ``aoi_jax.ablation`` runs several members of it
+    in one program.
     """
-    objective = ann_loss_fn if cfg.model.is_ann else loss_fn
 
     def update(state: TrainState, batch, weights: LossWeights):
-        grads, (batch_stats, metrics) = jax.grad(objective, has_aux=True)(
+        grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(
             state.params, state.batch_stats, batch, weights, graphdef=graphdef, cfg=cfg)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

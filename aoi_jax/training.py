@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aoi_jax import ablation, checkpoint, config as config_lib, data, evaluation, input_pipeline, integrity
-from aoi_jax import parallel, step, xla_tuning
+from aoi_jax import method, parallel, step, xla_tuning
 
 log = logging.getLogger("aoi_jax")
 
@@ -310,9 +310,9 @@ def _train_and_evaluate(workdir, members, run_eval, strategy, tuning, progress) 
     eval_options = xla_tuning.compiler_options(tuning)
     multi_step = ablation.make_multi_step(graphdef, base, optimizer, mesh=member_mesh, strategy=strategy,
                                           compiler_options=train_options)
-    eval_functions = None if base.model.is_ann else \
+    eval_functions = None if method.of(base).converts else \
         evaluation.make_eval_functions(graphdef, base, compiler_options=eval_options)
-    test_step = step.make_eval_step(graphdef, compiler_options=eval_options) if base.model.is_ann \
+    test_step = step.make_eval_step(graphdef, compiler_options=eval_options) if method.of(base).converts \
         else eval_functions.test_step                                       # per-epoch test accuracy
     test_input = input_pipeline.model_input(test_set, base)
     configs = [m.cfg for m in members]

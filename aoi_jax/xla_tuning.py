@@ -12,7 +12,11 @@ XLA:CPU (the only backend tuned; other backends get no options):
   library, convolutions through its default kernels. Reductions then sum in another order than XLA's own
   kernels, so results differ from ``tuning="none"`` by float32 rounding.
 - ``CPU_REMAT_OPTIONS``, added for a train step with ``model.remat``: the memory-optimised scheduler, and
-  optimisation barriers kept until scheduling, so each layer is recomputed only when its cotangent arrives.
+  optimisation barriers kept until scheduling (``cse_barrier_expander`` off), so each layer is recomputed
+  only when its cotangent arrives. With XLA's default options XLA:CPU removes the barriers of
+  ``jax.checkpoint`` (and those ``models.SpikingLayer`` puts around a rematerialised layer) before common
+  subexpression elimination, which merges the recomputation back into the forward pass: remat then saves
+  nothing (``benchmarks/memory.py``, docs/performance.md).
 
 One more setting helps XLA:CPU but is read by the C library when the process starts, so no library can set
 it: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35, transparent huge pages in ``madvise`` or

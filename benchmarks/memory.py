@@ -6,9 +6,9 @@ For each model and T, four compilations of the train step (``aoi_jax.step.make_t
 - ``plain+options``: the same program with the XLA:CPU options that remat needs (``xla_tuning.compiler_options``
   with ``remat=True``: memory-optimised scheduler, optimisation barriers kept), to separate their share
   from remat's;
-- ``remat``: ``model.remat=True`` (``models._remat``: each spiking layer one ``jax.checkpoint``, its
-  spike input kept as int8), no compiler options: XLA:CPU then merges the recomputation with the forward
-  pass, which the FLOPs show;
+- ``remat``: ``model.remat=True`` (``models.SpikingLayer``: each spiking layer one ``jax.checkpoint``, with
+  optimisation barriers over its inputs and outputs), no compiler options: XLA:CPU then merges the
+  recomputation with the forward pass, which the FLOPs show;
 - ``remat+options``: the same with those options, as a caller on XLA:CPU should compile it.
 
 Printed: XLA's ``memory_analysis().temp_size_in_bytes`` (activations and other temporaries; parameters
@@ -17,7 +17,8 @@ and optimiser state are arguments, not temporaries), its ratio to ``plain``'s, t
 ``JAX_PLATFORMS=cuda,cpu``, else nan) and, with ``--rss``, the resident memory of a fresh process before
 one step and its peak during the step (Linux ``VmHWM``, reset after compilation; it includes the runtime,
 the parameters and the inputs, so the step's own share is peak minus before), and that first step's time.
-Models: ``vggsnn`` (VGGSNN, batch 8, 2x128x128) and ``ndigits`` (the small SNN, batch 32, 2x34x34).
+Models: ``vggsnn`` (VGGSNN, batch 8, 2x128x128) and ``ndigits`` (the small SNN, batch 32, 2x34x34;
+``small_snn`` is accepted for it).
 
     python -m benchmarks.memory                          # vggsnn and ndigits, T = 10 and 40
     python -m benchmarks.memory --models vggsnn --T 40
@@ -38,6 +39,7 @@ MODELS = {
     "vggsnn": ("configs/cifar10_dvs.py", ["train.batch_size=8"], (128, 128, 2)),
     "ndigits": ("configs/ndigits.py", [], (34, 34, 2)),
 }
+MODELS["small_snn"] = MODELS["ndigits"]
 VARIANTS = ("plain", "plain+options", "remat", "remat+options")
 
 

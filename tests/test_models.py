@@ -1,6 +1,8 @@
-"""Model shapes, the folded layout, calibration dropout, name resolution and the protocol for adding a model."""
+"""Model shapes, the folded layout, calibration dropout, name resolution and the protocol for adding a model
+(README.md's example, run as written)."""
 
-import textwrap
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from aoi_jax import config, models, neurons, step
+from aoi_jax import anytime, config, cutoff, models, neurons, step
 
 
 def small(channels=(4, 8), **neuron):
@@ -61,10 +63,9 @@ def test_dropout_is_seeded_and_scaled(key):
 
 
 def test_inverted_dropout_keeps_mean():
-    # input 5 > vth at every step: all spikes are 1, so dropout leaves 0 or 1 / (1 - p)
-    h, (s, _) = models.spiking(jnp.full((2 * 4000, 1), 5.0), 2, config.NeuronConfig(), dropout=0.3,
-                               key=jax.random.key(0))
-    kept = np.asarray(h)
+    # all spikes 1 (an input of 5 > vth at every step): dropout leaves 0 or 1 / (1 - p)
+    s, _ = neurons.lif(jnp.full((2, 4000, 1), 5.0))
+    kept = np.asarray(models.dropout(s, 0.3, jax.random.key(0)))
     assert np.all(s == 1)
     assert np.all(np.isclose(kept, 0.0) | np.isclose(kept, 1 / 0.7))
     assert abs(kept.mean() - 1.0) < 0.05  # 8000 Bernoulli(0.7) draws: std of the mean ~ 0.007
@@ -125,35 +126,49 @@ def test_step_by_step_equals_multistep(name, shape, neuron, key):
         np.testing.assert_array_equal(counts, want)
 
 
-def docstring_example(monkeypatch):
-    """Runs the worked example of ``aoi_jax.models``' docstring (the code block that ends it) as written;
-    its registration goes into a copy of ``MODELS`` that the test's end undoes. Returns its namespace."""
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+MARKER = "<!-- new-model example: tests/test_models.py executes the next block -->"
+
+
+def readme_example(monkeypatch):
+    """Runs the README's new-model example (the fenced block after ``MARKER``) as written; its registration
+    goes into a copy of ``MODELS`` that the test's end undoes. Returns its namespace."""
+    text = README.read_text()
+    assert text.count(MARKER) == 1, "README.md must hold the new-model example once, after its marker"
+    block = re.match(r"\s*```python\n(.*?)\n```", text.split(MARKER)[1], re.S)
     monkeypatch.setattr(models, "MODELS", dict(models.MODELS))
     namespace = {}
-    exec(textwrap.dedent(models.__doc__.rsplit("::\n", 1)[1]), namespace)
+    exec(block.group(1), namespace)
     return namespace
 
 
+def toy_batch(rng, T=4, N=12):
+    """A separable toy batch: class c has a bright 2x2 patch at row 2c."""
+    labels = np.arange(N) % 3
+    frames = (rng.random((T, N, 8, 8, 2)) < 0.1).astype(np.float32)
+    for n, c in enumerate(labels):
+        frames[:, n, 2 * c:2 * c + 2, 2:4, 0] = 1.0
+    return {"frames": frames, "label": labels.astype(np.int32)}
+
+
 @pytest.mark.parametrize("remat", [False, True])
-def test_docstring_example_model_trains_and_steps(remat, monkeypatch, rng):
+def test_readme_example_model_trains_and_steps(remat, monkeypatch, rng):
     """The documented way to add an architecture works as documented: the example registers ``TinySNN``,
     ``models.build`` builds it by name, its fan_out is the documented (3*3*16, K) with one
     (spikes, membranes) pair per spiking layer; ``step.make_train_step`` trains it (with and without
-    remat): on a separable toy batch (class c: a bright 2x2 patch at row 2c) the loss is finite and falls;
-    the trained model's step-by-step path gives the multistep logits and spike counts."""
-    example = docstring_example(monkeypatch)
+    remat): on a separable toy batch the loss is finite and falls; the trained model's step-by-step path
+    gives the multistep logits and spike counts."""
+    example = readme_example(monkeypatch)
     assert models.MODELS["tiny_snn"] is example["TinySNN"] and isinstance(example["model"], example["TinySNN"])
+    assert example["model"].remat
     cfg = config.Config(model=config.ModelConfig(name="tiny_snn", channels=(), num_classes=3, remat=remat),
                         optim=config.OptimConfig(lr=0.05, schedule="constant"))
     model = models.build(cfg.model, (8, 8, 2), rngs=nnx.Rngs(0))
     assert type(model) is example["TinySNN"] and model.fan_out == (9 * 16, 3)
 
     T, N = 4, 12
-    labels = np.arange(N) % 3
-    frames = (rng.random((T, N, 8, 8, 2)) < 0.1).astype(np.float32)
-    for n, c in enumerate(labels):
-        frames[:, n, 2 * c:2 * c + 2, 2:4, 0] = 1.0
-    batch = {"frames": frames, "label": labels.astype(np.int32)}
+    batch = toy_batch(rng, T, N)
+    frames = batch["frames"]
     opt = step.make_optimizer(cfg.optim, 10)
     graphdef, state = step.init_state(model, opt)
     train_step = step.make_train_step(graphdef, cfg, opt)
@@ -173,10 +188,49 @@ def test_docstring_example_model_trains_and_steps(remat, monkeypatch, rng):
         np.testing.assert_array_equal(counts, [np.asarray(s[t]).reshape(N, -1).sum(-1) for s, _ in layers])
 
 
-def test_forward_must_call_layer_once_per_fan_out_entry(monkeypatch):
-    """``fan_out`` has one entry per ``layer`` call of ``forward``; a mismatch is an error naming both."""
-    model = docstring_example(monkeypatch)["model"]
+def test_readme_example_remat_gives_equal_gradients_and_serves(monkeypatch, rng):
+    """The README's model (natural NNX, closures over ``self``): one train step's loss and gradients with
+    remat on equal those with remat off (the same float32 ops recomputed), and ``anytime.serve`` on it gives
+    ``cutoff.apply_topk`` of its multistep logits, predictions and exit steps alike."""
+    readme_example(monkeypatch)
+    batch = toy_batch(rng)
+    out = {}
+    for remat in (False, True):
+        cfg = config.Config(model=config.ModelConfig(name="tiny_snn", channels=(), num_classes=3, remat=remat),
+                            reg=config.RegConfig(alpha=0.5))
+        graphdef, state = step.init_state(models.build(cfg.model, (8, 8, 2), rngs=nnx.Rngs(0)),
+                                          step.make_optimizer(cfg.optim, 10))
+        loss = lambda p, s=state, g=graphdef, cfg=cfg: step.loss_fn(p, s.batch_stats, batch, step.loss_weights(cfg),
+                                                                    graphdef=g, cfg=cfg)
+        out[remat] = jax.jit(jax.value_and_grad(loss, has_aux=True))(state.params)
+    (l0, (bs0, _)), g0 = out[False]
+    (l1, (bs1, _)), g1 = out[True]
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0)) > 1e-3
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), (g1, bs1), (g0, bs0))
+
+    logits, _ = step.make_eval_step(graphdef)(state.params, state.batch_stats, batch["frames"], jax.random.key(0))
+    cum = cutoff.cumulative(logits)
+    beta = cutoff.calibrate_topk(cum, batch["label"], 0.2)
+    served = anytime.serve(graphdef, state.params, state.batch_stats, jnp.swapaxes(batch["frames"], 0, 1), beta,
+                           fires=cutoff.topk_fires, slots=3)
+    want_pred, want_t = cutoff.apply_topk(cum, beta)
+    np.testing.assert_array_equal(served.predictions, want_pred)
+    np.testing.assert_array_equal(served.timesteps, want_t)
+
+
+def test_forward_must_return_one_record_per_fan_out_entry(monkeypatch):
+    """``fan_out`` has one entry per spiking layer ``forward`` runs; a mismatch is an error naming both."""
+    model = readme_example(monkeypatch)["model"]
     model.fan_out = (9 * 16,)
-    with pytest.raises(ValueError, match=r"TinySNN.forward calls layer 2 times, so fan_out needs 2 entries "
-                                         r"\(one per spiking layer\), got 1"):
+    with pytest.raises(ValueError, match=r"TinySNN.forward returns 2 spiking layers' records, so fan_out needs 2 "
+                                         r"entries \(one per spiking layer\), got 1"):
         model(jnp.zeros((2, 1, 8, 8, 2)))
+
+
+def test_a_spiking_layer_owns_its_modules():
+    """A closure as ``pre`` would keep the modules of the model it was built in: refused, with what to do."""
+    cfg = config.ModelConfig(channels=(), num_classes=3)
+    conv = nnx.Conv(2, 4, (3, 3), rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"pre must be an nnx.Module owning its modules \(e.g. nnx.Sequential"):
+        models.SpikingLayer(lambda x: conv(x), cfg, 4, rngs=nnx.Rngs(0))

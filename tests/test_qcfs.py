@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from aoi_jax import config, models, qcfs, regularisers, step
+from aoi_jax import config, method, models, qcfs, regularisers, step
 
 IF = config.NeuronConfig(tau=1.0, vth=1.0, reset="soft", v0=0.5)
 
@@ -57,14 +57,19 @@ def rcs_ann_reference(pre, logits, labels):
 
 
 def test_ann_rcs_loss_matches_reference(key):
+    """The QCFS method's RCS (``method.QCFS.layer_score`` of each layer's (activation, pre-activation) pair,
+    then ``rcs_loss``, as ``step.loss_fn`` computes it) against the numpy transcription."""
     k1, k2, k3 = jax.random.split(key, 3)
     pre = [jax.random.normal(k1, (6, 4, 4, 3)), jax.random.normal(k2, (6, 5))]
     logits = jax.random.normal(k3, (1, 6, 3))
     labels = np.array([0, 1, 2, 0, 1, 2])
-    got = jax.jit(qcfs.ann_rcs_loss)(pre, logits, labels)
-    np.testing.assert_allclose(got, rcs_ann_reference(pre, logits, labels), rtol=1e-5)
-    with pytest.raises(ValueError, match=r"one time step, \(1, N, K\)"):
-        qcfs.ann_rcs_loss(pre, jnp.concatenate([logits, logits]), labels)
+    score = method.QCFS.layer_score(config.Config())
+
+    @jax.jit
+    def ann_rcs(pre, logits, labels):
+        return regularisers.rcs_loss(jnp.stack([score(None, x[None]) for x in pre]), logits, labels)
+
+    np.testing.assert_allclose(ann_rcs(pre, logits, labels), rcs_ann_reference(pre, logits, labels), rtol=1e-5)
 
 
 def test_rcs_ann_scores_gradient_flows_to_the_max_only():
@@ -113,5 +118,5 @@ def test_ann_train_step_loss_and_update(key):
     np.testing.assert_allclose(metrics["loss"], ce + 0.5 * rcs, rtol=1e-5)
     assert int(new.step) == 1 and not np.allclose(new.params["thresholds"][...], lam0)   # lam is learnt
     with pytest.raises(ValueError, match=r"one static frame: frames must be \(1, N, H, W, C\)"):
-        step.ann_loss_fn(new.params, new.batch_stats, {**batch, "frames": jnp.tile(batch["frames"], (2, 1, 1, 1, 1))},
+        step.loss_fn(new.params, new.batch_stats, {**batch, "frames": jnp.tile(batch["frames"], (2, 1, 1, 1, 1))},
                          step.loss_weights(cfg), graphdef=graphdef, cfg=cfg)
