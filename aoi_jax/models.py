@@ -60,33 +60,6 @@ def _conv(cin, cout, kernel, stride, padding, rngs, *, use_bias=True):
                     use_bias=use_bias, kernel_init=_kaiming_fan_out, rngs=rngs)
 
 
-# --- STAND-IN for the cells helper's ``neurons.cell`` (branch wip/cells); the lead swaps it in at the merge ---
-class _LIFCell(nnx.Module):
-    """The LIF cell of ``neuron`` as a module: ``neurons.lif`` over time, ``neurons.lif_step`` for one step."""
-
-    def __init__(self, neuron: NeuronConfig, features: int, *, rngs: nnx.Rngs):
-        self.neuron = neuron
-
-    def _settings(self):
-        n = self.neuron
-        return {"tau": n.tau, "vth": n.vth, "reset": n.reset, "surrogate": n.surrogate, "width": n.width}
-
-    def __call__(self, x):
-        return neurons.lif(x, v0=self.neuron.v0, **self._settings())
-
-    def step(self, v, x):
-        return neurons.lif_step(v, x, **self._settings())
-
-    def initial(self, shape):
-        return jnp.full(shape, self.neuron.v0, jnp.float32)
-
-    def values(self) -> dict:
-        return {}
-
-
-def _cell(neuron: NeuronConfig, features: int, *, rngs: nnx.Rngs) -> nnx.Module:
-    return _LIFCell(neuron, features, rngs=rngs)
-# --- end of the stand-in ---
 
 
 @dataclasses.dataclass(eq=False)
@@ -244,7 +217,7 @@ class SpikingLayer(nnx.Module):
             raise TypeError(f"SpikingLayer's pre must be an nnx.Module owning its modules (e.g. "
                             f"nnx.Sequential(conv, bn)), got {pre!r}")
         self.pre, self.post = pre, post
-        self.cell = _cell(cfg.neuron, features, rngs=rngs)
+        self.cell = neurons.cell(cfg.neuron, features, rngs=rngs)
         self.activation, self.levels = cfg.activation, cfg.levels
         self.index = None       # set by build: the order in which forward calls the layer
         self.call, self.inputs = None, nnx.data(None)   # set for one call by SpikingNet._run
