@@ -291,7 +291,7 @@ def eval_functions_for(graphdef, state: step.TrainState, cfg: config_lib.Config,
 
 def evaluate_state(graphdef, state: step.TrainState, cfg: config_lib.Config, input_shape, train_split, test_set,
                    *, mesh=None, functions: EvalFunctions | None = None, serve: bool = False,
-                   slots: int = anytime.SLOTS, compiler_options: dict | None = None, progress=no_progress) -> dict:
+                   slots: int = anytime.SLOTS, compiler_options: dict | None = None, progress=None) -> dict:
     """The report of a trained state (a run's, or a sweep member's): ``evaluate`` on the SNN it is
     (``spiking_run``), calibrated on ``input_pipeline.calibration_set`` of ``cfg``, optionally with
     ``serve_throughput`` at the table's epsilons (``report["serve"]``).
@@ -307,7 +307,7 @@ def evaluate_state(graphdef, state: step.TrainState, cfg: config_lib.Config, inp
         S of ``anytime_check``.
       compiler_options: XLA options of the functions built here, recorded as ``report["xla_options"]``
         (None: XLA's defaults, ``{}``); pass the ones ``functions`` were built with.
-      progress: ``progress(iterable, total=, desc=)`` wrapping each pass.
+      progress: ``progress(iterable, total=, desc=)`` wrapping each pass (e.g. ``tqdm.tqdm``); None: none.
     Returns:
       the report (``evaluate``'s, with ``xla_options`` and, with ``serve``, ``serve``).
     Raises:
@@ -323,7 +323,7 @@ def evaluate_state(graphdef, state: step.TrainState, cfg: config_lib.Config, inp
     state = parallel.replicate(state, mesh)
     calib_set = input_pipeline.calibration_set(*input_pipeline.split_validation(train_split, cfg.data), cfg)
     report = evaluate(graphdef, state, cfg, calib_set, test_set, step.run_keys(cfg.seed).calibration, mesh=mesh,
-                      functions=functions, progress=progress, slots=slots)
+                      functions=functions, progress=progress or no_progress, slots=slots)
     report["xla_options"] = dict(compiler_options or {})
     if serve:
         report["serve"] = serve_throughput(functions, state, test_set, report, slots=slots,
@@ -353,7 +353,7 @@ def _resolve_step(directory: pathlib.Path, step) -> int | None:
 
 def evaluate_checkpoint(source, *, step="last", overrides=(), data_dir=None, serve: bool = False,
                         slots: int = anytime.SLOTS, compiler_options: dict | None = None,
-                        progress=no_progress) -> dict:
+                        progress=None) -> dict:
     """Evaluates a checkpoint with every exit rule: the one evaluation entry point (``evaluate.py``).
 
     ::
