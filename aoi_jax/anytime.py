@@ -8,7 +8,7 @@ takes the next recording of the queue with fresh state (membranes ``v0``, zero c
 like an LLM server that refills a finished sequence's slot. The work is S x the number of iterations, about
 ``sum_n timesteps_n`` (plus the drain at the end of the queue), instead of ``N x T``.
 
-The rule is any per-step decision of ``aoi_jax.cutoff`` (``fires(y, t, param)``, e.g. ``cutoff.FIRES[rule]``
+The rule is any per-step decision of ``aoi_jax.cutoff`` (``fires(y, t, param)``, e.g. ``cutoff.RULES[r].fires``
 with its calibrated parameter, or ``cutoff.never_fires`` for fixed T). The running sum ``y + o_t`` is the
 float32 sum ``cutoff.cumulative`` computes, and a step's logits are bit for bit those of the multistep pass
 (the cells are the same float operations, and XLA:CPU computes each row of a batched conv or matrix product
@@ -78,7 +78,7 @@ def serve(graphdef, params, batch_stats, queue, param, *, fires, slots) -> Serve
       queue: the recordings in arrival order, sample-major (N, T, H, W, C) as ``FrameSet.frames``, float32 or
         integer counts (each gathered frame is cast to float32).
       param: the rule's parameter (a pytree: Top-K's beta (T,), an epsilon, a threshold, SpikeCP's qhat (T,)).
-      fires: ``(y (..., K), t int32 scalar, param) -> (...) bool``, e.g. ``cutoff.FIRES[rule]`` or
+      fires: ``(y (..., K), t int32 scalar, param) -> (...) bool``, e.g. ``cutoff.RULES[r].fires`` or
         ``cutoff.never_fires`` (fixed T).  slots: S >= 2 (may exceed N: the extra slots stay idle).
     Returns:
       ``ServeResult``: predictions and 1-based exit timesteps (N,), spikes (L, N) up to each exit, and the

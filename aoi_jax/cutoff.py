@@ -1,18 +1,22 @@
-"""Evaluation on cumulative logits and the early-exit (cutoff) rules (reference-semantics.md sections 6-8).
+"""Evaluation on cumulative logits and the early-exit (cutoff) rules (docs/semantics.md sections 6-8).
 
 Every function takes cumulative logits ``cum`` of shape (T, N, K), ``Y_n(t) = sum_{s<=t} o_s[n]`` (see
 ``cumulative``). An exit rule is a per-step decision ``fires(y, t, param) -> bool (...)`` on the cumulative
-logits ``y`` (..., K) of one step t; ``FIRES`` holds the four rules (the paper's Top-K gap, max-softmax
-confidence, DT-SNN entropy, SpikeCP conformal sets) and ``RULES`` their names. ``first_exit(fires, cum, param)``
-applies a rule to all T steps at once: a sample leaves at the first t whose rule fires, or at T, and predicts
-``argmax Y_n(exit)`` (first index on ties); ``apply_topk``, ``confidence_cutoff``, ``entropy_cutoff`` and
-``spikecp_cutoff`` are that with one rule each. A step-by-step server that calls the same ``fires`` on each
-step's running sum exits exactly where ``first_exit`` does (``cumulative`` adds in that loop's order;
-``aoi_jax.anytime.serve`` is such a server). Fixed T is the rule that never fires (``never_fires``); ``oct``
-is the oracle; ``sweep`` scores every rule over an array of epsilons. Every public function is jitted and
-its shape checks raise at trace time. Inputs are assumed finite.
+logits ``y`` (..., K) of one step t. ``RULES`` is the registry of exit rules, {name: ``Rule``}: each entry
+holds its ``fires`` and how its parameter at a tolerance epsilon is obtained (calibrated on the calibration
+split, or a function of epsilon and K); ``sweep``, the evaluation, report.json, the printed table, the figures
+and ``evaluate.py --serve`` score every registered rule and read nothing else. The four built-in entries are the
+paper's Top-K gap, max-softmax confidence, DT-SNN entropy and SpikeCP conformal sets.
+``first_exit(fires, cum, param)`` applies a rule to all T steps at once: a sample leaves at the first t whose
+rule fires, or at T, and predicts ``argmax Y_n(exit)`` (first index on ties); ``apply_topk``,
+``confidence_cutoff``, ``entropy_cutoff`` and ``spikecp_cutoff`` are that with one rule each. A step-by-step
+server that calls the same ``fires`` on each step's running sum exits exactly where ``first_exit`` does
+(``cumulative`` adds in that loop's order; ``aoi_jax.anytime.serve`` is such a server). Fixed T is the rule
+that never fires (``never_fires``); ``oct`` is the oracle; ``sweep`` scores every rule over an array of
+epsilons. Every public function is jitted and its shape checks raise at trace time. Inputs are assumed finite.
 
-A new rule is one function here and one entry in ``FIRES`` (and, for ``sweep``, its parameter per epsilon)::
+A new rule is one registration (``register_rule``), e.g. in a module that ``evaluate.py --rules MODULE``
+imports::
 
     @jax.jit
     def margin_fires(y, t, epsilon):
@@ -20,7 +24,7 @@ A new rule is one function here and one entry in ``FIRES`` (and, for ``sweep``, 
         p = jnp.sort(jax.nn.softmax(y), axis=-1)
         return p[..., -1] - p[..., -2] > 1.0 - 2.0 * epsilon
 
-    FIRES = {..., "margin": margin_fires}                   # in sweep: params["margin"] = epsilons
+    cutoff.register_rule("margin", margin_fires)            # its parameter: epsilon itself
 
     predictions, timesteps = first_exit(margin_fires, cum, 0.05)        # all steps at once, (N,) each
 
@@ -30,9 +34,16 @@ A new rule is one function here and one entry in ``FIRES`` (and, for ``sweep``, 
         leave = ~done & (margin_fires(y, t, 0.05) | (t == T - 1))      # the same exits
         pred = jnp.where(leave, jnp.argmax(y, axis=-1), pred)
         done = done | leave
+
+A calibrated rule also passes ``param=lambda epsilon, calib: ...`` (``Calibration``: the calibration split's
+cumulative logits and labels, and the Top-K grid settings), e.g. Top-K's
+``lambda e, c: calibrate_topk(c.cum, c.labels, e, c.bins, c.min_support)``.
 """
 
 import functools
+import re
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -237,10 +248,6 @@ def never_fires(y, t, param):
     return jnp.zeros(y.shape[:-1], bool)
 
 
-FIRES = {"topk": topk_fires, "confidence": confidence_fires, "entropy": entropy_fires, "spikecp": spikecp_fires}
-RULES = tuple(FIRES)
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def first_exit(fires, cum, param):
     """Exit every sample at the first step where a per-step rule fires.
@@ -254,7 +261,7 @@ def first_exit(fires, cum, param):
     calls it on one step at a time makes the same decisions. ``fires`` is static: pass a named function.
 
     Args:
-      fires: ``(y (N, K), t int32 scalar, param) -> (N,) bool``, e.g. a value of ``FIRES``.
+      fires: ``(y (N, K), t int32 scalar, param) -> (N,) bool``, e.g. ``RULES[name].fires``.
       cum: cumulative logits, (T, N, K).  param: the rule's parameter (any pytree, shared by all steps).
     Returns:
       (predictions (N,) int32, timesteps (N,) int32, 1-based).
@@ -518,37 +525,105 @@ def spikecp_cutoff(cum, qhat):
     return first_exit(spikecp_fires, cum, qhat)
 
 
+# ----------------------------------------------------------------------------- the registry
+class Calibration(NamedTuple):
+    """What a rule's parameter is calibrated from (``Rule.param``'s second argument)."""
+
+    cum: jax.Array  # (T, Nc, K) float32: cumulative logits of the calibration split
+    labels: jax.Array  # (Nc,) int: its labels
+    bins: int  # the Top-K grid (eval.bins), a Python int
+    min_support: Any  # scalar: Top-K's minimum support (eval.min_support)
+
+
+class Rule(NamedTuple):
+    """An entry of ``RULES`` (made by ``register_rule``)."""
+
+    fires: Callable  # (y (..., K), t int32 scalar, param) -> (...) bool
+    param: Callable | None  # (epsilon scalar, Calibration) -> param at epsilon (jax.vmap-able); None: epsilon
+    key: str | None  # the sweep result's and report.json's field of the param per epsilon, (E, ...); None: none
+
+
+RULES: dict[str, Rule] = {}
+_SWEEP_KEYS = ("epsilons", "rules", "fixed_t_accuracy", "oct_accuracy", "oct_timestep", "oct_timesteps")
+
+
+def register_rule(name: str, fires: Callable, *, param: Callable | None = None, key: str | None = None) -> Rule:
+    """Adds an exit rule to ``RULES``: every later ``sweep``, evaluation, report, table, figure and
+    ``evaluate.py --serve`` scores it with the others.
+
+    ::
+
+        param is None:  param(epsilon) = epsilon                          (nothing stored)
+        else:           param(epsilon) = param(epsilon, Calibration(cum_calib, labels_calib, bins, min_support))
+                        stored per epsilon as result[key] / report[key], key = f"{name}_param" by default
+
+    Args:
+      name: the rule's name in reports and tables (letters, digits, ``_``; not registered yet).
+      fires: ``(y (..., K), t int32 scalar, param) -> (...) bool``; a jitted function (``first_exit`` and
+        ``anytime.serve`` take it as a static argument).
+      param: how the rule's parameter at a tolerance epsilon is obtained (traced epsilon, vmapped over the
+        epsilons); None: the parameter is epsilon itself.
+      key: the result/report field of the parameters (only with ``param``).
+    Returns:
+      the new ``Rule``.
+    Raises:
+      ValueError: name is not an identifier or is registered; fires or param is not callable; key without
+        param, or key taken by another rule or by ``sweep``'s own fields.
+    """
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError(f"an exit rule's name must be letters, digits and _, got {name!r}")
+    if name in RULES:
+        raise ValueError(f"exit rule {name!r} is already registered (registered: {list(RULES)})")
+    if not callable(fires) or (param is not None and not callable(param)):
+        raise ValueError(f"exit rule {name!r}: fires and param must be callables, got {fires!r} and {param!r}")
+    if param is None and key is not None:
+        raise ValueError(f"exit rule {name!r}: key {key!r} needs a param (without one the parameter is epsilon)")
+    if param is not None:
+        key = f"{name}_param" if key is None else key
+        taken = {r.key: n for n, r in RULES.items() if r.key is not None}
+        if key in taken or key in _SWEEP_KEYS:
+            raise ValueError(f"exit rule {name!r}: key {key!r} is taken "
+                             f"({'by rule ' + repr(taken[key]) if key in taken else 'by sweep'})")
+    RULES[name] = Rule(fires, param, key)
+    sweep.clear_cache()                            # sweep reads RULES when it traces: trace again with this one
+    return RULES[name]
+
+
 # ----------------------------------------------------------------------------- all rules, all epsilons
 @functools.partial(jax.jit, static_argnames="bins")
-def sweep(cum_calib, labels_calib, cum_test, labels_test, epsilons, *, bins=100, min_support=0,
-          entropy_thresholds=None):
-    """Every exit rule over a whole array of tolerances at once (``jax.vmap`` over E), plus fixed T and OCT.
+def sweep(cum_calib, labels_calib, cum_test, labels_test, epsilons, *, bins=100, min_support=0, params=None):
+    """Every registered exit rule over a whole array of tolerances at once (``jax.vmap`` over E), plus fixed T
+    and OCT.
 
-    reference-semantics.md sections 6-8. Per epsilon e (calibration split c, test split t)::
+    docs/semantics.md sections 6-8. Per rule r of ``RULES`` and epsilon e (calibration split c, test split t)::
 
-        topk:        apply_topk(cum_t, calibrate_topk(cum_c, y_c, e, bins, min_support))
-        confidence:  confidence_cutoff(cum_t, e)
-        entropy:     entropy_cutoff(cum_t, entropy_thresholds[e] or entropy_threshold(e, K))
-        spikecp:     spikecp_cutoff(cum_t, calibrate_spikecp(cum_c, y_c, e))
+        param_r(e) = params[r][e]  if given,  else  e  (r.param None),  else  r.param(e, Calibration(cum_c, y_c,
+                     bins, min_support))
+        exits:       first_exit(r.fires, cum_t, param_r(e))
         accuracy = mean_n 1[prediction_n == y_n];   mean_timestep = mean_n timesteps_n
 
-    Under ``jax.vmap`` the work that does not depend on epsilon (gaps, softmax, the Top-K histograms, the
-    sorted conformal scores) runs once. Jitted, ``bins`` static.
+    The built-in rules give: topk ``apply_topk(cum_t, calibrate_topk(cum_c, y_c, e, bins, min_support))``,
+    confidence ``confidence_cutoff(cum_t, e)``, entropy ``entropy_cutoff(cum_t, entropy_threshold(e, K))``,
+    spikecp ``spikecp_cutoff(cum_t, calibrate_spikecp(cum_c, y_c, e))``. Under ``jax.vmap`` the work that does
+    not depend on epsilon (gaps, softmax, the Top-K histograms, the sorted conformal scores) runs once.
+    Jitted, ``bins`` static; ``RULES`` is read when it traces (``register_rule`` clears the compiled ones).
 
     Args:
       cum_calib: (T, Nc, K) calibration (training) cumulative logits.  labels_calib: (Nc,).
       cum_test: (T, N, K) test cumulative logits.  labels_test: (N,).
       epsilons: tolerances, (E,).  bins, min_support: as in ``calibrate_topk``.
-      entropy_thresholds: explicit entropy thresholds (E,) in nats, or None for ``entropy_threshold``.
+      params: {rule: its parameters per epsilon, (E, ...)} used instead of the registry's (e.g. explicit
+        entropy thresholds in nats), or None.
     Returns:
       dict with ``epsilons`` (E,); ``rules``: {rule: {"accuracy": (E,), "mean_timestep": (E,), "timesteps":
-      (E, N) int32 (each test sample's 1-based exit)}} for rule in ``RULES``; ``fixed_t_accuracy`` (T,) (test
-      accuracy per timestep); ``oct_accuracy`` and ``oct_timestep`` (scalars: test OCT accuracy and mean
-      timestep); ``oct_timesteps`` (N,) int32 (each test sample's OCT exit); ``topk_beta`` (E, T); ``spikecp_qhat`` (E, T);
-      ``entropy_threshold`` (E,).
+      (E, N) int32 (each test sample's 1-based exit)}} for every rule of ``RULES``; ``fixed_t_accuracy`` (T,)
+      (test accuracy per timestep); ``oct_accuracy`` and ``oct_timestep`` (scalars: test OCT accuracy and mean
+      timestep); ``oct_timesteps`` (N,) int32 (each test sample's OCT exit); and for every rule with a ``key``,
+      its parameters per epsilon under that key: ``topk_beta`` (E, T), ``entropy_threshold`` (E,),
+      ``spikecp_qhat`` (E, T).
     Raises:
       ValueError: a cum is not (T, N, K), the two splits differ in T or K, labels do not match their split,
-        epsilons is not (E,), or entropy_thresholds is not (E,).
+        epsilons is not (E,), or params names an unregistered rule or is not (E, ...).
     """
     _check_cum(cum_calib, "cum_calib")
     _check_cum(cum_test, "cum_test")
@@ -559,19 +634,23 @@ def sweep(cum_calib, labels_calib, cum_test, labels_test, epsilons, *, bins=100,
     epsilons = jnp.asarray(epsilons, jnp.float32)
     if epsilons.ndim != 1:
         raise ValueError(f"epsilons must have shape (E,), got {epsilons.shape}")
-    if entropy_thresholds is None:
-        entropy_thresholds = entropy_threshold(epsilons, cum_test.shape[2])
-    entropy_thresholds = jnp.asarray(entropy_thresholds, jnp.float32)
-    if entropy_thresholds.shape != epsilons.shape:
-        raise ValueError(f"entropy_thresholds must have shape (E,) = {epsilons.shape}, "
-                         f"got {entropy_thresholds.shape}")
-
-    params = {                                                                       # each rule's param per epsilon
-        "topk": jax.vmap(lambda e: calibrate_topk(cum_calib, labels_calib, e, bins, min_support))(epsilons),
-        "confidence": epsilons,
-        "entropy": entropy_thresholds,
-        "spikecp": jax.vmap(lambda e: calibrate_spikecp(cum_calib, labels_calib, e))(epsilons),
-    }
+    given = dict(params or {})
+    unknown = sorted(set(given) - set(RULES))
+    if unknown:
+        raise ValueError(f"params names rules {unknown} that are not registered (registered: {list(RULES)})")
+    calib = Calibration(cum_calib, labels_calib, bins, min_support)
+    params = {}                                                                      # each rule's param per epsilon
+    for name, rule in RULES.items():
+        if name in given:
+            params[name] = jax.tree.map(jnp.asarray, given[name])
+            bad = [x.shape for x in jax.tree.leaves(params[name]) if x.shape[:1] != epsilons.shape]
+            if bad:
+                raise ValueError(f"params[{name!r}] must have leading axis E = {epsilons.shape[0]} (one per "
+                                 f"epsilon), got shapes {bad}")
+        elif rule.param is None:
+            params[name] = epsilons
+        else:
+            params[name] = jax.vmap(lambda e, rule=rule: rule.param(e, calib))(epsilons)
 
     def score(fires, param):
         predictions, timesteps = first_exit(fires, cum_test, param)
@@ -581,12 +660,17 @@ def sweep(cum_calib, labels_calib, cum_test, labels_test, epsilons, *, bins=100,
     oct_accuracy, oct_timesteps = oct(cum_test, labels_test)
     return {
         "epsilons": epsilons,
-        "rules": {rule: jax.vmap(functools.partial(score, fires))(params[rule]) for rule, fires in FIRES.items()},
+        "rules": {name: jax.vmap(functools.partial(score, rule.fires))(params[name]) for name, rule in RULES.items()},
         "fixed_t_accuracy": accuracy_per_timestep(cum_test, labels_test),
         "oct_accuracy": oct_accuracy,
         "oct_timestep": jnp.mean(oct_timesteps, dtype=jnp.float32),
         "oct_timesteps": oct_timesteps,
-        "topk_beta": params["topk"],
-        "spikecp_qhat": params["spikecp"],
-        "entropy_threshold": entropy_thresholds,
+        **{rule.key: params[name] for name, rule in RULES.items() if rule.key is not None},
     }
+
+register_rule("topk", topk_fires, param=lambda e, c: calibrate_topk(c.cum, c.labels, e, c.bins, c.min_support),
+              key="topk_beta")
+register_rule("confidence", confidence_fires)
+register_rule("entropy", entropy_fires, param=lambda e, c: entropy_threshold(e, c.cum.shape[2]),
+              key="entropy_threshold")
+register_rule("spikecp", spikecp_fires, param=lambda e, c: calibrate_spikecp(c.cum, c.labels, e), key="spikecp_qhat")

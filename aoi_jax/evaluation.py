@@ -1,8 +1,13 @@
 """Evaluation of a trained SNN with every exit rule: accuracy against latency, as a report dict.
 
+``evaluate_checkpoint(source, step=..., overrides=...)`` is the entry point (``evaluate.py`` is argv -> it ->
+``reporting.write_report``): it restores a checkpoint and calls ``evaluate_state``, which training's final
+evaluation and sweeps call on the states they hold (one compile of ``eval_functions_for`` per structure).
+Compiler options default to XLA's (none); the report records those that ran (``xla_options``).
+
 One pass over the calibration split (``input_pipeline.calibration_set``: the training samples or a held-out
 validation split, with the configured dropout on spikes, seeded) and one over the test split give per-step
-logits; ``aoi_jax.cutoff`` scores every exit rule at every epsilon on their
+logits; ``aoi_jax.cutoff`` scores every registered exit rule (``cutoff.RULES``) at every epsilon on their
 cumulative sums, with the cost of each exit (synaptic operations, energy and decision time up to it,
 ``aoi_jax.cost``); the continuous-batching server (``aoi_jax.anytime.serve``) is checked against the
 multistep Top-K, and ``serve_throughput`` times it for every rule. Nothing here writes files:
@@ -15,7 +20,10 @@ evaluated, but each such finding is a ``RuntimeWarning`` and a line of the repor
 numbers are then meaningless).
 """
 
+import dataclasses
 import functools
+import logging
+import pathlib
 import time
 import warnings
 from collections.abc import Callable
@@ -26,7 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aoi_jax import anytime, config as config_lib, cost, cutoff, input_pipeline, method, parallel, step
+from aoi_jax import anytime, checkpoint, config as config_lib, cost, cutoff, data, input_pipeline, method, parallel
+from aoi_jax import reporting, step
+
+log = logging.getLogger(__name__)
+REPORT_FIELDS = ("xla_options", "serve", "checkpoint")  # the fields evaluate_state and evaluate_checkpoint add
 
 
 def no_progress(iterable, **_):
@@ -126,25 +138,33 @@ def exit_cost_report(result, counts, fan_out, macs, bin_us) -> dict:
 
 
 def rule_params(report: dict) -> dict:
-    """Each rule's parameter at each of the report's epsilons, {rule: [param per epsilon]}, as ``sweep``
-    calibrated them (``topk_beta``, the epsilon itself, ``entropy_threshold``, ``spikecp_qhat``)."""
-    return {"topk": [np.asarray(b, np.float32) for b in report["topk_beta"]],
-            "confidence": [np.float32(e) for e in report["epsilons"]],
-            "entropy": [np.float32(h) for h in report["entropy_threshold"]],
-            "spikecp": [np.asarray(q, np.float32) for q in report["spikecp_qhat"]]}
+    """Each scored rule's parameter at each of the report's epsilons, {rule: [param per epsilon]}, as ``sweep``
+    calibrated them: for every rule of ``report["rules"]``, the report's field ``cutoff.RULES[rule].key``
+    (``topk_beta``, ``entropy_threshold``, ``spikecp_qhat``), or the epsilon itself for a rule without one.
+
+    Raises:
+      ValueError: the report scores a rule that is not registered (``cutoff.register_rule``).
+    """
+    missing = [name for name in report["rules"] if name not in cutoff.RULES]
+    if missing:
+        raise ValueError(f"the report scores exit rules {missing} that are not registered (registered: "
+                         f"{list(cutoff.RULES)}); import the module that registers them (evaluate.py --rules)")
+    return {name: [np.asarray(p, np.float32) for p in
+                   report["epsilons" if cutoff.RULES[name].key is None else cutoff.RULES[name].key]]
+            for name in report["rules"]}
 
 
 def serve_throughput(functions: EvalFunctions, state, frameset, report: dict, *, slots: int, epsilons,
                      rounds: int = 3) -> dict:
-    """Samples/s of continuous batching (``anytime.serve``, S = ``slots``) on a split, for every rule at each
-    of ``epsilons`` (a subset of the report's) and for fixed T (``cutoff.never_fires``): the median of
-    ``rounds`` timed passes after one untimed pass (which compiles).
+    """Samples/s of continuous batching (``anytime.serve``, S = ``slots``) on a split, for every rule the
+    report scores (``rule_params``) at each of ``epsilons`` (a subset of the report's) and for fixed T
+    (``cutoff.never_fires``): the median of ``rounds`` timed passes after one untimed pass (which compiles).
 
     Returns:
       {"slots": S, "rounds": rounds, "fixed_t": {"samples_per_s", "mean_timestep"}, "rules": {rule: {"epsilons": [...],
       "samples_per_s": [...], "accuracy": [...], "mean_timestep": [...]}}}.
     Raises:
-      ValueError: an epsilon that the report does not hold.
+      ValueError: an epsilon that the report does not hold; a rule that is not registered.
     """
     missing = [e for e in epsilons if config_lib.epsilon_index(report["epsilons"], e) is None]
     if missing:
@@ -166,7 +186,8 @@ def serve_throughput(functions: EvalFunctions, state, frameset, report: dict, *,
 
     params = rule_params(report)
     rules = {}
-    for rule, fires in cutoff.FIRES.items():
+    for rule in report["rules"]:
+        fires = cutoff.RULES[rule].fires
         rows = [timed(fires, params[rule][config_lib.epsilon_index(report["epsilons"], e)]) for e in epsilons]
         rules[rule] = {"epsilons": list(epsilons), **{k: [row[k] for row in rows] for k in rows[0]}}
     fixed = timed(cutoff.never_fires, None)
@@ -231,7 +252,7 @@ def evaluate(graphdef, state: step.TrainState, cfg: config_lib.Config, calib_set
     macs = cost.layer_macs(model, test_set.frames.shape[2:])
     n_test = len(labels_t)
     per_sample_spikes = spikes.sum(1) / n_test                      # (L,)
-    return {
+    head = {
         "config": config_lib.to_dict(cfg),
         "n_calibration": int(len(labels_c)), "n_test": int(n_test),
         "accuracy_per_timestep": result["fixed_t_accuracy"].tolist(),
@@ -240,9 +261,9 @@ def evaluate(graphdef, state: step.TrainState, cfg: config_lib.Config, calib_set
         "rules": {rule: {"accuracy": result["rules"][rule]["accuracy"].tolist(),
                          "mean_timestep": result["rules"][rule]["mean_timestep"].tolist()}
                   for rule in result["rules"]},
-        "topk_beta": result["topk_beta"].tolist(),
-        "spikecp_qhat": result["spikecp_qhat"].tolist(),
-        "entropy_threshold": result["entropy_threshold"].tolist(),
+    }
+    params = {rule.key: result[rule.key].tolist() for rule in cutoff.RULES.values() if rule.key is not None}
+    tail = {
         "anytime": anytime_check(served, pred_m, steps_m, counts, labels_t, slots),
         "cost": exit_cost_report(result, counts, fan_out, macs, test_set.bin_us),
         "spikes_per_sample": per_sample_spikes.tolist(),
@@ -252,3 +273,119 @@ def evaluate(graphdef, state: step.TrainState, cfg: config_lib.Config, calib_set
         "synops_per_sample": (per_sample_spikes * np.asarray(fan_out)).tolist(),
         "warnings": found,
     }
+    clash = sorted(set(params) & (set(head) | set(tail) | set(REPORT_FIELDS)))
+    if clash:
+        raise ValueError(f"exit rules store their parameters under {clash}, which report.json uses for its own "
+                         "fields; register them with another key (cutoff.register_rule(..., key=))")
+    return {**head, **params, **tail}
+
+
+def eval_functions_for(graphdef, state: step.TrainState, cfg: config_lib.Config, input_shape, *,
+                       compiler_options: dict | None = None) -> EvalFunctions:
+    """``make_eval_functions`` of the SNN that is evaluated for this run (``spiking_run``: a QCFS ANN's IF
+    network): build them once and pass them to ``evaluate_state`` for every member of one structure."""
+    g, _, c = spiking_run(graphdef, state, cfg, input_shape)
+    return make_eval_functions(g, c, compiler_options=compiler_options)
+
+
+def evaluate_state(graphdef, state: step.TrainState, cfg: config_lib.Config, input_shape, train_split, test_set,
+                   *, mesh=None, functions: EvalFunctions | None = None, serve: bool = False,
+                   slots: int = anytime.SLOTS, compiler_options: dict | None = None, progress=None) -> dict:
+    """The report of a trained state (a run's, or a sweep member's): ``evaluate`` on the SNN it is
+    (``spiking_run``), calibrated on ``input_pipeline.calibration_set`` of ``cfg``, optionally with
+    ``serve_throughput`` at the table's epsilons (``report["serve"]``).
+
+    Args:
+      graphdef, state, cfg, input_shape: the run as trained (``checkpoint.restore``'s first four values).
+      train_split, test_set: ``data.load(cfg.data)``'s ``FrameSet``s (the whole training split: the held-out
+        validation part is split off here, ``input_pipeline.split_validation``).
+      mesh: a ``parallel.data_mesh`` (default: all devices); the state is replicated on it.
+      functions: ``eval_functions_for(...)`` of this structure (a sweep passes the same ones to every member:
+        one compile), or None to build them here with ``compiler_options``.
+      serve: also time continuous batching for every rule (``serve_throughput``).  slots: its S, and the
+        S of ``anytime_check``.
+      compiler_options: XLA options of the functions built here, recorded as ``report["xla_options"]``
+        (None: XLA's defaults, ``{}``); pass the ones ``functions`` were built with.
+      progress: ``progress(iterable, total=, desc=)`` wrapping each pass (e.g. ``tqdm.tqdm``); None: none.
+    Returns:
+      the report (``evaluate``'s, with ``xla_options`` and, with ``serve``, ``serve``).
+    Raises:
+      ValueError: the data's frames do not have the run's input shape; as ``evaluate`` and ``spiking_run``.
+    """
+    if tuple(train_split.frames.shape[2:]) != tuple(input_shape):
+        raise ValueError(f"data frames (H, W, C) = {tuple(train_split.frames.shape[2:])} of {cfg.data.name!r} do "
+                         f"not match the run's input shape {tuple(input_shape)}")
+    graphdef, state, cfg = spiking_run(graphdef, state, cfg, input_shape)
+    functions = make_eval_functions(graphdef, cfg, compiler_options=compiler_options) if functions is None \
+        else functions
+    mesh = parallel.data_mesh() if mesh is None else mesh
+    state = parallel.replicate(state, mesh)
+    calib_set = input_pipeline.calibration_set(*input_pipeline.split_validation(train_split, cfg.data), cfg)
+    report = evaluate(graphdef, state, cfg, calib_set, test_set, step.run_keys(cfg.seed).calibration, mesh=mesh,
+                      functions=functions, progress=progress or no_progress, slots=slots)
+    report["xla_options"] = dict(compiler_options or {})
+    if serve:
+        report["serve"] = serve_throughput(functions, state, test_set, report, slots=slots,
+                                           epsilons=reporting.table_epsilons(report))
+    return report
+
+
+def checkpoint_dir(source) -> pathlib.Path:
+    """The checkpoints folder of ``source``: a train.py workdir (its ``checkpoints/``) or the folder itself."""
+    source = pathlib.Path(source)
+    return source / "checkpoints" if (source / "checkpoints").is_dir() else source
+
+
+def _resolve_step(directory: pathlib.Path, step) -> int | None:
+    """The step to restore: ``checkpoint.resolve_step`` where it exists, else "last" -> None (the newest
+    intact step, ``checkpoint.restore``) and an int as it is."""
+    if hasattr(checkpoint, "resolve_step"):
+        return checkpoint.resolve_step(directory, step)
+    if step == "last":
+        return None
+    if isinstance(step, int) and not isinstance(step, bool):
+        return step
+    # TODO(lead, at merge): "best" comes with checkpoint.resolve_step (the storage helper); drop this fallback.
+    raise ValueError(f"step must be 'last' or an int here (checkpoint.resolve_step, which knows 'best', is "
+                     f"missing), got {step!r}")
+
+
+def evaluate_checkpoint(source, *, step="last", overrides=(), data_dir=None, serve: bool = False,
+                        slots: int = anytime.SLOTS, compiler_options: dict | None = None,
+                        progress=None) -> dict:
+    """Evaluates a checkpoint with every exit rule: the one evaluation entry point (``evaluate.py``).
+
+    ::
+
+        restore(checkpoint_dir(source), step) -> run;  cfg <- cfg + overrides (eval.*) + data.data_dir
+        report = evaluate_state(run, data.load(cfg.data), ...)
+        report["checkpoint"] = {"step": step restored, "path": its folder}
+
+    Args:
+      source: a train.py workdir (its ``checkpoints/``) or a checkpoints folder (holding step folders).
+      step: "last" (the newest intact step), "best" (``checkpoint.resolve_step``) or a step number.
+      overrides: ``"eval.KEY=VALUE"`` strings (``config.apply_overrides``); only evaluation settings.
+      data_dir: where the data set lives, if not where training read it.
+      serve, slots, compiler_options, progress: as ``evaluate_state`` (compiler_options None: XLA's defaults).
+    Returns:
+      the report (``evaluate_state``'s, with ``checkpoint``); the caller writes it (``reporting.write_report``).
+    Raises:
+      ValueError: an override outside ``eval.*``; the data do not fit the run; as ``evaluate_state``.
+      FileNotFoundError / checkpoint.DamagedCheckpointError: no such (intact) checkpoint.
+    """
+    not_eval = [item for item in overrides if not item.startswith("eval.")]
+    if not_eval:
+        raise ValueError(f"evaluate.py --set changes evaluation settings (eval.*) only, got {not_eval}; the "
+                         "model, data and training settings are those stored with the checkpoint")
+    directory = checkpoint_dir(source)
+    graphdef, state, cfg, input_shape = checkpoint.restore(directory, _resolve_step(directory, step))
+    restored = int(state.step)
+    cfg = config_lib.apply_overrides(cfg, list(overrides) + ([f"data.data_dir={data_dir}"] if data_dir else []))
+    log.info("restored %s step %d (%s, %s, neuron %s)", directory, restored, cfg.model.name, cfg.model.activation,
+             dataclasses.asdict(cfg.model.neuron))
+    train_split, test_set = data.load(cfg.data, progress=progress)
+    log.info("data %s from %s", cfg.data.name, data.data_root(cfg.data.data_dir))
+    report = evaluate_state(graphdef, state, cfg, input_shape, train_split, test_set, serve=serve, slots=slots,
+                            compiler_options=compiler_options, progress=progress)
+    report["checkpoint"] = {"step": restored, "path": str((directory / str(restored)).resolve())}
+    return report

@@ -124,7 +124,7 @@ def plot_accuracy_per_timestep(report: dict, path) -> None:
     _save(fig, path)
 
 
-def _plot_tradeoff(report: dict, path, *, fixed_t, rules: dict, oct_x, xlabel: str, what: str, ann_x=None):
+def _tradeoff_figure(report: dict, *, fixed_t, rules: dict, oct_x, xlabel: str, what: str, ann_x=None):
     """Test accuracy against a cost per sample: fixed T at every t (``fixed_t`` (T,)), each rule over the
     report's epsilons (``rules``: {rule: (E,)}), OCT (``oct_x``), and an optional vertical line at ``ann_x``."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -140,25 +140,35 @@ def _plot_tradeoff(report: dict, path, *, fixed_t, rules: dict, oct_x, xlabel: s
     ax.set_title(f"accuracy vs {what}, epsilon {min(report['epsilons'])}-{max(report['epsilons'])}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    return fig
+
+
+def latency_figure(report: dict):
+    """Accuracy against the mean exit timestep (the paper's figure): every rule the report scores over its
+    epsilons, fixed T at every t, OCT."""
+    return _tradeoff_figure(report, fixed_t=range(1, len(report["accuracy_per_timestep"]) + 1),
+                            rules={rule: res["mean_timestep"] for rule, res in report["rules"].items()},
+                            oct_x=report["oct"]["mean_timestep"], xlabel="mean exit timestep", what="latency")
+
+
+def energy_figure(report: dict):
+    """Accuracy against energy per sample (uJ, up to each exit): every rule the report scores over its
+    epsilons, fixed T at every t, OCT; the equivalent ANN's energy as a vertical line."""
+    costs = report["cost"]
+    return _tradeoff_figure(report, fixed_t=costs["fixed_t"]["energy_uj"],
+                            rules={rule: c["energy_uj"] for rule, c in costs["rules"].items()},
+                            oct_x=costs["oct"]["energy_uj"], ann_x=costs["ann_energy_uj"], what="energy",
+                            xlabel=f"energy per sample (uJ; {costs['e_ac_pj']} pJ/AC, {costs['e_mac_pj']} pJ/MAC)")
 
 
 def plot_accuracy_vs_latency(report: dict, path) -> None:
-    """Accuracy against the mean exit timestep (the paper's figure): every rule over its epsilons, fixed T
-    at every t, OCT."""
-    _plot_tradeoff(report, path, fixed_t=range(1, len(report["accuracy_per_timestep"]) + 1),
-                   rules={rule: res["mean_timestep"] for rule, res in report["rules"].items()},
-                   oct_x=report["oct"]["mean_timestep"], xlabel="mean exit timestep", what="latency")
+    """Writes ``latency_figure(report)`` to ``path``."""
+    _save(latency_figure(report), path)
 
 
 def plot_accuracy_vs_energy(report: dict, path) -> None:
-    """Accuracy against energy per sample (uJ, up to each exit): every rule over its epsilons, fixed T at
-    every t, OCT; the equivalent ANN's energy as a vertical line."""
-    costs = report["cost"]
-    _plot_tradeoff(report, path, fixed_t=costs["fixed_t"]["energy_uj"],
-                   rules={rule: c["energy_uj"] for rule, c in costs["rules"].items()},
-                   oct_x=costs["oct"]["energy_uj"], ann_x=costs["ann_energy_uj"], what="energy",
-                   xlabel=f"energy per sample (uJ; {costs['e_ac_pj']} pJ/AC, {costs['e_mac_pj']} pJ/MAC)")
+    """Writes ``energy_figure(report)`` to ``path``."""
+    _save(energy_figure(report), path)
 
 
 def plot_summary(summary: dict, path) -> None:

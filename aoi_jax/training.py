@@ -352,13 +352,15 @@ def _train_and_evaluate(workdir, members, run_eval, strategy, tuning, progress) 
     if not run_eval:
         return results
     for r, state_m in zip(results, ablation.unstack(jax.device_get(states), M)):
-        g, st, c = evaluation.spiking_run(graphdef, parallel.replicate(state_m, data_mesh), r.member.cfg,
-                                          input_shape)
         if eval_functions is None:                                          # a QCFS ANN's SNN: once
-            eval_functions = evaluation.make_eval_functions(g, c, compiler_options=eval_options)
+            eval_functions = evaluation.eval_functions_for(graphdef, state_m, r.member.cfg, input_shape,
+                                                           compiler_options=eval_options)
         log.info("evaluating %s", r.member.name or "the run")
-        r.report = evaluation.evaluate(g, st, c, calib_set, test_set, step.run_keys(c.seed).calibration,
-                                       mesh=data_mesh, functions=eval_functions, progress=progress)
+        r.report = evaluation.evaluate_state(graphdef, state_m, r.member.cfg, input_shape, train_split, test_set,
+                                             mesh=data_mesh, functions=eval_functions,
+                                             compiler_options=eval_options, progress=progress)
+        r.report["checkpoint"] = {"step": int(state_m.step),
+                                  "path": str((r.workdir / "checkpoints" / str(int(state_m.step))).resolve())}
     return results
 
 

@@ -7,9 +7,10 @@ calibrated as evaluation does, ``cutoff.sweep`` on the training split with the c
 sides; the ratio of the median times is the speed-up, against the ideal T / mean exit timestep (the ratio of
 the useful work; the slots that fall idle while the queue drains, and fixed T's partial last batch, separate
 the two: compare the slot-steps). Each served result is compared with the
-rule's function on the multistep logits (``apply_topk``, ``confidence_cutoff``, ...). One line per rule:
+rule on the multistep logits (``cutoff.first_exit``, as ``apply_topk``, ``confidence_cutoff``, ...). One line per
+registered rule (``cutoff.RULES``):
 
-    topk eps 0: continuous batching 3.05x samples/s over fixed T (ideal 3.44x), equal to apply_topk: True
+    topk eps 0: continuous batching 3.05x samples/s over fixed T (ideal 3.44x), equal to the multistep rule: True
 
 then a table of the medians (samples/s of both sides; the ratio of this process's CPU time, all threads,
 which on a shared machine compares the work done rather than the share of the cores each side got), the
@@ -29,10 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from aoi_jax import anytime, checkpoint, cutoff, data, evaluation, parallel, step, xla_tuning
-
-RULE_FUNCTIONS = {"topk": cutoff.apply_topk, "confidence": cutoff.confidence_cutoff, "entropy": cutoff.entropy_cutoff,
-                  "spikecp": cutoff.spikecp_cutoff}  # each rule's function on cumulative logits
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,20 +73,19 @@ def main(argv=None):
     fixed = fns.serve(cutoff.never_fires, S)
     seconds(lambda: fixed(state.params, state.batch_stats, queue, None))                    # compiles
     rows = []
-    for rule, fires in cutoff.FIRES.items():
-        serve = fns.serve(fires, S)
+    for rule, entry in cutoff.RULES.items():
+        serve = fns.serve(entry.fires, S)
         first_s, _, out = seconds(lambda: serve(state.params, state.batch_stats, queue, params[rule]))  # compiles
         t_rule, t_fixed = [], []
         for _ in range(args.rounds):
             t_rule.append(seconds(lambda: serve(state.params, state.batch_stats, queue, params[rule]))[:2])
             t_fixed.append(seconds(lambda: fixed(state.params, state.batch_stats, queue, None))[:2])
-        function = RULE_FUNCTIONS[rule]
-        want_pred, want_t = function(cum_t, params[rule])
+        want_pred, want_t = cutoff.first_exit(entry.fires, cum_t, params[rule])
         equal = bool(np.array_equal(out.predictions, want_pred) and np.array_equal(out.timesteps, want_t))
         mean_exit = float(np.mean(out.timesteps))
         (rule_s, rule_cpu), (fixed_s, fixed_cpu) = np.median(t_rule, axis=0), np.median(t_fixed, axis=0)
         print(f"{rule} eps {args.epsilon:g}: continuous batching {fixed_s / rule_s:.2f}x samples/s over fixed T "
-              f"(ideal {T / mean_exit:.2f}x), equal to {function.__name__}: {equal}", flush=True)
+              f"(ideal {T / mean_exit:.2f}x), equal to the multistep rule: {equal}", flush=True)
         rows.append((rule, N / rule_s, N / fixed_s, fixed_cpu / rule_cpu, mean_exit, int(out.slot_steps), rule_s,
                      first_s))
 

@@ -120,20 +120,21 @@ def run_cell(cfg: config.Config, workdir: pathlib.Path, sweep: dict, arms=tuple(
         return reports
     training.train_and_evaluate(cfg, workdir, sweep=sweep, run_eval=False)
     train_split, test_set = data.load(cfg.data)
-    fit, validation = input_pipeline.split_validation(train_split, cfg.data)
     mesh, options = parallel.data_mesh(), xla_tuning.compiler_options("auto")
     for arm in arms:
         t0, functions = time.time(), None
         for i, (d, c) in enumerate(zip(dirs, arm_cfgs[arm])):
             if reports[arm][i] is not None:
                 continue
-            graphdef, state, stored, _ = checkpoint.restore(d / "checkpoints")
+            graphdef, state, stored, input_shape = checkpoint.restore(d / "checkpoints")
             if stored != members[i].cfg:
                 raise ValueError(f"{d} holds a checkpoint of another config")
-            functions = functions or evaluation.make_eval_functions(graphdef, c, compiler_options=options)
-            reports[arm][i] = evaluation.evaluate(graphdef, parallel.replicate(state, mesh), c,
-                                                  input_pipeline.calibration_set(fit, validation, c), test_set,
-                                                  step.run_keys(c.seed).calibration, mesh=mesh, functions=functions)
+            functions = functions or evaluation.eval_functions_for(graphdef, state, c, input_shape,
+                                                                   compiler_options=options)
+            reports[arm][i] = evaluation.evaluate_state(graphdef, state, c, input_shape, train_split, test_set,
+                                                        mesh=mesh, functions=functions, compiler_options=options)
+            reports[arm][i]["checkpoint"] = {"step": int(state.step),
+                                             "path": str((d / "checkpoints" / str(int(state.step))).resolve())}
             reporting.write_report(reports[arm][i], d / f"eval_{arm}")
         seconds = time.time() - t0
         timing = workdir / "eval_seconds.json"

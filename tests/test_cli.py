@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from aoi_jax import checkpoint
+from aoi_jax import checkpoint, reporting, xla_tuning
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["model.channels=(4, 8)", "train.epochs=1", "train.batch_size=128", "data.timesteps=3",
@@ -84,6 +84,44 @@ def test_evaluate_reproduces_the_members_report_and_serves(sweep):
         assert row["accuracy"] == pytest.approx(b["rules"][rule]["accuracy"], rel=1e-6)
         assert row["mean_timestep"] == pytest.approx(b["rules"][rule]["mean_timestep"], rel=1e-6)
     assert "samples/s: continuous batching with 8 slots" in proc.stdout
+    # the step and the options that ran, as training recorded them; evaluate.py logs as train.py does
+    (step_,) = checkpoint.all_steps(member / "checkpoints")
+    assert b["checkpoint"] == a["checkpoint"] == {"step": step_, "path": str(member / "checkpoints" / str(step_))}
+    assert b["xla_options"] == a["xla_options"] == xla_tuning.compiler_options("auto")
+    assert f"restored {member / 'checkpoints'} step {step_} (" in proc.stdout
+
+
+def readme_exit_rule() -> str:
+    """The code block of the README's "A new exit rule"."""
+    text = (ROOT / "README.md").read_text()
+    return text[text.index("**A new exit rule**"):].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_evaluate_scores_the_readme_exit_rule(sweep, tmp_path):
+    """The README's new exit rule, saved as a module and passed with --rules: that one registration puts it in
+    report.json (with its cost), the printed table, the figures and --serve. At epsilon 0 it never fires
+    (p1 - p2 > 1 is impossible): every sample exits at T with the accuracy at T; the served exits are the sweep's."""
+    member = sweep[0] / "sweep" / "members" / "alpha=0.5"
+    (tmp_path / "my_rules.py").write_text(readme_exit_rule())
+    proc = script("evaluate.py", "--workdir", str(member), "--out", "out", "--rules", "my_rules", "--serve",
+                  "--slots", "8", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(report["rules"]) == {"topk", "confidence", "entropy", "spikecp", "margin"}
+    margin = report["rules"]["margin"]
+    assert margin["mean_timestep"][0] == 3 and margin["accuracy"][0] == report["accuracy_per_timestep"][-1]
+    assert len(report["cost"]["rules"]["margin"]["synops"]) == 2
+    served = report["serve"]["rules"]["margin"]
+    assert served["epsilons"] == [0.0, 0.05] and min(served["samples_per_s"]) > 0
+    assert served["accuracy"] == pytest.approx(margin["accuracy"], rel=1e-6)
+    assert served["mean_timestep"] == pytest.approx(margin["mean_timestep"], rel=1e-6)
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("margin ")]
+    assert [row[:4] for row in rows] == [["margin", f"{e:.2f}", f"{a:.4f}", f"{t:.3f}"] for e, a, t in
+                                        zip(report["epsilons"], margin["accuracy"], margin["mean_timestep"])]
+    for figure in (reporting.latency_figure(report), reporting.energy_figure(report)):
+        assert "margin" in [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    for fig in ("accuracy_per_timestep.png", "accuracy_vs_latency.png", "accuracy_vs_energy.png"):
+        assert (tmp_path / "out" / fig).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_evaluate_changes_evaluation_settings_only(sweep):

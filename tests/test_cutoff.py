@@ -360,9 +360,9 @@ def test_each_rule_one_step_at_a_time_equals_the_multistep_rule(kind, T, N, K, r
                                        ("confidence", epsilon, cutoff.confidence_cutoff(cum, epsilon)),
                                        ("entropy", threshold, cutoff.entropy_cutoff(cum, threshold)),
                                        ("spikecp", qhat, cutoff.spikecp_cutoff(cum, qhat))):
-            assert_exits(multistep, step_by_step(cutoff.FIRES[rule], logits, param))
-            assert_exits(cutoff.first_exit(cutoff.FIRES[rule], cum, param), multistep)
-    assert cutoff.RULES == tuple(cutoff.FIRES) == ("topk", "confidence", "entropy", "spikecp")
+            assert_exits(multistep, step_by_step(cutoff.RULES[rule].fires, logits, param))
+            assert_exits(cutoff.first_exit(cutoff.RULES[rule].fires, cum, param), multistep)
+    assert tuple(cutoff.RULES) == ("topk", "confidence", "entropy", "spikecp")
 
 
 def test_a_rule_that_never_fires_is_fixed_t_and_traces_once(rng):
@@ -389,13 +389,16 @@ PUBLIC = ("cumulative", "accuracy_per_timestep", "oct", "topk_gap", "calibrate_t
           "spikecp_fires", "never_fires")
 
 
+REGISTRY = ("register_rule", "Rule", "Calibration")          # the registry's function and its two records
+
+
 def test_every_public_function_is_jitted():
     public = {name for name, value in vars(cutoff).items()
               if callable(value) and not name.startswith("_") and getattr(value, "__module__", "") == cutoff.__name__}
-    assert public == set(PUBLIC)
+    assert public == set(PUBLIC) | set(REGISTRY)
     for name in PUBLIC:
         assert hasattr(getattr(cutoff, name), "lower"), name     # a jax.jit function
-    assert all(hasattr(fires, "lower") for fires in cutoff.FIRES.values())
+    assert all(hasattr(rule.fires, "lower") for rule in cutoff.RULES.values())
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -429,10 +432,65 @@ def test_sweep_equals_per_epsilon_calls(kind, rng):
 def test_sweep_takes_explicit_entropy_thresholds(rng):
     cum, y = normal_cum(rng, 4, 50, 3)
     thresholds = np.array([0.1, 0.5], np.float32)
-    res = cutoff.sweep(cum, y, cum, y, np.array([0.0, 0.1], np.float32), bins=10, entropy_thresholds=thresholds)
+    res = cutoff.sweep(cum, y, cum, y, np.array([0.0, 0.1], np.float32), bins=10, params={"entropy": thresholds})
     for i, h in enumerate(thresholds):
         _, steps = cutoff.entropy_cutoff(cum, h)
         np.testing.assert_allclose(res["rules"]["entropy"]["mean_timestep"][i], np.mean(steps), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the registry
+@pytest.fixture
+def registry():
+    """``cutoff.RULES`` as it is, restored after the test (registrations are for the whole process)."""
+    before = dict(cutoff.RULES)
+    yield cutoff.RULES
+    cutoff.RULES.clear()
+    cutoff.RULES.update(before)
+    cutoff.sweep.clear_cache()
+
+
+@jax.jit
+def margin_fires(y, t, epsilon):
+    """Exit when the two largest softmax probabilities differ by more than 1 - 2 epsilon."""
+    p = jnp.sort(jax.nn.softmax(y), axis=-1)
+    return p[..., -1] - p[..., -2] > 1.0 - 2.0 * epsilon
+
+
+@jax.jit
+def gap_quantile_fires(y, t, q):
+    """Exit when top1 - top2 exceeds q[t] (a per-step quantile of the calibration split's gaps)."""
+    s = jnp.sort(y, axis=-1)
+    return s[..., -1] - s[..., -2] > q[t]
+
+
+def test_a_registered_rule_is_swept_with_its_parameter(registry, rng):
+    """One registration each: an uncalibrated rule (param = epsilon) and a calibrated one (a quantile of the
+    calibration gaps per step, stored under its key). sweep, already compiled for these shapes, scores them
+    after registration as first_exit does, per epsilon; the built-in rules and their fields are unchanged."""
+    cum_c, y_c = normal_cum(rng, 5, 60, 4)
+    cum_t, y_t = normal_cum(rng, 5, 70, 4)
+    epsilons = np.array([0.0, 0.1, 0.3], np.float32)
+    before = cutoff.sweep(cum_c, y_c, cum_t, y_t, epsilons, bins=10)
+    assert "margin" not in before["rules"]
+    cutoff.register_rule("margin", margin_fires)
+    rule = cutoff.register_rule("gapq", gap_quantile_fires,
+                                param=lambda e, c: jnp.quantile(cutoff.topk_gap(c.cum), 1.0 - e, axis=1))
+    assert rule == cutoff.Rule(gap_quantile_fires, rule.param, "gapq_param")
+    assert tuple(registry) == ("topk", "confidence", "entropy", "spikecp", "margin", "gapq")
+    res = cutoff.sweep(cum_c, y_c, cum_t, y_t, epsilons, bins=10)
+    assert set(res["rules"]) == set(registry) and "margin_param" not in res
+    gaps = np.sort(cum_c, axis=-1)[..., -1] - np.sort(cum_c, axis=-1)[..., -2]               # (T, Nc)
+    for i, e in enumerate(epsilons):
+        q = np.quantile(gaps, 1.0 - e, axis=1)
+        np.testing.assert_allclose(res["gapq_param"][i], q, rtol=1e-5)
+        for name, param in (("margin", e), ("gapq", res["gapq_param"][i])):
+            pred, steps = cutoff.first_exit(registry[name].fires, cum_t, param)
+            np.testing.assert_array_equal(res["rules"][name]["timesteps"][i], steps)
+            np.testing.assert_allclose(res["rules"][name]["accuracy"][i], np.mean(pred == y_t), rtol=1e-6)
+    for key in ("topk_beta", "entropy_threshold", "spikecp_qhat", "oct_timesteps"):
+        np.testing.assert_array_equal(res[key], before[key])
+    for name in before["rules"]:
+        np.testing.assert_array_equal(res["rules"][name]["timesteps"], before["rules"][name]["timesteps"])
 
 
 # ----------------------------------------------------------------------------- errors
@@ -462,8 +520,17 @@ LABELS = np.zeros(4, np.int32)
      r"must share T and K, got \(3, 4, 5\) and \(3, 4, 4\)"),
     (lambda: cutoff.sweep(CUM, LABELS, CUM[:, :2], LABELS, np.zeros(2)),
      r"labels_test must have shape \(N,\) = \(2,\)"),
-    (lambda: cutoff.sweep(CUM, LABELS, CUM, LABELS, np.zeros(2), entropy_thresholds=np.zeros(3)),
-     r"entropy_thresholds must have shape \(E,\) = \(2,\), got \(3,\)"),
+    (lambda: cutoff.sweep(CUM, LABELS, CUM, LABELS, np.zeros(2), params={"entropy": np.zeros(3)}),
+     r"params\['entropy'\] must have leading axis E = 2 \(one per epsilon\), got shapes \[\(3,\)\]"),
+    (lambda: cutoff.sweep(CUM, LABELS, CUM, LABELS, np.zeros(2), params={"nope": np.zeros(2)}),
+     r"params names rules \['nope'\] that are not registered"),
+    (lambda: cutoff.register_rule("topk", cutoff.topk_fires), r"exit rule 'topk' is already registered"),
+    (lambda: cutoff.register_rule("a b", cutoff.topk_fires), r"letters, digits and _, got 'a b'"),
+    (lambda: cutoff.register_rule("new", cutoff.topk_fires, key="k"), r"key 'k' needs a param"),
+    (lambda: cutoff.register_rule("new", cutoff.topk_fires, param=lambda e, c: e, key="topk_beta"),
+     r"key 'topk_beta' is taken \(by rule 'topk'\)"),
+    (lambda: cutoff.register_rule("new", cutoff.topk_fires, param=lambda e, c: e, key="rules"),
+     r"key 'rules' is taken \(by sweep\)"),
 ])
 def test_bad_inputs_raise(call, match):
     with pytest.raises(ValueError, match=match):

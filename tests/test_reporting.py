@@ -59,3 +59,25 @@ def test_summary_figure_symlog_axis_and_interval_bars(summary, tmp_path):
         np.testing.assert_allclose(seg[:, 1], [4 - half, 4 + half], atol=1e-5)
     reporting.plot_summary(summary, tmp_path / "s.png")
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_table_and_figures_show_every_rule_the_report_scores():
+    """A report scoring a registered rule ("margin") besides Top-K: its rows in the table (at the table's
+    epsilons only) and its line in both trade-off figures, with the report's values."""
+    cost = {"synops": [10.0, 8.0], "energy_uj": [1.0, 0.5], "decision_ms": [20.0, 10.0]}
+    report = {"accuracy_per_timestep": [0.5, 0.9], "oct": {"accuracy": 0.9, "mean_timestep": 1.2},
+              "epsilons": [0.0, 0.05, 0.2],
+              "rules": {"topk": {"accuracy": [0.9, 0.88, 0.8], "mean_timestep": [1.5, 1.4, 1.1]},
+                        "margin": {"accuracy": [0.9, 0.85, 0.7], "mean_timestep": [2.0, 1.25, 1.0]}},
+              "cost": {"rules": {r: {k: v + [0.1] for k, v in cost.items()} for r in ("topk", "margin")},
+                       "fixed_t": cost, "oct": {"synops": 9.0, "energy_uj": 0.8, "decision_ms": 12.0},
+                       "ann_macs": 100, "ann_energy_uj": 2.0, "e_ac_pj": 0.9, "e_mac_pj": 4.6, "macs_per_layer": [60]},
+              "anytime": {"slots": 4, "accuracy": 0.9, "mean_timestep": 1.5, "fraction_of_steps_computed": 0.8,
+                          "agrees_with_apply_topk": True}, "warnings": []}
+    rows = [line.split() for line in reporting.summary_table(report).splitlines() if line.startswith("margin ")]
+    assert [row[:4] for row in rows] == [["margin", "0.00", "0.9000", "2.000"], ["margin", "0.05", "0.8500", "1.250"]]
+    for figure, x in ((reporting.latency_figure(report), [2.0, 1.25, 1.0]),
+                      (reporting.energy_figure(report), [1.0, 0.5, 0.1])):
+        (line,) = [ln for ln in figure.axes[0].get_lines() if ln.get_label() == "margin"]
+        np.testing.assert_array_equal(line.get_xdata(), x)
+        np.testing.assert_array_equal(line.get_ydata(), np.asarray([0.9, 0.85, 0.7]) * 100)

@@ -5,27 +5,35 @@
                        [--data-dir DIR] [--set eval.calib_dropout=0] [--set eval.min_support=5]
                        [--set eval.calibration=validation]   # needs a run trained with data.validation_fraction > 0
     python evaluate.py --workdir runs/ndigits --serve [--slots 16]   # + samples/s of continuous batching
+    python evaluate.py --workdir runs/ndigits --rules my_rules      # + the exit rules my_rules.py registers
 
 The model is rebuilt from the config stored in the checkpoint (neuron settings included); a mismatch between
 stored weights and that config is an error. ``--set`` changes evaluation settings (``eval.*`` keys) only.
-Writes ``report.json``, ``accuracy_per_timestep.png``, ``accuracy_vs_latency.png`` and
-``accuracy_vs_energy.png`` into the output folder (``aoi_jax.evaluation``, ``aoi_jax.reporting``) and prints
-the summary table. ``--serve`` also times continuous batching (``aoi_jax.anytime.serve``) on the test set for
-every rule at the table's epsilons and for fixed T (``evaluation.serve_throughput``): samples/s in the table
-and in report.json (``serve``).
+``--rules MODULE`` imports a module (from the current folder or the Python path) before evaluating, so that
+the exit rules it registers (``aoi_jax.cutoff.register_rule``) are scored with the built-in ones.
+Writes ``report.json`` (with the checkpoint step and path it evaluated, and the XLA options that ran),
+``accuracy_per_timestep.png``, ``accuracy_vs_latency.png`` and ``accuracy_vs_energy.png`` into the output
+folder (``aoi_jax.evaluation.evaluate_checkpoint``, ``aoi_jax.reporting``) and prints the summary table.
+``--serve`` also times continuous batching (``aoi_jax.anytime.serve``) on the test set for every rule at the
+table's epsilons and for fixed T (``evaluation.serve_throughput``): samples/s in the table and in report.json
+(``serve``).
 """
 
 import argparse
-import dataclasses
+import importlib
 import logging
+import os
 import pathlib
 import sys
 
-from aoi_jax import anytime, checkpoint, config, data, evaluation, input_pipeline, parallel, progress, reporting
-from aoi_jax import step
-from aoi_jax import xla_tuning
+from aoi_jax import anytime, evaluation, parallel, progress, reporting, xla_tuning
 
 log = logging.getLogger("aoi_jax")
+
+
+def step_arg(text: str):
+    """--step: "last", "best" or a step number."""
+    return text if text in ("last", "best") else int(text)
 
 
 def parse_args(argv=None):
@@ -33,11 +41,14 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="a train.py workdir: its checkpoints/ are read, the report goes there")
     src.add_argument("--checkpoint", help="an orbax checkpoint folder (holding step folders)")
-    p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    p.add_argument("--step", type=step_arg, default="last",
+                   help="checkpoint step: a number, last (default: the newest intact one) or best")
     p.add_argument("--out", help="output folder (default: the workdir, or the checkpoint's parent)")
     p.add_argument("--data-dir", help="where the data set lives, if not where training read it")
     p.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
                    help="override an evaluation setting, e.g. eval.calib_dropout=0 (repeatable)")
+    p.add_argument("--rules", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first: the exit rules it registers are scored too (repeatable)")
     p.add_argument("--serve", action="store_true",
                    help="time continuous batching on the test set for every rule (samples/s in the table)")
     p.add_argument("--slots", type=int, default=anytime.SLOTS,
@@ -47,36 +58,39 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def setup_logging():
+    """Logs the ``aoi_jax`` logger to stdout, as train.py does (orbax/absl configure the root logger first)."""
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    log.handlers.clear()
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+
+
+def import_rules(modules):
+    """Imports each module (the current folder first on the path, as ``python -m`` has it)."""
+    sys.path.insert(0, os.getcwd())
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    finally:
+        sys.path.remove(os.getcwd())
+
+
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    not_eval = [item for item in args.set if not item.startswith("eval.")]
-    if not_eval:
-        raise ValueError(f"evaluate.py --set changes evaluation settings (eval.*) only, got {not_eval}; the "
-                         "model, data and training settings are those stored with the checkpoint")
+    setup_logging()
+    import_rules(args.rules)
     parallel.initialize_distributed()
-    ckpt_dir = pathlib.Path(args.checkpoint) if args.checkpoint else pathlib.Path(args.workdir) / "checkpoints"
-    out = pathlib.Path(args.out) if args.out else (pathlib.Path(args.workdir) if args.workdir else ckpt_dir.parent)
-    graphdef, state, cfg, input_shape = checkpoint.restore(ckpt_dir, args.step)
-    cfg = config.apply_overrides(cfg, args.set + ([f"data.data_dir={args.data_dir}"] if args.data_dir else []))
-    log.info("restored %s step %d (%s, %s, neuron %s)", ckpt_dir, int(state.step), cfg.model.name,
-             cfg.model.activation, dataclasses.asdict(cfg.model.neuron))
-    train_set, test_set = data.load(cfg.data, progress=progress.progress)
-    log.info("data %s from %s", cfg.data.name, data.data_root(cfg.data.data_dir))
-    if tuple(train_set.frames.shape[2:]) != tuple(input_shape):
-        raise ValueError(f"data frames {train_set.frames.shape[2:]} do not match the checkpoint's input shape "
-                         f"{tuple(input_shape)}")
-    graphdef, state, cfg = evaluation.spiking_run(graphdef, state, cfg, input_shape)
-    functions = evaluation.make_eval_functions(graphdef, cfg, compiler_options=xla_tuning.compiler_options(args.xla_tuning))
-    calib_set = input_pipeline.calibration_set(*input_pipeline.split_validation(train_set, cfg.data), cfg)
-    state = parallel.replicate(state, parallel.data_mesh())
-    report = evaluation.evaluate(graphdef, state, cfg, calib_set, test_set, step.run_keys(cfg.seed).calibration,
-                                 functions=functions, progress=progress.progress,
-                                 slots=args.slots)
-    if args.serve:
-        report["serve"] = evaluation.serve_throughput(functions, state, test_set, report, slots=args.slots,
-                                                      epsilons=reporting.table_epsilons(report))
+    source = pathlib.Path(args.checkpoint or args.workdir)
+    out = pathlib.Path(args.out) if args.out else (source if args.workdir else source.parent)
+    report = evaluation.evaluate_checkpoint(
+        source, step=args.step, overrides=args.set, data_dir=args.data_dir, serve=args.serve, slots=args.slots,
+        compiler_options=xla_tuning.compiler_options(args.xla_tuning),
+        progress=progress.progress)
     reporting.write_report(report, out)
+    log.info("wrote %s", out / "report.json")
     print(reporting.summary_table(report))
 
 
