@@ -3,6 +3,7 @@ session's temporary folder, one XLA compilation cache per session (shared with t
 start), and one N-Digits data folder shared by the tests that train."""
 
 import os
+import pathlib
 import socket
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -26,9 +27,9 @@ def pytest_configure(config):
     step of the same tiny model built again by another test, load the executable XLA compiled the first time
     instead of compiling it again. A cache hit is the identical executable, so results are bit for bit those
     of a fresh compile; the folder is new in every session, so nothing is carried over between runs (unless
-    ``$JAX_COMPILATION_CACHE_DIR`` is set already: then that cache is used as it is). Set
-    here, before any test module is imported, because jax decides at its first compile whether to use a
-    cache."""
+    ``$JAX_COMPILATION_CACHE_DIR`` is set already: then that cache is used as it is;
+    ``JAX_ENABLE_COMPILATION_CACHE=false`` turns it off). Set here, before any test module is imported,
+    because jax decides at its first compile whether to use a cache."""
     factory = getattr(config, "_tmp_path_factory", None)
     if factory is None or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
@@ -80,3 +81,31 @@ def ndigits_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("ndigits_data")
     ndigits.load_events(root)
     return root
+
+
+# The tiny N-Digits run of ``trained_ndigits`` (``--set`` overrides of configs/ndigits.py).
+TINY_NDIGITS = ("model.channels=(4, 8)", "train.epochs=1", "train.batch_size=64", "data.timesteps=4",
+                "eval.epsilons=(0.0, 0.05)", "eval.bins=20")
+
+
+@pytest.fixture(scope="session")
+def trained_ndigits(tmp_path_factory, ndigits_dir):
+    """``(workdir, cfg, results)``: one tiny N-Digits run trained and evaluated once per session, for every test
+    that needs a finished run (a checkpoint to restore, evaluate or load, a report to check).
+
+    ``cfg = config.load("configs/ndigits.py", TINY_NDIGITS + ["data.data_dir=<ndigits_dir>"])``: small_snn with
+    channels (4, 8), T = 4, batch 64, 1 epoch = 1438 // 64 = 22 optimiser steps, seed 0, the config's loss,
+    RCS and schedule; evaluated at epsilons (0, 0.05) with 20 calibration bins. ``workdir`` (``<tmp>/run``)
+    holds what ``training.train_and_evaluate(cfg, workdir)`` leaves: config.json, metrics.jsonl (one line),
+    .lock and checkpoints/ with step 22 (no train.log or report.json: train.py writes those, the library
+    returns the report).
+    ``results`` is what that call returned (one ``RunResult``, ``result.report`` the evaluation report).
+    The same run as test_training's ``run`` fixture. Shared and read-only: a test that changes, resumes or
+    damages it works on a copy (``shutil.copytree(workdir, tmp_path / "run")``)."""
+    from aoi_jax import config, training
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cfg = config.load(root / "configs" / "ndigits.py", [*TINY_NDIGITS, f"data.data_dir={ndigits_dir}"])
+    workdir = tmp_path_factory.mktemp("trained_ndigits") / "run"
+    results = training.train_and_evaluate(cfg, workdir)
+    return workdir, cfg, results
