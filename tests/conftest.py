@@ -1,7 +1,9 @@
 """Shared test setup: CPU only, strict rank promotion, a seeded key, no network, no data written outside the
-session's temporary folder, and one N-Digits data folder shared by the tests that train."""
+session's temporary folder, one XLA compilation cache per session (shared with the subprocesses the tests
+start), and one N-Digits data folder shared by the tests that train."""
 
 import os
+import pathlib
 import socket
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -11,6 +13,33 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Persistent-cache settings for this process and, through the environment, for every subprocess a test starts
+# (train.py, evaluate.py, a second device count): compiles over 0.1 s are stored.
+COMPILE_CACHE_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1",
+                     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    """One XLA compilation cache for the whole session, in ``<basetemp>/xla_cache``: the many tests (and the
+    subprocesses they start) that compile the same program with the same shapes and options, e.g. the train
+    step of the same tiny model built again by another test, load the executable XLA compiled the first time
+    instead of compiling it again. A cache hit is the identical executable, so results are bit for bit those
+    of a fresh compile; the folder is new in every session, so nothing is carried over between runs (unless
+    ``$JAX_COMPILATION_CACHE_DIR`` is set already: then that cache is used as it is;
+    ``JAX_ENABLE_COMPILATION_CACHE=false`` turns it off). Set here, before any test module is imported,
+    because jax decides at its first compile whether to use a cache."""
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is None or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    folder = factory.getbasetemp() / "xla_cache"
+    folder.mkdir(exist_ok=True)
+    os.environ.update(COMPILE_CACHE_ENV, JAX_COMPILATION_CACHE_DIR=str(folder))
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(COMPILE_CACHE_ENV["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture
@@ -52,3 +81,31 @@ def ndigits_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("ndigits_data")
     ndigits.load_events(root)
     return root
+
+
+# The tiny N-Digits run of ``trained_ndigits`` (``--set`` overrides of configs/ndigits.py).
+TINY_NDIGITS = ("model.channels=(4, 8)", "train.epochs=1", "train.batch_size=64", "data.timesteps=4",
+                "eval.epsilons=(0.0, 0.05)", "eval.bins=20")
+
+
+@pytest.fixture(scope="session")
+def trained_ndigits(tmp_path_factory, ndigits_dir):
+    """``(workdir, cfg, results)``: one tiny N-Digits run trained and evaluated once per session, for every test
+    that needs a finished run (a checkpoint to restore, evaluate or load, a report to check).
+
+    ``cfg = config.load("configs/ndigits.py", TINY_NDIGITS + ["data.data_dir=<ndigits_dir>"])``: small_snn with
+    channels (4, 8), T = 4, batch 64, 1 epoch = 1438 // 64 = 22 optimiser steps, seed 0, the config's loss,
+    RCS and schedule; evaluated at epsilons (0, 0.05) with 20 calibration bins. ``workdir`` (``<tmp>/run``)
+    holds what ``training.train_and_evaluate(cfg, workdir)`` leaves: config.json, metrics.jsonl (one line),
+    .lock and checkpoints/ with step 22 (no train.log or report.json: train.py writes those, the library
+    returns the report).
+    ``results`` is what that call returned (one ``RunResult``, ``result.report`` the evaluation report).
+    The same run as test_training's ``run`` fixture. Shared and read-only: a test that changes, resumes or
+    damages it works on a copy (``shutil.copytree(workdir, tmp_path / "run")``)."""
+    from aoi_jax import config, training
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cfg = config.load(root / "configs" / "ndigits.py", [*TINY_NDIGITS, f"data.data_dir={ndigits_dir}"])
+    workdir = tmp_path_factory.mktemp("trained_ndigits") / "run"
+    results = training.train_and_evaluate(cfg, workdir)
+    return workdir, cfg, results

@@ -2,6 +2,7 @@
 hard variant: seeded, cached, its event statistics."""
 
 import dataclasses
+import shutil
 import warnings
 
 import numpy as np
@@ -133,11 +134,33 @@ def test_several_events_per_step_and_noise():
     assert abs(len(ev) - expected) < 5 * np.sqrt(expected) and 0.4 < ev["p"].mean() < 0.6
 
 
+def first_60(monkeypatch):
+    images, labels = ndigits.digits()
+    monkeypatch.setattr(ndigits, "digits", lambda: (images[:60], labels[:60]))
+
+
 @pytest.fixture
 def small_digits(monkeypatch):
     """The first 60 digits only, so that whole-set loads stay fast."""
-    images, labels = ndigits.digits()
-    monkeypatch.setattr(ndigits, "digits", lambda: (images[:60], labels[:60]))
+    first_60(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def built_60(tmp_path_factory):
+    """``(root, train, test)``: a data folder holding the first 60 digits' N-Digits cache as a first load
+    leaves it (events of seed 0 and frames at T = 4, default parameters, each with its checksum record), built
+    once per module, and the splits that load returned. Tests copy ``root / "ndigits"`` (``copy_built``)."""
+    root = tmp_path_factory.mktemp("ndigits_60")
+    with pytest.MonkeyPatch.context() as m:
+        first_60(m)
+        train, test = ndigits.load_splits(DataConfig(data_dir=str(root), timesteps=4, seed=0))
+    return root, train, test
+
+
+def copy_built(built_60, tmp_path):
+    """``tmp_path`` holding a copy of ``built_60``'s cache folder: as if ``tmp_path`` had been loaded once."""
+    shutil.copytree(built_60[0] / "ndigits", tmp_path / "ndigits")
+    return tmp_path
 
 
 def forbid(monkeypatch, *names):
@@ -207,11 +230,12 @@ def unrecorded(path):
 
 @pytest.mark.parametrize("damage", [truncate, garble, unrecorded])
 @pytest.mark.parametrize("which", ["frames", "events"])
-def test_damaged_cache_warns_naming_the_file_and_is_rebuilt(tmp_path, small_digits, monkeypatch, damage, which):
+def test_damaged_cache_warns_naming_the_file_and_is_rebuilt(tmp_path, small_digits, built_60, monkeypatch, damage,
+                                                           which):
     """A cache file truncated, garbled at the same size or without its record: the load warns naming the
     file and what is wrong, rebuilds it, and returns what the intact cache held (then reused silently)."""
-    cfg = DataConfig(data_dir=str(tmp_path), timesteps=4, seed=0)
-    train, test = ndigits.load_splits(cfg)
+    cfg = DataConfig(data_dir=str(copy_built(built_60, tmp_path)), timesteps=4, seed=0)
+    _, train, test = built_60                                           # what the intact cache gave
     ev_path, fr_path = ndigits._paths(tmp_path, P, 0, 4)
     path = fr_path if which == "frames" else ev_path
     good = path.read_bytes() if which == "frames" else None
@@ -240,7 +264,7 @@ def test_split_stratified_disjoint_fixed():
     assert not np.array_equal(ndigits.split_indices(labels, 0.2, seed=1)[1], test)
 
 
-def test_registry_and_config_checks(tmp_path, small_digits):
+def test_registry_and_config_checks(tmp_path, small_digits, built_60):
     with pytest.raises(ValueError, match=r"unknown data set 'mnist'; valid names: \[.*'ndigits'.*\]"):
         data.load(DataConfig(name="mnist"))
     with pytest.raises(ValueError, match=r"N-Digits frames are \(34, 34\); data.size = \(16, 16\)"):
@@ -248,7 +272,7 @@ def test_registry_and_config_checks(tmp_path, small_digits):
     with pytest.raises(ValueError, match=r"N-Digits frames span the fixed window \[0, 300000\] us; "
                                          r"data.window = \(0, 1000\) is not supported \(use data.window=\(\) \)"):
         data.load(DataConfig(data_dir=str(tmp_path), window=(0, 1000)))
-    train, test = data.load(DataConfig(data_dir=str(tmp_path), timesteps=3))
+    train, test = data.load(DataConfig(data_dir=str(copy_built(built_60, tmp_path)), timesteps=3))
     assert train.num_classes == 10 and train.sensor_hw == (34, 34) and len(train) + len(test) == 60
     for fs in (train, test):  # 3 saccades of 100 ms in 3 bins
         np.testing.assert_array_equal(fs.bin_us, np.full(len(fs), 100_000.0))
@@ -276,12 +300,13 @@ def test_default_data_dir_does_not_depend_on_the_current_directory(tmp_path, sma
 
 
 def test_full_set_split_sizes_and_learnable(ndigits_dir):
-    """All 1797 samples (the session's shared cache): split sizes; logistic regression on summed frames."""
+    """All 1797 samples (the session's shared cache): split sizes; logistic regression on summed frames (the
+    sum over time counts every event whatever T is: T = 3, the frames the training tests build)."""
     import threadpoolctl
     from sklearn.linear_model import LogisticRegression
 
-    train, test = ndigits.load_splits(DataConfig(data_dir=str(ndigits_dir), timesteps=5))
-    assert (len(train), len(test)) == (1438, 359) and train.frames.shape[1:] == (5, 34, 34, 2)
+    train, test = ndigits.load_splits(DataConfig(data_dir=str(ndigits_dir), timesteps=3))
+    assert (len(train), len(test)) == (1438, 359) and train.frames.shape[1:] == (3, 34, 34, 2)
     xtr = train.frames.sum(1).reshape(len(train), -1) / 10.0
     xte = test.frames.sum(1).reshape(len(test), -1) / 10.0
     with threadpoolctl.threadpool_limits(1):                          # 2 shared cores: no BLAS spin-waits
