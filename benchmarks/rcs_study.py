@@ -755,8 +755,8 @@ def write_results(args, cells, whole, command, wall_s, load_start, load_end):
 
 # --- The second experiment (issue 24): one deeper, converged cell decided in advance (docs/results.md) ---
 
-DEEP = {"datasets": "ndigits_hard", "losses": "tet", "alphas": "0,0.002,0.05,0.2", "seeds": "0,1,2,3,4,5",
-        "epochs": ["ndigits_hard=40"], "set": ["model.channels=(16,32,64,64,64)"], "keep_every": 5}
+DEEP = {"datasets": "ndigits_hard", "losses": "tet", "alphas": "0,0.002,0.05,1.0", "seeds": "0,1,2,3,4,5",
+        "epochs": ["ndigits_hard=50"], "set": ["model.channels=(16,32,64,64,64)"], "keep_every": 5}
 DEEP_QUICK = {"datasets": "ndigits", "losses": "tet", "alphas": "0,0.5", "seeds": "0,1", "epochs": ["ndigits=2"],
               "set": ["model.channels=(4,8,8,8,8)"], "keep_every": 1}
 BEGIN, END = "<!-- second experiment: generated results begin -->", "<!-- second experiment: generated results end -->"
