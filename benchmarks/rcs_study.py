@@ -830,7 +830,7 @@ def plot_bite(alphas, rcs, cos, path):
     """Left: the RCS term (train_rcs, the epoch's mean) against epoch per alpha; then one panel per spiking
     layer: the mean cosine similarity on the fixed test batch against epoch per alpha. Mean over seeds,
     shaded min to max."""
-    n_layers = len(next(iter(next(iter(cos.values())).values()))[0]) if cos else 0
+    n_layers = len(next(iter(next(iter(next(iter(cos.values())).values())).values()))) if cos else 0
     fig, axes = plt.subplots(1, 1 + n_layers, figsize=(4.2 * (1 + n_layers), 3.8), squeeze=False)
     for a in alphas:
         x = np.asarray(list(rcs[a].values()))                                  # (seeds, E)
@@ -872,7 +872,7 @@ def bite_section(members, dirs, alphas, cos, fig_path, rel) -> list[str]:
            f"last epoch against alpha = {base:g} of the same seed, mean [95 % t interval], df = seeds - 1.", "",
            "| alpha | " + " | ".join(f"epoch {e}" for e in picks) + f" | epoch {E}: alpha - alpha {base:g} |",
            "|" + "---|" * (2 + len(picks))]
-    moved = {}
+    moved, moved_cos = {}, {}
     for a in alphas:
         last = {s: v[E - 1] for s, v in rcs[a].items()}
         c = seed_contrast(last, {s: v[E - 1] for s, v in rcs[base].items()}) if a != base else None
@@ -893,12 +893,17 @@ def bite_section(members, dirs, alphas, cos, fig_path, rel) -> list[str]:
             per_layer = [reporting.spread([cos_by[a][s][last][l] for s in cos_by[a]]) for l in range(n_layers)]
             c = None if a == base else seed_contrast({s: float(np.mean(v[last])) for s, v in cos_by[a].items()},
                                                      {s: float(np.mean(v[last])) for s, v in cos_by[base].items()})
+            moved_cos[a] = c
             out.append(f"| {a:g} | " + " | ".join(fmt(p, 1, 3) for p in per_layer)
                        + f" | {'-' if c is None else fmt_interval(c['mean'], c['ci95'], 1, 3, c['df'])} |")
     plot_bite(alphas, rcs, {a: {s: v for s, v in cos_by.get(a, {}).items()} for a in alphas} if cos_by else {},
               fig_path)
-    words = [f"alpha {a:g}: " + ("moves the RCS term at the last epoch" if c["ci95"] and (c["ci95"][1] < 0 or c["ci95"][0] > 0)
-                                 else "no detectable change of the RCS term at the last epoch")
+    def says(c, what):
+        return (f"moves {what}" if c["ci95"] and (c["ci95"][1] < 0 or c["ci95"][0] > 0)
+                else f"no detectable change of {what}")
+
+    words = [f"alpha {a:g}: " + says(c, "the RCS term at the last epoch")
+             + ("" if moved_cos.get(a) is None else ", " + says(moved_cos[a], "the mean cosine over layers"))
              for a, c in moved.items() if c is not None]
     out += ["", "Reading: " + "; ".join(words) + ".", "", f"![does RCS bite]({rel(fig_path)})", ""]
     return out
@@ -983,12 +988,13 @@ def deep_section(args, command, members, dirs, reports, cos, wall_s, load, eval_
                  "|" + "---|" * (2 + len(picks))]
     for a in alphas:
         m = np.asarray(list(acc[a].values())).mean(0) * 100
-        gain = m[-1] - m[-6] if E > 5 else float("nan")
-        lines_md.append(f"| {a:g} | " + " | ".join(f"{m[e - 1]:.2f}" for e in picks) + f" | {gain:+.2f} |")
+        gain = f"{m[-1] - m[-6]:+.2f}" if E > 5 else "-"
+        lines_md.append(f"| {a:g} | " + " | ".join(f"{m[e - 1]:.2f}" for e in picks) + f" | {gain} |")
     m0 = np.asarray(list(acc[base].values())).mean(0) * 100
     converged = E > 5 and m0[-1] - m0[-6] < 0.2
     lines_md += ["", f"Rule: {'met' if converged else 'NOT met'} (alpha = {base:g}: "
-                 f"{(m0[-1] - m0[-6]) if E > 5 else float('nan'):+.2f} points over the last 5 epochs).", ""]
+                 + (f"{m0[-1] - m0[-6]:+.2f} points over the last 5 epochs)." if E > 5 else
+                    f"only {E} epochs, fewer than the rule's 5).") + "", ""]
     lines_md += bite_section(members, dirs, alphas, cos, fig_dir / "deep_bite.png", rel)
     return lines_md
 
