@@ -32,7 +32,8 @@ Every interval is at seed level with its degrees of freedom: a number pooled ove
 (the loss and calibration comparisons) is averaged within each seed first (``reporting.pooled``,
 ``reporting.member_contrast``), since the alphas of one seed share initialisation, batches and calibration
 key. The summary gives, per paired difference, the largest reduction of the mean exit the interval leaves
-possible (``stats.excluded_reduction``).
+possible (``stats.excluded_reduction``). "Does RCS bite?" shows the RCS term (metrics.jsonl's ``train_rcs``)
+against alpha and epoch per cell.
 
 Second experiment (``--experiment deep``, protocol in docs/results.md): one cell (``DEEP``: data set, loss,
 model, epochs, alphas, seeds), trained on the whole training split and evaluated with the training-sample
@@ -734,6 +735,12 @@ def write_results(args, cells, whole, command, wall_s, load_start, load_end):
               "correlated (the same runs)."]
     plot_paired(contrasts, alphas, fig_dir / "paired_exit.png")
     lines += ["", f"![paired differences]({rel(fig_dir / 'paired_exit.png')})", ""]
+    lines += ["## Does RCS bite?", "", "The grid keeps no checkpoint per epoch, so only the RCS term (metrics.jsonl) "
+              "is shown; the second experiment also tracks the per-layer cosine similarity.", ""]
+    for (d, loss), cell in cells.items():
+        dirs = [training.member_dir(args.runs / f"{d}_{loss}", m) for m in cell["members"]]
+        lines += bite_section(cell["members"], dirs, alphas, {}, fig_dir / f"{d}_{loss}_bite.png", rel,
+                              title=f"### {d}, {loss} loss")
 
     losses = args.losses.split(",")
     if len(losses) == 2:
@@ -858,7 +865,7 @@ def plot_bite(alphas, rcs, cos, path):
     plt.close(fig)
 
 
-def bite_section(members, dirs, alphas, cos, fig_path, rel) -> list[str]:
+def bite_section(members, dirs, alphas, cos, fig_path, rel, title="### Does RCS bite?") -> list[str]:
     """The RCS term per epoch (metrics.jsonl) and the per-layer cosine similarity (``layer_cosines``;
     {} when no checkpoint was kept) against alpha and epoch, with paired differences at the last epoch."""
     lines = [metrics_lines(d) for d in dirs]
@@ -866,7 +873,7 @@ def bite_section(members, dirs, alphas, cos, fig_path, rel) -> list[str]:
     E = min(len(v) for per in rcs.values() for v in per.values())
     picks = sorted({1, max(1, E // 4), max(1, E // 2), max(1, 3 * E // 4), E})
     base = alphas[0]
-    out = ["### Does RCS bite?", "",
+    out = [title, "",
            "The RCS term (the number alpha multiplies, `train_rcs` in metrics.jsonl: the epoch's mean over its "
            "batches) per alpha, mean over seeds at the given epochs; the last column is the difference at the "
            f"last epoch against alpha = {base:g} of the same seed, mean [95 % t interval], df = seeds - 1.", "",
