@@ -5,18 +5,22 @@ The one module the scripts call to put results on disk (``evaluation`` and ``abl
 - ``write_report(report, out_dir)``: ``report.json``, ``accuracy_per_timestep.png``,
   ``accuracy_vs_latency.png`` and ``accuracy_vs_energy.png``;
 - ``write_summary(summary, workdir)``: a sweep's ``summary.json`` and ``summary.png``;
-- ``summary_table(report)``: the text table ``train.py`` and ``evaluate.py`` print.
+- ``summary_table(report)``: the text table ``train.py`` and ``evaluate.py`` print;
+- the report statistics of a sweep (at the end): ``headline`` numbers of one report, ``summarise`` (their
+  spread over seeds per setting), ``paired_contrasts`` (the effect of a swept key, paired by seed) and
+  ``member_contrast`` / ``pooled`` (numbers pooled over a swept key, at seed level: ``aoi_jax.stats``).
 
 Every JSON file aoi_jax writes is strict JSON (``to_json``): a non-finite number (NaN, +-inf) is written as
 ``null``, never as the ``NaN``/``Infinity`` tokens strict parsers reject. Files are written atomically.
 """
 
 import pathlib
+from collections.abc import Sequence
 
 import matplotlib
 import numpy as np
 
-from aoi_jax import integrity
+from aoi_jax import integrity, stats
 from aoi_jax.config import epsilon_index
 
 matplotlib.use("Agg")
@@ -180,7 +184,7 @@ def plot_summary(summary: dict, path) -> None:
 
 def summary_figure(summary: dict):
     """Accuracy and mean exit timestep against the first swept key other than seed (one line per setting
-    of the others): the mean over seeds with its 95 % Student t interval (``ablation.summarise``; no bar for
+    of the others): the mean over seeds with its 95 % Student t interval (``summarise``; no bar for
     a single seed). The x axis is symmetric-log (linear within the smallest non-zero |value|), so 0 and
     small values stay apart."""
     keys = [k for k in summary["sweep"] if k != "seed"]
@@ -221,3 +225,148 @@ def summary_figure(summary: dict):
     fig.suptitle(f"sweep: mean over {max(len(seeds), 1)} seed(s), bars: 95 % Student t interval of the mean")
     fig.tight_layout()
     return fig
+
+
+SUMMARY_EPSILONS = (0.0, 0.05)  # the epsilons whose Top-K numbers a summary carries (those the report has)
+
+
+def headline(report: dict, epsilons: Sequence[float] = SUMMARY_EPSILONS) -> dict[str, float]:
+    """The headline numbers of one report (``evaluation.evaluate``), by field name::
+
+        accuracy_at_1          accuracy of the cumulative output after the first step
+        accuracy_at_T          and at the last step
+        oct_mean_timestep      the oracle's mean exit step (1-based)
+        synops_per_sample      synaptic operations per test sample, summed over layers
+        topk_accuracy@e        Top-K's accuracy and mean exit step at epsilon e, for each e of
+        topk_mean_timestep@e   ``epsilons`` the report holds (e written with ``:g``: "0", "0.05")
+    """
+    out = {"accuracy_at_1": report["accuracy_per_timestep"][0], "accuracy_at_T": report["accuracy_per_timestep"][-1],
+           "oct_mean_timestep": report["oct"]["mean_timestep"],
+           "synops_per_sample": float(np.sum(report["synops_per_sample"]))}
+    for e in epsilons:
+        i = epsilon_index(report["epsilons"], e)
+        if i is not None:
+            out[f"topk_accuracy@{e:g}"] = report["rules"]["topk"]["accuracy"][i]
+            out[f"topk_mean_timestep@{e:g}"] = report["rules"]["topk"]["mean_timestep"][i]
+    return out
+
+
+def spread(values, level: float = 0.95) -> dict:
+    """{mean, std (ddof 1; 0 for one value), min, max, ci95: [low, high] (Student t interval of the mean,
+    ``stats.mean_interval``; None for one value)} of ``values`` (n,)."""
+    v = np.asarray(values, np.float64)
+    ci = stats.mean_interval(v, level) if len(v) > 1 else None
+    return {"mean": float(v.mean()), "std": ci["std"] if ci else 0.0, "min": float(v.min()), "max": float(v.max()),
+            "ci95": [ci["low"], ci["high"]] if ci else None}
+
+
+def _settings(row: dict) -> tuple:
+    """A summary row's swept settings other than the seed, ((key, value), ...): the runs that differ only in
+    seed share them."""
+    return tuple((k, v) for k, v in row["overrides"].items() if k != "seed")
+
+
+def summarise(member_list: Sequence, reports: Sequence[dict],
+              epsilons: Sequence[float] = SUMMARY_EPSILONS) -> dict:
+    """The sweep's summary: each member's ``headline`` numbers, and their spread over seeds.
+
+    ``member_list``: the sweep's members (``ablation.Member``: ``name``, ``overrides``), one per report.
+
+    Members that differ only in ``seed`` form a group; for each field a group gives the mean, sample std
+    (ddof 1), min, max and the 95 % Student t interval of the mean over its seeds (``stats.mean_interval``;
+    None for a single seed).
+
+    Returns:
+      {"fields": [headline field names],
+       "members": [{name, overrides, <field>: number, ...}],
+       "groups": [{settings: {key: value, no seed}, seeds, <field>: {mean, std, min, max, ci95}, ...}]}.
+    """
+    rows = [{"name": m.name, "overrides": dict(m.overrides), **headline(report, epsilons)}
+            for m, report in zip(member_list, reports, strict=True)]
+    fields = [k for k in rows[0] if k not in ("name", "overrides")]
+    groups = {}
+    for row in rows:
+        groups.setdefault(_settings(row), []).append(row)
+    out = [{"settings": dict(settings), "seeds": [r["overrides"].get("seed") for r in group],
+            **{f: spread([r[f] for r in group]) for f in fields}} for settings, group in groups.items()]
+    return {"fields": fields, "members": rows, "groups": out}
+
+
+def paired_contrasts(summary: dict, field: str, key: str, baseline, level: float = 0.95) -> list[dict]:
+    """The effect of ``key`` on ``field``, paired by seed: for each setting with ``key`` != ``baseline``::
+
+        d_s = field[key = v, seed = s] - field[key = baseline, seed = s]     (the other settings equal)
+
+    summarised by ``stats.mean_interval`` (Student t interval of ``level`` over the seeds, df = seeds - 1).
+
+    Args:
+      summary: ``summarise``'s output (its "members").  field: a headline field, e.g.
+        "topk_mean_timestep@0".  key: a swept key, e.g. "reg.alpha".  baseline: its reference value.
+    Returns:
+      [{settings, seeds, differences, mean, ci95: [low, high] (None for one seed), df (seeds - 1)}], in
+      summary order.
+    Raises:
+      ValueError: a setting has no baseline run, or its seeds differ from the baseline's.
+    """
+    by_setting = {}
+    for row in summary["members"]:
+        by_setting.setdefault(_settings(row), {})[row["overrides"].get("seed")] = row[field]
+    out = []
+    for settings, values in by_setting.items():
+        if dict(settings)[key] == baseline:
+            continue
+        base = tuple((k, baseline if k == key else v) for k, v in settings)
+        if base not in by_setting:
+            raise ValueError(f"no run with {key} = {baseline} for the settings {dict(settings)}")
+        seeds, d = stats.paired_differences(values, by_setting[base])
+        ci = stats.mean_interval(d, level) if len(d) > 1 else None
+        out.append({"settings": dict(settings), "seeds": seeds, "differences": d.tolist(), "mean": float(d.mean()),
+                    "ci95": [ci["low"], ci["high"]] if ci else None, "df": len(d) - 1})
+    return out
+
+
+def _seed_interval(values, seeds, level: float = 0.95) -> dict:
+    """{mean, ci95, df, members}: ``stats.cluster_mean_interval`` over the seeds (the mean alone, ci95
+    None and df 0, for one seed)."""
+    if len(set(seeds)) < 2:
+        return {"mean": float(np.mean(values)), "ci95": None, "df": 0, "members": len(values)}
+    r = stats.cluster_mean_interval(values, seeds, level)
+    return {"mean": r["mean"], "ci95": [r["low"], r["high"]], "df": r["df"], "members": r["members"]}
+
+
+def pooled(summary: dict, field: str, level: float = 0.95) -> dict:
+    """``field`` pooled over every member of a sweep (all settings and seeds) at seed level::
+
+        x_s  = mean of field over the members of seed s        (S seeds)
+        mean = mean_s x_s,  ci95 = Student t interval over the x_s, df = S - 1
+
+    The members of one seed share the initialisation, batch order and calibration key, so they are not
+    independent samples: an interval over the members would be too narrow.
+
+    Returns:
+      {mean, ci95: [low, high] (None for one seed), df, members}.
+    """
+    rows = summary["members"]
+    return _seed_interval([r[field] for r in rows], [r["overrides"].get("seed") for r in rows], level)
+
+
+def member_contrast(treated: dict, baseline: dict, field: str, level: float = 0.95) -> dict:
+    """``field`` of ``treated`` minus ``baseline``, paired by member, pooled at seed level::
+
+        d_m  = treated[m] - baseline[m]      for each member m (the same swept settings and seed)
+        x_s  = mean of d_m over the members of seed s
+        mean = mean_s x_s,  ci95 = Student t interval over the x_s, df = S - 1
+
+    E.g. two losses' sweeps (4 alphas x 5 seeds: 5 seed means, 4 degrees of freedom), or two evaluations
+    of the same weights.
+
+    Args:
+      treated, baseline: ``summarise`` outputs of sweeps with the same member names.
+    Returns:
+      {mean, ci95: [low, high] (None for one seed), df, members}.
+    Raises:
+      ValueError: the member names differ (``stats.paired_differences``).
+    """
+    t, b = ({r["name"]: r for r in s["members"]} for s in (treated, baseline))
+    names, d = stats.paired_differences({k: v[field] for k, v in t.items()}, {k: v[field] for k, v in b.items()})
+    return _seed_interval(d, [t[k]["overrides"].get("seed") for k in names], level)

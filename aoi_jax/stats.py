@@ -5,6 +5,12 @@ timestep) is estimated from the per-seed differences against the baseline run of
 (``paired_differences``), summarised as a mean with a Student t interval (``mean_interval``). The t
 quantile is computed exactly for integer degrees of freedom from the closed form of the t distribution
 (``t_central``), inverted by bisection (``t_quantile``): no table and no scipy.
+
+Members that share a seed are not independent (the alphas of one seed share the initialisation, the batch
+order and the calibration key): a difference pooled over a swept key is averaged within each seed first and
+the interval taken over the seed means (``cluster_mean_interval``, seeds - 1 degrees of freedom), never over
+the members. ``excluded_reduction`` turns the interval of a difference into the largest relative reduction
+of the baseline that it leaves possible.
 """
 
 import numpy as np
@@ -108,4 +114,59 @@ def paired_differences(treated: dict, baseline: dict) -> tuple[list, np.ndarray]
     return keys, np.asarray([treated[k] - baseline[k] for k in keys], np.float64)
 
 
-__all__ = ["t_central", "t_quantile", "mean_interval", "paired_differences"]
+def cluster_mean_interval(values, clusters, level: float = 0.95) -> dict:
+    """Mean of ``values`` with a Student t interval over cluster means (members of a cluster are correlated)::
+
+        x_c    = mean of the values of cluster c                  (C clusters, e.g. the seeds)
+        result = mean_interval(x_1 .. x_C)                         df = C - 1
+
+    The mean is the mean of the cluster means (the grand mean when every cluster has as many members). Use
+    it for any number pooled over a swept key (e.g. a loss difference over 4 alphas x 5 seeds: 5 seed means,
+    4 degrees of freedom, not 20 members with 19).
+
+    Args:
+      values: (n,) numbers.  clusters: (n,) hashable labels (e.g. each member's seed).
+      level: the interval's level.
+    Returns:
+      ``mean_interval``'s dict over the cluster means, plus "df" (C - 1), "members" (n) and "clusters"
+      (the labels, sorted).
+    Raises:
+      ValueError: ``values`` and ``clusters`` differ in length, fewer than 2 clusters, or ``mean_interval``'s.
+    """
+    x = np.asarray(values, np.float64).ravel()
+    labels = list(clusters)
+    if len(labels) != len(x):
+        raise ValueError(f"values and clusters must have one label per value, got {len(x)} values and "
+                         f"{len(labels)} labels")
+    keys = sorted(set(labels))
+    if len(keys) < 2:
+        raise ValueError(f"an interval over cluster means needs at least 2 clusters, got {keys}")
+    means = [float(x[[lab == k for lab in labels]].mean()) for k in keys]
+    return {**mean_interval(means, level), "df": len(keys) - 1, "members": len(x), "clusters": keys}
+
+
+def excluded_reduction(baseline_mean: float, low: float) -> float:
+    """The relative reduction of a baseline beyond which the interval of a difference excludes it.
+
+    With d = treated - baseline (e.g. mean exit steps), its interval [low, high] and the baseline's mean
+    b > 0, a relative reduction r means d = -r b. The interval leaves every d >= low possible and excludes
+    every d < low, i.e. it excludes every reduction::
+
+        r > R,    R = -low / b
+
+    R is the largest reduction still compatible with the data; R <= 0 (low >= 0) means every reduction is
+    excluded. b is treated as known (its own uncertainty is not propagated), so R is read at the
+    interval's level only approximately.
+
+    Raises:
+      ValueError: ``baseline_mean`` is not a positive finite number, or ``low`` is not finite.
+    """
+    if not np.isfinite(baseline_mean) or baseline_mean <= 0:
+        raise ValueError(f"baseline_mean must be a positive number, got {baseline_mean}")
+    if not np.isfinite(low):
+        raise ValueError(f"low must be finite, got {low}")
+    return float(-low / baseline_mean)
+
+
+__all__ = ["t_central", "t_quantile", "mean_interval", "paired_differences", "cluster_mean_interval",
+           "excluded_reduction"]

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aoi_jax import ablation, checkpoint, config as config_lib, data, evaluation, input_pipeline, integrity
-from aoi_jax import method, parallel, step, xla_tuning
+from aoi_jax import method, parallel, reporting, step, xla_tuning
 
 log = logging.getLogger("aoi_jax")
 
@@ -365,6 +365,6 @@ def _train_and_evaluate(workdir, members, run_eval, strategy, tuning, progress) 
 
 
 def summarise(sweep: dict, results: list[RunResult]) -> dict:
-    """A sweep's summary (``ablation.summarise`` of the evaluated members) with the sweep itself."""
+    """A sweep's summary (``reporting.summarise`` of the evaluated members) with the sweep itself."""
     return {"sweep": {k: list(v) for k, v in sweep.items()},
-            **ablation.summarise([r.member for r in results], [r.report for r in results])}
+            **reporting.summarise([r.member for r in results], [r.report for r in results])}

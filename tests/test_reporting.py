@@ -37,7 +37,7 @@ def summary():
         reports.append({"epsilons": [0.0, 0.05], "accuracy_per_timestep": [0.1, acc],
                         "oct": {"accuracy": acc, "mean_timestep": 1.0 + 0.1 * i}, "synops_per_sample": [10.0],
                         "rules": {"topk": {"accuracy": [acc, acc - 0.1], "mean_timestep": [3.0 + (i % 3), 2.0]}}})
-    return {"sweep": {"reg.alpha": [0.0, 0.005, 0.08], "seed": [0, 1, 2]}, **ablation.summarise(mem, reports)}
+    return {"sweep": {"reg.alpha": [0.0, 0.005, 0.08], "seed": [0, 1, 2]}, **reporting.summarise(mem, reports)}
 
 
 def test_summary_figure_symlog_axis_and_interval_bars(summary, tmp_path):

@@ -66,3 +66,44 @@ def test_errors_name_the_problem():
         stats.t_quantile(0.975, 2.5)
     with pytest.raises(ValueError, match=r"only treated: \[3\], only baseline: \[\]"):
         stats.paired_differences({0: 1.0, 3: 2.0}, {0: 1.0})
+
+
+# 3 seeds x 4 alphas; the members of a seed share a large offset (0, 1, 5 on top of 0, 2, 1, 1).
+CLUSTERED = [[0, 2, 1, 1], [1, 3, 2, 2], [5, 7, 6, 6]]
+
+
+def test_cluster_mean_interval_is_wider_than_pooling_correlated_members():
+    values = [v for row in CLUSTERED for v in row]
+    seeds = [s for s, row in enumerate(CLUSTERED) for _ in row]
+    # Pooled as 12 independent members: mean 3; squared deviations 9+1+4+4 + 4+0+1+1 + 4+16+9+9 = 62,
+    # s^2 = 62 / 11, h = t(0.975, 11) * sqrt(62 / 11 / 12) = 2.200985 * 0.685345 = 1.508433 (df 11).
+    pooled = stats.mean_interval(values)
+    assert pooled["half_width"] == pytest.approx(1.508433, abs=1e-6)
+    # Seed level: seed means 1, 2, 6, mean 3, s^2 = (4 + 1 + 9) / 2 = 7,
+    # h = t(0.975, 2) * sqrt(7 / 3) = 4.302653 * 1.527525 = 6.572411 (df 2): 4.36x the pooled half width.
+    r = stats.cluster_mean_interval(values, seeds)
+    assert r["df"] == 2 and r["n"] == 3 and r["members"] == 12 and r["clusters"] == [0, 1, 2]
+    assert r["mean"] == 3.0 and r["std"] == pytest.approx(np.sqrt(7.0), rel=1e-12)
+    assert r["half_width"] == pytest.approx(6.572411, abs=1e-6)
+    assert (r["low"], r["high"]) == pytest.approx((3 - 6.572411, 3 + 6.572411), abs=1e-6)
+    # the order of the members does not matter; labels may be any hashable
+    shuffled = stats.cluster_mean_interval(values[::-1], [f"s{s}" for s in seeds[::-1]])
+    assert shuffled["half_width"] == pytest.approx(r["half_width"], rel=1e-12)
+    # unequal clusters: the mean of the cluster means (1 and 4), not the grand mean 2.5 of (1, 1, 1, 7)
+    assert stats.cluster_mean_interval([1, 1, 1, 4], [0, 0, 0, 1])["mean"] == 2.5
+    assert stats.cluster_mean_interval([1, 1, 1, 7], [0, 0, 0, 1])["mean"] == 4.0
+    with pytest.raises(ValueError, match="at least 2 clusters"):
+        stats.cluster_mean_interval([1.0, 2.0], [0, 0])
+    with pytest.raises(ValueError, match="3 values and 2 labels"):
+        stats.cluster_mean_interval([1.0, 2.0, 3.0], [0, 1])
+
+
+def test_excluded_reduction_by_hand():
+    # baseline mean 6.23 steps, difference interval [-0.42, +0.42]: reductions above 0.42 / 6.23 = 6.74 %
+    assert stats.excluded_reduction(6.23, -0.42) == pytest.approx(0.067416, abs=1e-6)
+    # an interval above 0 (low = +0.1, baseline 2): every reduction is excluded, R = -0.05 < 0
+    assert stats.excluded_reduction(2.0, 0.1) == pytest.approx(-0.05)
+    with pytest.raises(ValueError, match="positive number, got 0"):
+        stats.excluded_reduction(0.0, -1.0)
+    with pytest.raises(ValueError, match="low must be finite"):
+        stats.excluded_reduction(1.0, float("nan"))
