@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from aoi_jax import checkpoint, config, input_pipeline, training
+from aoi_jax import checkpoint, config, input_pipeline, rundir, training
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "ndigits.py")
@@ -132,7 +132,9 @@ def test_the_checkpoint_config_decides_not_config_json(run, ndigits_dir, tmp_pat
     with pytest.raises(ValueError, match=r"\(reg\.alpha: stored 0\.002, requested 0\.01\)"):
         training.train_and_evaluate(tiny(ndigits_dir, "reg.alpha=0.01"), workdir, run_eval=False)
     training.train_and_evaluate(tiny(ndigits_dir), workdir, run_eval=False)
-    assert config.from_dict(json.loads((workdir / "config.json").read_text())) == tiny(ndigits_dir)
+    stored = json.loads((workdir / "config.json").read_text())
+    assert stored.pop("xla_options") == {"train": {}, "evaluation": {}}        # XLA's defaults, next to the config
+    assert config.from_dict(stored) == tiny(ndigits_dir)
 
 
 def test_damaged_newest_checkpoint_is_set_aside_and_the_epoch_retrained_bit_identically(
@@ -220,8 +222,8 @@ def test_a_second_process_holding_the_workdir_is_refused(run, ndigits_dir, tmp_p
     its lock file behind, yet the lock is free."""
     workdir = copy(run[0] / "run", tmp_path)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom aoi_jax import training\n"
-         "with training.workdir_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)\n",
+        [sys.executable, "-c", "import sys, time\nfrom aoi_jax import rundir\n"
+         "with rundir.workdir_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)\n",
          str(workdir)], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     try:
         assert holder.stdout.readline() == "locked\n"
@@ -234,7 +236,7 @@ def test_a_second_process_holding_the_workdir_is_refused(run, ndigits_dir, tmp_p
         holder.kill()
         holder.wait()
     assert (workdir / ".lock").read_text() == str(holder.pid)             # stale file, free lock
-    with training.workdir_lock(workdir):
+    with rundir.workdir_lock(workdir):
         assert (workdir / ".lock").read_text() == str(os.getpid())
 
 
@@ -261,24 +263,24 @@ def test_resume_step_is_the_newest_step_intact_in_every_member(tmp_path):
     init = step.init_state(models.build(cfg.model, (8, 8, 2), rngs=nnx.Rngs(0)), step.make_optimizer(cfg.optim, 9))[1]
     members = [type("M", (), {"name": n})() for n in ("a", "b")]
     dirs = [tmp_path / "members" / m.name for m in members]
-    assert training.resume_step(members, dirs) is None
+    assert rundir.resume_step(members, dirs) is None
     for d, steps in zip(dirs, ((1, 2), (1, 2))):
         for s in steps:
             checkpoint.save(d / "checkpoints", init._replace(step=jax.numpy.asarray(s)), cfg, (8, 8, 2))
-    assert training.resume_step(members, dirs) == 2
+    assert rundir.resume_step(members, dirs) == 2
     (dirs[1] / "checkpoints" / "2" / checkpoint.RECORD).unlink()       # b was killed before its record
-    assert training.resume_step(members, dirs) == 1
+    assert rundir.resume_step(members, dirs) == 1
     shutil.rmtree(dirs[0] / "checkpoints" / "1")
     with pytest.raises(ValueError, match=rf"^cannot resume in {tmp_path / 'members'}: no checkpoint step is intact "
                                          r"in every member \(a: step 2; b: step 1, step 2 damaged \(no readable "
                                          r"checksum record sha256.json \(its save did not finish\)\)\); train in a "
                                          r"new workdir"):
-        training.resume_step(members, dirs)
+        rundir.resume_step(members, dirs)
     (dirs[1] / "checkpoints" / "1" / checkpoint.RECORD).unlink()
     with pytest.raises(ValueError, match=rf"^cannot resume in {dirs[1]}: no checkpoint step is intact \("
                                          rf"{dirs[1] / 'checkpoints'}: step 1 damaged \(no readable checksum record "
                                          r"sha256.json \(its save did not finish\)\), step 2 damaged"):
-        training.resume_step([type("M", (), {"name": ""})()], dirs[1:])   # a single run (its member name is "")
+        rundir.resume_step([type("M", (), {"name": ""})()], dirs[1:])   # a single run (its member name is "")
 
 
 def test_evaluation_warns_about_non_finite_parameters_and_logits(run):
