@@ -7,8 +7,9 @@
 
 Writes into the workdir ``config.json``, ``train.log``, ``metrics.jsonl`` (one line per epoch),
 ``checkpoints/`` and, after training, ``report.json`` with its figures (``aoi_jax.training``,
-``aoi_jax.rundir``, ``aoi_jax.reporting``); with ``--tensorboard`` also ``tensorboard/`` (event files). A workdir that holds checkpoints of the same config resumes from the newest intact
-one (more epochs continue a finished run); the workdir is locked while training runs; a non-finite loss stops
+``aoi_jax.rundir``, ``aoi_jax.reporting``); with ``--tensorboard`` also ``tensorboard/`` (event files). A
+workdir that holds checkpoints of the same config resumes from the newest intact one (more epochs continue a
+finished run); the workdir is locked while training runs; a non-finite loss stops
 the run with exit status 1 (README, "Reliability").
 With ``--sweep`` every combination is a member with its own ``members/<name>/`` folder, and the workdir
 gets ``summary.json`` and ``summary.png``.

@@ -178,7 +178,8 @@ class TrainConfig:
     # "" (none) or a metric of BEST_METRICS (val_*: data.validation_fraction > 0): the checkpoint of the epoch
     # best by it is kept as well (accuracy: highest, loss: lowest; ``evaluate.py --step best``)
     best_metric: str = ""
-    early_stop_patience: int = 0  # stop after this many epochs without a new best best_metric; 0 = never
+    # stop after this many epochs without a new best best_metric (which it needs); 0 = never
+    early_stop_patience: int = 0
 
     def __post_init__(self):
         _check_choice("train.loss", self.loss, ("mean", "tet"))
@@ -188,9 +189,6 @@ class TrainConfig:
         _check_range("train.checkpoint_keep", self.checkpoint_keep, 1)
         _check_choice("train.best_metric", self.best_metric, ("", *BEST_METRICS))
         _check_range("train.early_stop_patience", self.early_stop_patience, 0)
-        if self.early_stop_patience and not self.best_metric:
-            raise ValueError(f"train.early_stop_patience = {self.early_stop_patience} needs train.best_metric, the "
-                             f"metric it watches (one of {list(BEST_METRICS)})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,9 +236,6 @@ class Config:
 
     def __post_init__(self):
         _check_range("seed", self.seed, 0)
-        if self.train.best_metric.startswith("val_") and self.data.validation_fraction == 0:
-            raise ValueError(f"train.best_metric = {self.train.best_metric!r} needs a held-out validation split: set "
-                             "data.validation_fraction > 0 (e.g. 0.2)")
 
 
 def _field_types(cls) -> dict[str, Any]:

@@ -164,8 +164,9 @@ def reconcile_metrics(path: pathlib.Path, step: int, records: dict[int, dict], e
         text = "".join(integrity.to_json(kept[s]) + "\n" for s in sorted(kept)).encode()
         integrity.write_atomic(path, lambda f: f.write(text))
     if lost:
-        changes.append(f"could not restore the line{'s' if len(lost) > 1 else ''} of epoch{'s' if len(lost) > 1 else ''} "
-                       f"{lost if len(lost) > 1 else lost[0]} (no checkpoint keeps {'them' if len(lost) > 1 else 'it'})")
+        what = f"lines of epochs {lost} (no checkpoint keeps them)" if len(lost) > 1 else \
+            f"line of epoch {lost[0]} (no checkpoint keeps it)"
+        changes.append(f"could not restore the {what}")
     if changes:
         log.warning("%s: %s", path, "; ".join(changes))
 

@@ -138,6 +138,22 @@ def patience_spent(record: dict | None, cfg: config_lib.Config) -> bool:
     return bool(patience and record and "best_epoch" in record and record["epoch"] - record["best_epoch"] >= patience)
 
 
+def check_stopping(cfg: config_lib.Config) -> None:
+    """Checks the keys that watch a metric against the rest of the config (before any work).
+
+    Raises:
+      ValueError: ``train.early_stop_patience`` > 0 without ``train.best_metric``, or a ``val_*`` best metric
+        without a held-out split (``data.validation_fraction`` 0).
+    """
+    metric, patience = cfg.train.best_metric, cfg.train.early_stop_patience
+    if patience and not metric:
+        raise ValueError(f"train.early_stop_patience = {patience} needs train.best_metric, the metric it watches "
+                         f"(one of {list(config_lib.BEST_METRICS)})")
+    if metric.startswith("val_") and cfg.data.validation_fraction == 0:
+        raise ValueError(f"train.best_metric = {metric!r} needs a held-out validation split: set "
+                         "data.validation_fraction > 0 (e.g. 0.2)")
+
+
 def train_and_evaluate(cfg: config_lib.Config, workdir, *, sweep: dict | None = None, run_eval: bool = True,
                        strategy: str = "auto", tuning: str = "none", progress=evaluation.no_progress,
                        callback: Callable[[sweep_lib.Member, dict], None] | None = None) -> list[RunResult]:
@@ -157,12 +173,13 @@ def train_and_evaluate(cfg: config_lib.Config, workdir, *, sweep: dict | None = 
       one ``RunResult`` per member, in sweep order, with its trained state.
     Raises:
       RuntimeError: another process holds the workdir (``rundir.workdir_lock``).
-      ValueError: the checkpoints hold another config (``rundir.check_resumable``) or were trained on other
-        data (``RunDir.check_data``), more epochs than ``train.epochs``, or no step intact in every member
-        (``rundir.resume_step``); ``train.batch_size`` exceeds the training set; the data set's classes
-        differ from ``model.num_classes``; a sweep across several processes.
+      ValueError: ``check_stopping``; the checkpoints hold another config (``rundir.check_resumable``) or
+        were trained on other data (``RunDir.check_data``), more epochs than ``train.epochs``, or no step
+        intact in every member (``rundir.resume_step``); ``train.batch_size`` exceeds the training set; the
+        data set's classes differ from ``model.num_classes``; a sweep across several processes.
       FloatingPointError: training went non-finite (``non_finite`` gives the message).
     """
+    check_stopping(cfg)
     members = sweep_lib.members(cfg, sweep or {})
     if len(members) > 1 and jax.process_count() > 1:
         raise ValueError("a sweep runs in one process (members are split over its devices); "
