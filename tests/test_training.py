@@ -1,7 +1,10 @@
 """``training.train_and_evaluate``: one run end to end (tiny N-Digits), resumption, a tonic-backed data set
 through the same loop, and the reliability guarantees (README, "Reliability"), each with its fault injected
 for real: a damaged or lost checkpoint, a lost metrics line, a poisoned batch, a second process holding the
-workdir, a different config, more or fewer epochs, a batch larger than the data set."""
+workdir, a different config, more or fewer epochs, a batch larger than the data set, a deleted metrics file,
+moved or other data; and the run's life around the science: validation metrics, the learning rate, best
+checkpoints, early stopping, the per-epoch callback and TensorBoard events, the returned trained state and
+the recorded XLA options (the run folder's bookkeeping is ``aoi_jax.rundir``)."""
 
 import contextlib
 import dataclasses
