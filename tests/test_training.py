@@ -558,3 +558,24 @@ def test_early_stopping_needs_its_metric_before_any_work(tmp_path):
         with pytest.raises(ValueError, match=msg):
             training.train_and_evaluate(config.apply_overrides(config.Config(), items), tmp_path / "w")
     assert not (tmp_path / "w").exists()
+
+
+def test_data_digest_is_what_the_data_are_not_where(tmp_path):
+    """The same frames in memory and memory-mapped from another folder give one digest; a changed count, label
+    or bin duration another; a static set repeated over T (a broadcast view) is hashed once per sample."""
+    from aoi_jax.data import FrameSet
+
+    rng = np.random.default_rng(0)
+    frames, labels, bin_us = rng.integers(0, 3, (5, 2, 4, 4, 2)).astype(np.uint8), np.arange(5) % 3, np.full(5, 1e3)
+    np.save(tmp_path / "frames.npy", frames)
+    digest = rundir.data_digest(FrameSet(frames, labels, 3, bin_us=bin_us))
+    mapped = np.load(tmp_path / "frames.npy", mmap_mode="r")
+    assert rundir.data_digest(FrameSet(mapped, labels, 3, bin_us=bin_us)) == digest
+    changed = frames.copy()
+    changed[4, 1, 3, 3, 1] += 1
+    for other in (FrameSet(changed, labels, 3, bin_us=bin_us), FrameSet(frames, (labels + 1) % 3, 3, bin_us=bin_us),
+                  FrameSet(frames, labels, 3, bin_us=bin_us * 2), FrameSet(frames, labels, 4, bin_us=bin_us)):
+        assert rundir.data_digest(other) != digest
+    static = np.broadcast_to(frames[:, :1], frames.shape)
+    assert rundir.data_digest(FrameSet(static, labels, 3)) != rundir.data_digest(FrameSet(frames, labels, 3))
+    assert len(digest) == 16
