@@ -174,6 +174,11 @@ class OptimConfig:
         _check_range("optim.weight_decay", self.weight_decay, 0.0)
 
 
+# the metrics train.best_metric may name (fields of each epoch's metrics record, aoi_jax.training) and
+# which way is better: "max" or "min"
+BEST_METRICS = {"val_accuracy": "max", "val_loss": "min", "train_accuracy": "max", "train_loss": "min"}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Training loop."""
@@ -182,12 +187,21 @@ class TrainConfig:
     batch_size: int = 32  # at most the training set's size (checked once the data set is loaded)
     loss: str = "mean"  # mean (CE of the time-mean logits) | tet
     tet_lambda: float = 1e-3  # TET's MSE weight (used when loss == "tet")
+    checkpoint_keep: int = 2  # the checkpoints of this many newest epochs are kept (and the best, best_metric)
+    # "" (none) or a metric of BEST_METRICS (val_*: data.validation_fraction > 0): the checkpoint of the epoch
+    # best by it is kept as well (accuracy: highest, loss: lowest; ``evaluate.py --step best``)
+    best_metric: str = ""
+    # stop after this many epochs without a new best best_metric (which it needs); 0 = never
+    early_stop_patience: int = 0
 
     def __post_init__(self):
         _check_choice("train.loss", self.loss, ("mean", "tet"))
         _check_range("train.epochs", self.epochs, 1)
         _check_range("train.batch_size", self.batch_size, 1)
         _check_range("train.tet_lambda", self.tet_lambda, 0.0, 1.0)
+        _check_range("train.checkpoint_keep", self.checkpoint_keep, 1)
+        _check_choice("train.best_metric", self.best_metric, ("", *BEST_METRICS))
+        _check_range("train.early_stop_patience", self.early_stop_patience, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +301,37 @@ def _parse_literal(text: str) -> Any:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+
+
+SWEEP_KEYS = ("seed", "reg.alpha", "train.tet_lambda")  # keys a sweep may vary: the seed and step.WEIGHT_KEYS
+
+
+def parse_sweep(items: typing.Iterable[str]) -> dict[str, tuple]:
+    """Parses ``KEY=V1,V2,...`` strings (``train.py --sweep``) into {key: (values...)}, in the order given.
+
+    Values are Python literals (``0``, ``1e-3``); their types are checked when the members are built
+    (``aoi_jax.sweep.members``). Only ``SWEEP_KEYS`` may be swept: they do not change the compiled program.
+
+    Raises:
+      ValueError: an item is not KEY=V1,V2,..., a key is given twice, or a key repeats a value.
+      KeyError: a key that cannot be swept in one program; the message names it and lists ``SWEEP_KEYS``.
+    """
+    sweep = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not text.strip():
+            raise ValueError(f"sweep {item!r} is not of the form KEY=V1,V2,...")
+        if key not in SWEEP_KEYS:
+            raise KeyError(f"config key {key!r} cannot be swept in one compiled program (it changes the "
+                           f"program or is not a config key); supported sweep keys: {', '.join(SWEEP_KEYS)}")
+        if key in sweep:
+            raise ValueError(f"sweep key {key!r} given twice")
+        values = tuple(_parse_literal(v.strip()) for v in text.split(","))
+        if len(set(values)) != len(values):
+            raise ValueError(f"sweep {key!r} repeats a value: {values}")
+        sweep[key] = values
+    return sweep
 
 
 def override(cfg: Config, key: str, value: Any) -> Config:
@@ -404,5 +449,5 @@ def from_dict(d: dict[str, Any], cls=Config, prefix: str = ""):
 __all__ = [
     "Config", "ModelConfig", "NeuronConfig", "DataConfig", "RegConfig", "OptimConfig", "TrainConfig",
     "EvalConfig", "shipped", "load", "override", "apply_overrides", "valid_keys", "differences", "to_dict", "to_json",
-    "from_dict", "epsilon_index",
+    "from_dict", "epsilon_index", "parse_sweep", "SWEEP_KEYS", "BEST_METRICS",
 ]

@@ -1,10 +1,11 @@
 """Opt-in XLA compiler options for the backend in use: the one place that tunes for a machine.
 
 Nothing here changes what a step computes in exact arithmetic; it changes which kernels and which schedule
-XLA uses. The library never applies these on its own: ``aoi_jax.training`` and the scripts pass
-``compiler_options(tuning, ...)`` into ``step.make_train_step``, ``step.make_eval_step`` and
-``ablation.make_multi_step`` (``train.py --xla-tuning none`` switches them off). docs/performance.md has the
-measurements behind each option, with the commands.
+XLA uses. The library never applies these on its own: ``training.train_and_evaluate(..., tuning="none")``
+compiles with XLA's defaults unless asked for ``"auto"``, which ``train.py --xla-tuning`` passes by default;
+the callers pass ``compiler_options(tuning, ...)`` into ``step.make_train_step``, ``step.make_eval_step`` and
+``sweep.make_multi_step``, and a run records the options it used (``xla_options`` in ``config.json`` and
+``report.json``). docs/performance.md has the measurements behind each option, with the commands.
 
 XLA:CPU (the only backend tuned; other backends get no options):
 

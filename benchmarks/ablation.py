@@ -4,7 +4,7 @@ Step level (default): per round of K member steps on N-Digits (configs/ndigits.p
 batch 32; seeded random events), the median time of
 
 - ``sequential``: K single train steps (one compiled program per alpha, as K separate runs);
-- ``loop``: one ``ablation.make_multi_step`` program with the members unrolled, one device;
+- ``loop``: one ``sweep.make_multi_step`` program with the members unrolled, one device;
 - ``loop, 2 host devices`` (CPU): the members split over two host devices (a subprocess with
   ``XLA_FLAGS=--xla_force_host_platform_device_count=2``);
 - ``vmap`` (``--vmap``): the members vmapped.
@@ -40,14 +40,14 @@ def step_level(strategies, alphas, rounds, n_devices, overrides=(), tuning="auto
     import jax
     import numpy as np
 
-    from aoi_jax import ablation, config, step, xla_tuning
+    from aoi_jax import config, step, sweep, xla_tuning
 
     cfg = config.load(CONFIG, list(overrides))
-    mem = ablation.members(cfg, {"reg.alpha": tuple(alphas)})
+    mem = sweep.members(cfg, {"reg.alpha": tuple(alphas)})
     K, T, B, shape = len(mem), cfg.data.timesteps, cfg.train.batch_size, (34, 34, 2)
     opt = step.make_optimizer(cfg.optim, 1000)
     options = xla_tuning.compiler_options(tuning, remat=cfg.model.remat)
-    graphdef, states0 = ablation.init_members(mem, shape, opt)
+    graphdef, states0 = sweep.init_members(mem, shape, opt)
     rng = np.random.default_rng(0)
     batch = {"frames": rng.poisson(0.3, (T, B, *shape)).astype(np.float32),
              "label": rng.integers(0, 10, B).astype(np.int32)}
@@ -55,7 +55,7 @@ def step_level(strategies, alphas, rounds, n_devices, overrides=(), tuning="auto
     out = {}
     for strategy in strategies:
         if strategy == "sequential":
-            states = [jax.tree.map(np.asarray, s) for s in ablation.unstack(states0, K)]
+            states = [jax.tree.map(np.asarray, s) for s in sweep.unstack(states0, K)]
             weights = [step.loss_weights(m.cfg) for m in mem]
             t0 = time.perf_counter()
             fns = [step.make_train_step(graphdef, m.cfg, opt, compiler_options=options).lower(s, batch, w).compile()
@@ -67,11 +67,11 @@ def step_level(strategies, alphas, rounds, n_devices, overrides=(), tuning="auto
                 jax.block_until_ready(outs)
                 return [o[0] for o in outs]
         else:
-            mesh = ablation.member_mesh(K, jax.devices()[:n_devices]) if n_devices > 1 else None
-            multi = ablation.make_multi_step(graphdef, cfg, opt, mesh=mesh, strategy=strategy,
+            mesh = sweep.member_mesh(K, jax.devices()[:n_devices]) if n_devices > 1 else None
+            multi = sweep.make_multi_step(graphdef, cfg, opt, mesh=mesh, strategy=strategy,
                                              compiler_options=options)
-            states = ablation.place(jax.tree.map(np.asarray, states0), mesh)
-            weights, placed = ablation.place(ablation.loss_weights(mem), mesh), ablation.place(stacked, mesh)
+            states = sweep.place(jax.tree.map(np.asarray, states0), mesh)
+            weights, placed = sweep.place(sweep.loss_weights(mem), mesh), sweep.place(stacked, mesh)
             t0 = time.perf_counter()
             fn = multi.lower(states, placed, weights).compile()
             compile_s = time.perf_counter() - t0

@@ -3,6 +3,7 @@ member's report and the summary) and evaluate.py on one member's checkpoint (the
 where a real process boundary is the point: the exit status of a diverging run and of nonsense settings,
 evaluate.py on a damaged checkpoint, and a run killed with SIGKILL that resumes bit-identically."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -43,7 +44,8 @@ def train_args(data_dir, workdir, *overrides):
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, ndigits_dir):
     root = tmp_path_factory.mktemp("cli")
-    proc = script("train.py", *train_args(ndigits_dir, "sweep"), "--sweep", "reg.alpha=0,0.5", cwd=root)
+    proc = script("train.py", *train_args(ndigits_dir, "sweep"), "--sweep", "reg.alpha=0,0.5",
+                  *(["--tensorboard"] if importlib.util.find_spec("tensorboardX") else []), cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, proc
 
@@ -63,6 +65,22 @@ def test_train_writes_reports_figures_and_summary(sweep):
     assert (workdir / "summary.png").read_bytes()[:4] == b"\x89PNG"
     assert "epoch   1  alpha=0.5" in (workdir / "train.log").read_text()
     assert "anytime loop (Top-K, epsilon 0)" in proc.stdout
+
+
+def test_train_records_its_xla_options_and_writes_tensorboard_events_per_member(sweep):
+    """train.py's default --xla-tuning auto: the measured CPU options, in each config.json and report.json;
+    --tensorboard: one event folder per member, holding the epoch's scalars."""
+    from aoi_jax import xla_tuning
+
+    workdir = sweep[0] / "sweep"
+    for name in ("alpha=0.0", "alpha=0.5"):
+        member = workdir / "members" / name
+        assert json.loads((member / "config.json").read_text())["xla_options"] == {
+            "train": xla_tuning.CPU_OPTIONS, "evaluation": xla_tuning.CPU_OPTIONS}
+        assert json.loads((member / "report.json").read_text())["xla_options"] == xla_tuning.CPU_OPTIONS
+        if importlib.util.find_spec("tensorboardX") is not None:
+            (events,) = (workdir / "tensorboard" / name).glob("events.out.tfevents.*")
+            assert b"train_loss" in events.read_bytes() and b"test_accuracy" in events.read_bytes()
 
 
 def test_evaluate_reproduces_the_members_report_and_serves(sweep):

@@ -118,3 +118,25 @@ def test_differences_name_each_key_in_order():
     assert config.differences(a, b) == [("model.channels", (16, 32, 64), (4,)), ("reg.alpha", 0.002, 0.01),
                                         ("train.epochs", 20, 3)]
     assert config.differences(b, b) == []
+
+
+@pytest.mark.parametrize("items,msg", [
+    (["train.checkpoint_keep=0"], r"^train.checkpoint_keep must be >= 1, got 0$"),
+    (["train.early_stop_patience=-1"], r"^train.early_stop_patience must be >= 0, got -1$"),
+    (["train.best_metric=test_accuracy"], r"^train.best_metric must be one of \['', 'val_accuracy', 'val_loss', "
+                                          r"'train_accuracy', 'train_loss'\], got 'test_accuracy'$"),
+])
+def test_checkpoint_and_early_stop_keys_are_checked(items, msg):
+    with pytest.raises(ValueError, match=msg):
+        config.apply_overrides(config.Config(), items)
+    ok = config.apply_overrides(config.Config(), ["data.validation_fraction=0.2", "train.best_metric=val_loss",
+                                                  "train.early_stop_patience=3", "train.checkpoint_keep=5"])
+    assert (ok.train.best_metric, ok.train.early_stop_patience, ok.train.checkpoint_keep) == ("val_loss", 3, 5)
+    assert config.TrainConfig() == config.TrainConfig(checkpoint_keep=2, best_metric="", early_stop_patience=0)
+
+
+def test_sweep_keys_are_the_seed_and_the_loss_weights():
+    from aoi_jax import step
+
+    assert config.SWEEP_KEYS == ("seed", *step.WEIGHT_KEYS)
+    assert config.parse_sweep(["train.tet_lambda=0.1,0.2", "seed=3"]) == {"train.tet_lambda": (0.1, 0.2), "seed": (3,)}

@@ -5,7 +5,7 @@ validation split and the calibration split."""
 import numpy as np
 import pytest
 
-from aoi_jax import ablation, config, data, input_pipeline
+from aoi_jax import config, data, input_pipeline, sweep
 
 
 def tiny_cfg(*overrides):
@@ -41,7 +41,7 @@ def test_train_batches_are_the_seeded_permutation(rng):
 def test_member_batches_follow_each_single_run(rng):
     train_set = frameset(rng)
     cfg = tiny_cfg("train.batch_size=16", "data.translate=3", "data.hflip=True")
-    mem = ablation.members(cfg, ablation.parse_sweep(["seed=3,4", "reg.alpha=0,1"]))
+    mem = sweep.members(cfg, config.parse_sweep(["seed=3,4", "reg.alpha=0,1"]))
     stacked = list(input_pipeline.member_batches(train_set, [m.cfg for m in mem], epoch=2))
     assert len(stacked) == 2 and stacked[0]["frames"].shape == (4, 3, 16, 10, 10, 2)
     for i, m in enumerate(mem):

@@ -21,7 +21,7 @@ SCRIPT = r"""
 import json
 import jax, numpy as np
 from flax import nnx
-from aoi_jax import ablation, config, models, parallel, step
+from aoi_jax import config, models, parallel, step, sweep
 
 assert len(jax.devices()) == 2, jax.devices()
 cfg = config.Config(model=config.ModelConfig(channels=(4, 8), num_classes=3),
@@ -59,18 +59,18 @@ out["dp_devices"] = len(runs[2][2])
 out["dp_losses"] = runs[1][0]
 
 # members: 2 members split over a 2-device 'members' mesh, against the same program on one device
-mem = ablation.members(cfg, ablation.parse_sweep(["reg.alpha=0,0.5"]))
-graphdef, states0 = ablation.init_members(mem, (8, 8, 2), opt)
+mem = sweep.members(cfg, config.parse_sweep(["reg.alpha=0,0.5"]))
+graphdef, states0 = sweep.init_members(mem, (8, 8, 2), opt)
 member_batches = [batch((2,)) for _ in range(3)]
 res = {}
-for name, mesh, strategy in (("one", None, "loop"), ("two", ablation.member_mesh(2), "loop"),
-                             ("two_vmap", ablation.member_mesh(2), "vmap")):
-    multi = ablation.make_multi_step(graphdef, cfg, opt, mesh=mesh, strategy=strategy)
-    states = ablation.place(jax.tree.map(np.asarray, states0), mesh)
-    weights = ablation.place(ablation.loss_weights(mem), mesh)
+for name, mesh, strategy in (("one", None, "loop"), ("two", sweep.member_mesh(2), "loop"),
+                             ("two_vmap", sweep.member_mesh(2), "vmap")):
+    multi = sweep.make_multi_step(graphdef, cfg, opt, mesh=mesh, strategy=strategy)
+    states = sweep.place(jax.tree.map(np.asarray, states0), mesh)
+    weights = sweep.place(sweep.loss_weights(mem), mesh)
     losses = []
     for b in member_batches:
-        states, metrics = multi(states, ablation.place(b, mesh), weights)
+        states, metrics = multi(states, sweep.place(b, mesh), weights)
         losses.append(np.asarray(metrics["loss"]).tolist())
     res[name] = (losses, jax.device_get(states))
     if name == "two":

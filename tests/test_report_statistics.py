@@ -4,7 +4,8 @@ contrasts paired by seed, and numbers pooled over a swept key at seed level, aga
 import numpy as np
 import pytest
 
-from aoi_jax import ablation, config, reporting
+from aoi_jax import config, reporting
+from aoi_jax import sweep as sweep_lib
 
 
 def tiny_cfg():
@@ -14,7 +15,7 @@ def tiny_cfg():
 
 def test_summarise_by_hand():
     cfg = tiny_cfg()
-    mem = ablation.members(cfg, ablation.parse_sweep(["reg.alpha=0,0.002", "seed=0,1"]))
+    mem = sweep_lib.members(cfg, config.parse_sweep(["reg.alpha=0,0.002", "seed=0,1"]))
 
     def report(acc, topk_acc, topk_t, oct_t=1.5):
         return {"epsilons": [0.05, 0.0, 0.01], "accuracy_per_timestep": [0.1, acc],
@@ -57,7 +58,7 @@ def clustered_summary(offset=0.0):
     """A summary of 4 alphas x 3 seeds whose Top-K exit at epsilon 0 is ``CLUSTERED[seed][alpha] + offset``
     (the members of a seed share a large offset)."""
     clustered = [[0, 2, 1, 1], [1, 3, 2, 2], [5, 7, 6, 6]]
-    mem = ablation.members(tiny_cfg(), ablation.parse_sweep(["reg.alpha=0,0.002,0.01,0.05", "seed=0,1,2"]))
+    mem = sweep_lib.members(tiny_cfg(), config.parse_sweep(["reg.alpha=0,0.002,0.01,0.05", "seed=0,1,2"]))
     reports = [{"epsilons": [0.0], "accuracy_per_timestep": [0.5, 0.9], "oct": {"mean_timestep": 2.0},
                 "synops_per_sample": [1.0], "rules": {"topk": {"accuracy": [0.9], "mean_timestep": [
                     clustered[m.cfg.seed][[0, 0.002, 0.01, 0.05].index(m.cfg.reg.alpha)] + offset]}}}
@@ -86,7 +87,7 @@ def test_pooled_numbers_average_within_seed_first():
 
 def _flat(seeds="0,1,2"):
     """(members, reports) of 4 alphas x ``seeds`` whose Top-K exit at epsilon 0 is 0 everywhere."""
-    mem = ablation.members(tiny_cfg(), ablation.parse_sweep(["reg.alpha=0,0.002,0.01,0.05", f"seed={seeds}"]))
+    mem = sweep_lib.members(tiny_cfg(), config.parse_sweep(["reg.alpha=0,0.002,0.01,0.05", f"seed={seeds}"]))
     return mem, [{"epsilons": [0.0], "accuracy_per_timestep": [0.5, 0.9], "oct": {"mean_timestep": 2.0},
                   "synops_per_sample": [1.0], "rules": {"topk": {"accuracy": [0.9], "mean_timestep": [0.0]}}}
                  for _ in mem]

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from aoi_jax import ablation, config, integrity, reporting
+from aoi_jax import config, integrity, reporting, sweep
 
 
 def strict_load(text):
@@ -30,7 +30,7 @@ def test_non_finite_numbers_become_null(tmp_path):
 @pytest.fixture
 def summary():
     cfg = config.Config(model=config.ModelConfig(channels=(4, 8), num_classes=3))
-    mem = ablation.members(cfg, ablation.parse_sweep(["reg.alpha=0,0.005,0.08", "seed=0,1,2"]))
+    mem = sweep.members(cfg, config.parse_sweep(["reg.alpha=0,0.005,0.08", "seed=0,1,2"]))
     reports = []
     for i, m in enumerate(mem):
         acc = 0.5 + 0.01 * i

@@ -1,14 +1,21 @@
 """``training.train_and_evaluate``: one run end to end (tiny N-Digits), resumption, a tonic-backed data set
 through the same loop, and the reliability guarantees (README, "Reliability"), each with its fault injected
 for real: a damaged or lost checkpoint, a lost metrics line, a poisoned batch, a second process holding the
-workdir, a different config, more or fewer epochs, a batch larger than the data set."""
+workdir, a different config, more or fewer epochs, a batch larger than the data set, a deleted metrics file,
+moved or other data; and the run's life around the science: validation metrics, the learning rate, best
+checkpoints, early stopping, the per-epoch callback and TensorBoard events, the returned trained state and
+the recorded XLA options (the run folder's bookkeeping is ``aoi_jax.rundir``)."""
 
+import contextlib
 import dataclasses
+import importlib.util
+import inspect
 import json
 import logging
 import os
 import pathlib
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -16,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from aoi_jax import checkpoint, config, input_pipeline, training
+from aoi_jax import checkpoint, config, input_pipeline, rundir, training
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "ndigits.py")
@@ -132,7 +139,9 @@ def test_the_checkpoint_config_decides_not_config_json(run, ndigits_dir, tmp_pat
     with pytest.raises(ValueError, match=r"\(reg\.alpha: stored 0\.002, requested 0\.01\)"):
         training.train_and_evaluate(tiny(ndigits_dir, "reg.alpha=0.01"), workdir, run_eval=False)
     training.train_and_evaluate(tiny(ndigits_dir), workdir, run_eval=False)
-    assert config.from_dict(json.loads((workdir / "config.json").read_text())) == tiny(ndigits_dir)
+    stored = json.loads((workdir / "config.json").read_text())
+    assert stored.pop("xla_options") == {"train": {}, "evaluation": {}}        # XLA's defaults, next to the config
+    assert config.from_dict(stored) == tiny(ndigits_dir)
 
 
 def test_damaged_newest_checkpoint_is_set_aside_and_the_epoch_retrained_bit_identically(
@@ -220,8 +229,8 @@ def test_a_second_process_holding_the_workdir_is_refused(run, ndigits_dir, tmp_p
     its lock file behind, yet the lock is free."""
     workdir = copy(run[0] / "run", tmp_path)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom aoi_jax import training\n"
-         "with training.workdir_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)\n",
+        [sys.executable, "-c", "import sys, time\nfrom aoi_jax import rundir\n"
+         "with rundir.workdir_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)\n",
          str(workdir)], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     try:
         assert holder.stdout.readline() == "locked\n"
@@ -234,7 +243,7 @@ def test_a_second_process_holding_the_workdir_is_refused(run, ndigits_dir, tmp_p
         holder.kill()
         holder.wait()
     assert (workdir / ".lock").read_text() == str(holder.pid)             # stale file, free lock
-    with training.workdir_lock(workdir):
+    with rundir.workdir_lock(workdir):
         assert (workdir / ".lock").read_text() == str(os.getpid())
 
 
@@ -261,24 +270,24 @@ def test_resume_step_is_the_newest_step_intact_in_every_member(tmp_path):
     init = step.init_state(models.build(cfg.model, (8, 8, 2), rngs=nnx.Rngs(0)), step.make_optimizer(cfg.optim, 9))[1]
     members = [type("M", (), {"name": n})() for n in ("a", "b")]
     dirs = [tmp_path / "members" / m.name for m in members]
-    assert training.resume_step(members, dirs) is None
+    assert rundir.resume_step(members, dirs) is None
     for d, steps in zip(dirs, ((1, 2), (1, 2))):
         for s in steps:
             checkpoint.save(d / "checkpoints", init._replace(step=jax.numpy.asarray(s)), cfg, (8, 8, 2))
-    assert training.resume_step(members, dirs) == 2
+    assert rundir.resume_step(members, dirs) == 2
     (dirs[1] / "checkpoints" / "2" / checkpoint.RECORD).unlink()       # b was killed before its record
-    assert training.resume_step(members, dirs) == 1
+    assert rundir.resume_step(members, dirs) == 1
     shutil.rmtree(dirs[0] / "checkpoints" / "1")
     with pytest.raises(ValueError, match=rf"^cannot resume in {tmp_path / 'members'}: no checkpoint step is intact "
                                          r"in every member \(a: step 2; b: step 1, step 2 damaged \(no readable "
                                          r"checksum record sha256.json \(its save did not finish\)\)\); train in a "
                                          r"new workdir"):
-        training.resume_step(members, dirs)
+        rundir.resume_step(members, dirs)
     (dirs[1] / "checkpoints" / "1" / checkpoint.RECORD).unlink()
     with pytest.raises(ValueError, match=rf"^cannot resume in {dirs[1]}: no checkpoint step is intact \("
                                          rf"{dirs[1] / 'checkpoints'}: step 1 damaged \(no readable checksum record "
                                          r"sha256.json \(its save did not finish\)\), step 2 damaged"):
-        training.resume_step([type("M", (), {"name": ""})()], dirs[1:])   # a single run (its member name is "")
+        rundir.resume_step([type("M", (), {"name": ""})()], dirs[1:])   # a single run (its member name is "")
 
 
 def test_evaluation_warns_about_non_finite_parameters_and_logits(run):
@@ -322,3 +331,251 @@ def test_train_nmnist_on_fake_folder(tmp_path):
         (result,) = training.train_and_evaluate(cfg, tmp_path / "run")
     assert result.report["n_test"] == 30 and result.report["n_calibration"] == 30
     assert result.report["anytime"]["agrees_with_apply_topk"]
+
+
+# ----------------------------------------------------------------------------- the run's life (validation, best
+# checkpoints, early stopping, the metric stream, the trained state, restoring metrics, moved data, XLA options)
+
+
+@contextlib.contextmanager
+def checkpoint_api():
+    """``checkpoint.save(..., best_metric=)`` as the storage contract gives it; where this branch's
+    ``aoi_jax.checkpoint`` predates it, a shim that accepts and ignores the argument (the newest steps are
+    still kept)."""
+    with pytest.MonkeyPatch.context() as m:
+        if "best_metric" not in inspect.signature(checkpoint.save).parameters:
+            save = checkpoint.save
+            m.setattr(checkpoint, "save", lambda *a, best_metric=None, **k: save(*a, **k))
+        yield
+
+
+def read_events(folder):
+    """{tag: [(global step, value)]} of every scalar in the TensorBoard event files under ``folder`` (TFRecord
+    framing: length u64, its CRC, the event proto, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in sorted(pathlib.Path(folder).glob("events.out.tfevents.*")):
+        raw = path.read_bytes()
+        i = 0
+        while i < len(raw):
+            (n,) = struct.unpack("<Q", raw[i:i + 8])
+            event = event_pb2.Event.FromString(raw[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+VALIDATED = ("data.validation_fraction=0.2", "train.batch_size=128", "train.epochs=2", "train.checkpoint_keep=1",
+             "train.best_metric=val_accuracy")
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory, ndigits_dir):
+    """Two epochs with a held-out validation split, the best checkpoint by val_accuracy kept beside the newest
+    one, a callback collecting each record and the TensorBoard writer; not evaluated."""
+    from aoi_jax import tensorboard
+
+    workdir = tmp_path_factory.mktemp("validated") / "run"
+    seen = []
+    callbacks = [lambda member, record: seen.append((member.name, record))]
+    if importlib.util.find_spec("tensorboardX") is not None:
+        callbacks.append(tensorboard.TensorBoard(workdir))
+    with checkpoint_api():
+        (result,) = training.train_and_evaluate(tiny(ndigits_dir, *VALIDATED), workdir, run_eval=False,
+                                                callback=lambda m, r: [c(m, r) for c in callbacks])
+    for c in callbacks[1:]:
+        c.close()
+    return workdir, result, seen
+
+
+def test_each_epoch_logs_validation_next_to_test_and_the_learning_rate(validated, ndigits_dir):
+    """val_accuracy and val_loss of the held-out 287 samples, computed again here from the checkpoint (the loss
+    by ``losses.mean_loss``); lr is the cosine schedule at each epoch's first step (9 steps per epoch)."""
+    from aoi_jax import data, evaluation, losses, parallel, step
+
+    workdir, result, _ = validated
+    lines = metrics(workdir)
+    spe = 1151 // 128
+    assert [r["epoch"] for r in lines] == [1, 2] and [r["step"] for r in lines] == [spe, 2 * spe]
+    assert [r["lr"] for r in lines] == pytest.approx([0.1, 0.1 * (1 + np.cos(np.pi * spe / (2 * spe))) / 2])
+    graphdef, state, cfg, _ = checkpoint.restore(workdir / "checkpoints", 2 * spe)
+    _, validation = input_pipeline.split_validation(data.load(cfg.data)[0], cfg.data)
+    assert len(validation) == 287
+    mesh = parallel.data_mesh()
+    logits, labels, _ = evaluation.collect(step.make_eval_step(graphdef), parallel.replicate(state, mesh), validation,
+                                           256, jax.random.key(0), mesh)
+    assert lines[1]["val_accuracy"] == np.mean(logits.sum(0).argmax(-1) == labels)
+    assert lines[1]["val_loss"] == pytest.approx(float(losses.mean_loss(logits, labels)), rel=1e-5)
+    assert lines[1]["val_loss"] > 0 and 0 < lines[0]["val_accuracy"] <= 1
+    best = max(lines, key=lambda r: (r["val_accuracy"], -r["epoch"]))
+    assert lines[1]["best_epoch"] == best["epoch"] and lines[1]["best_val_accuracy"] == best["val_accuracy"]
+    assert lines[0]["best_epoch"] == 1
+    assert {r["data_digest"] for r in lines} == {lines[0]["data_digest"]} and len(lines[0]["data_digest"]) == 16
+
+
+def test_the_callback_sees_each_saved_record_and_tensorboard_the_same_scalars(validated):
+    workdir, _, seen = validated
+    assert seen == [("", r) for r in metrics(workdir)]
+    if importlib.util.find_spec("tensorboardX") is None:
+        pytest.skip("the [tensorboard] extra (tensorboardX) is not installed")
+    events = read_events(workdir / "tensorboard")
+    numbers = [k for k, v in metrics(workdir)[0].items() if k not in ("epoch", "step") and not isinstance(v, str)]
+    assert sorted(events) == sorted(numbers)
+    for key in numbers:
+        assert events[key] == [(r["epoch"], pytest.approx(r[key], rel=1e-6)) for r in metrics(workdir)], key
+
+
+def test_the_run_returns_its_trained_state(validated):
+    """The state after the last epoch, equal to its checkpoint, and a model it builds answers (T, N, K)."""
+    from flax import nnx
+
+    workdir, result, _ = validated
+    assert_same_state(result.state, checkpoint.restore(workdir / "checkpoints")[1])
+    model = nnx.merge(result.graphdef, result.state.params, result.state.batch_stats)
+    logits, _ = model(np.zeros((4, 3, *result.input_shape), np.float32), train=False)
+    assert logits.shape == (4, 3, 10) and result.input_shape == (34, 34, 2)
+
+
+@pytest.mark.skipif(not hasattr(checkpoint, "resolve_step"), reason="needs checkpoint.save(best_metric=) and "
+                                                                     "checkpoint.resolve_step (storage branch)")
+def test_checkpoint_keep_and_the_best_step(validated):
+    """train.checkpoint_keep = 1 keeps the newest step; train.best_metric keeps the best epoch's as well."""
+    workdir, _, _ = validated
+    lines = metrics(workdir)
+    best = lines[-1]["best_epoch"]
+    steps = checkpoint.all_steps(workdir / "checkpoints")
+    assert steps == sorted({lines[-1]["step"], lines[best - 1]["step"]})
+    assert checkpoint.resolve_step(workdir / "checkpoints", "best") == lines[best - 1]["step"]
+
+
+def test_early_stop_says_why_and_a_resumed_run_trains_no_further(ndigits_dir, tmp_path, monkeypatch, caplog):
+    """A validation accuracy that only falls (0.5, 0.4, ...; the metric replaced, the training real) with
+    patience 1: training stops after epoch 2 of 4 saying why; the same command again trains nothing."""
+    falling = iter([0.5, 0.4, 0.3, 0.2])
+    monkeypatch.setattr(training, "split_metrics", lambda *a, **k: (next(falling), 1.0))
+    cfg = tiny(ndigits_dir, *VALIDATED[:2], "train.epochs=4", "train.best_metric=val_accuracy",
+               "train.early_stop_patience=1")
+    with checkpoint_api(), caplog.at_level(logging.INFO, logger="aoi_jax"):
+        training.train_and_evaluate(cfg, tmp_path / "run", run_eval=False)
+        assert [(r["epoch"], r["val_accuracy"], r["best_epoch"]) for r in metrics(tmp_path / "run")] == [
+            (1, 0.5, 1), (2, 0.4, 1)]
+        reason = ("val_accuracy has not improved for 1 epochs (train.early_stop_patience); the best was 0.5 at "
+                  "epoch 1")
+        assert f"early stop after epoch 2 of 4: {reason}" in caplog.messages
+        caplog.clear()
+        before = files(tmp_path / "run" / "checkpoints")
+        training.train_and_evaluate(cfg, tmp_path / "run", run_eval=False)
+    assert f"stopped early at epoch 2 ({reason}); not training further" in caplog.messages
+    assert len(metrics(tmp_path / "run")) == 2 and files(tmp_path / "run" / "checkpoints") == before
+
+
+def test_best_so_far_and_patience_by_hand():
+    cfg = config.apply_overrides(config.Config(), ["train.best_metric=train_loss", "train.early_stop_patience=2"])
+    first = {"epoch": 1, "train_loss": 2.0}
+    first.update(training.best_so_far(first, None, "train_loss"))
+    assert first == {"epoch": 1, "train_loss": 2.0, "best_epoch": 1, "best_train_loss": 2.0}
+    worse = {"epoch": 2, "train_loss": 2.0}                                   # a tie is no improvement
+    worse.update(training.best_so_far(worse, first, "train_loss"))
+    assert (worse["best_epoch"], worse["best_train_loss"]) == (1, 2.0) and not training.patience_spent(worse, cfg)
+    better = {"epoch": 3, "train_loss": 1.5}
+    assert training.best_so_far(better, worse, "train_loss") == {"best_epoch": 3, "best_train_loss": 1.5}
+    assert training.patience_spent({"epoch": 3, "best_epoch": 1}, cfg)
+    assert not training.patience_spent({"epoch": 3}, cfg)                     # a record from before best tracking
+
+
+def test_a_deleted_metrics_file_comes_back_from_every_checkpoint(two_epochs, ndigits_dir, tmp_path, caplog):
+    """metrics.jsonl deleted from a finished 2-epoch run (both checkpoints kept), then continued to 3 epochs:
+    it holds epochs 1, 2, 3, the first two as they were. Deleted again: the newest two checkpoints (steps 2 and
+    3 SPE) give back epochs 2 and 3, and the log names epoch 1 as lost."""
+    workdir = copy(two_epochs, tmp_path)
+    (workdir / "metrics.jsonl").unlink()
+    with caplog.at_level(logging.WARNING, logger="aoi_jax"):
+        training.train_and_evaluate(tiny(ndigits_dir, "train.epochs=3"), workdir, run_eval=False)
+    assert f"{workdir / 'metrics.jsonl'}: restored the lines of epochs [1, 2] from their checkpoints" in caplog.messages
+    assert [r["epoch"] for r in metrics(workdir)] == [1, 2, 3] and metrics(workdir)[:2] == metrics(two_epochs)
+    (workdir / "metrics.jsonl").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="aoi_jax"):
+        training.train_and_evaluate(tiny(ndigits_dir, "train.epochs=3"), workdir, run_eval=False)
+    assert (f"{workdir / 'metrics.jsonl'}: restored the lines of epochs [2, 3] from their checkpoints; could not "
+            "restore the line of epoch 1 (no checkpoint keeps it)" in caplog.messages)
+    assert [r["epoch"] for r in metrics(workdir)] == [2, 3]
+
+
+def test_moved_data_continue_and_other_data_are_refused(two_epochs, ndigits_dir, tmp_path, monkeypatch, caplog):
+    """The data folder copied elsewhere: the run continues from the new data.data_dir with a log line (and
+    config.json records the new folder). Other data (one test label changed; or another T) are refused, naming
+    what differs, before anything is written."""
+    from aoi_jax import data
+
+    workdir = copy(two_epochs, tmp_path)
+    moved = shutil.copytree(ndigits_dir, tmp_path / "moved")
+    digest = metrics(two_epochs)[0]["data_digest"]
+    with caplog.at_level(logging.INFO, logger="aoi_jax"):
+        training.train_and_evaluate(tiny(moved, "train.epochs=2"), workdir, run_eval=False)
+    assert (f"the data moved (data.data_dir: stored {str(ndigits_dir)!r}, requested {str(moved)!r}): the same data "
+            f"(digest {digest}); continuing" in caplog.messages)
+    assert json.loads((workdir / "config.json").read_text())["data"]["data_dir"] == str(moved)
+    before = files(workdir)
+    load = data.load
+
+    def other(data_cfg):
+        train, test = load(data_cfg)
+        labels = test.labels.copy()
+        labels[0] = (labels[0] + 1) % 10
+        return train, dataclasses.replace(test, labels=labels)
+
+    monkeypatch.setattr(data, "load", other)
+    with pytest.raises(ValueError, match=rf"^{workdir} holds checkpoints trained on other data \(data digest: stored "
+                                         rf"{digest}, now (?!{digest})[0-9a-f]{{16}}; data.data_dir: stored "):
+        training.train_and_evaluate(tiny(moved, "train.epochs=2"), workdir, run_eval=False)
+    monkeypatch.setattr(data, "load", load)
+    with pytest.raises(ValueError, match=r"different config \(data.timesteps: stored 4, requested 5\)"):
+        training.train_and_evaluate(tiny(moved, "train.epochs=2", "data.timesteps=5"), workdir, run_eval=False)
+    assert files(workdir) == before
+
+
+def test_xla_options_are_recorded_and_do_not_block_a_resume(run, two_epochs, ndigits_dir, tmp_path):
+    """The library compiles with XLA's defaults and says so in config.json and the report; a rerun with the
+    tuned options continues the same checkpoints and records those."""
+    from aoi_jax import xla_tuning
+
+    assert run[1].report["xla_options"] == {}
+    workdir = copy(two_epochs, tmp_path)
+    training.train_and_evaluate(tiny(ndigits_dir, "train.epochs=2"), workdir, run_eval=False, tuning="auto")
+    assert json.loads((workdir / "config.json").read_text())["xla_options"] == {
+        "train": xla_tuning.compiler_options("auto"), "evaluation": xla_tuning.compiler_options("auto")}
+
+
+def test_early_stopping_needs_its_metric_before_any_work(tmp_path):
+    for items, msg in ((["train.early_stop_patience=3"],
+                        r"^train.early_stop_patience = 3 needs train.best_metric, the metric it watches \(one of "
+                        r"\['val_accuracy', 'val_loss', 'train_accuracy', 'train_loss'\]\)$"),
+                       (["train.best_metric=val_loss"], r"^train.best_metric = 'val_loss' needs a held-out validation "
+                                                        r"split: set data.validation_fraction > 0 \(e.g. 0.2\)$")):
+        with pytest.raises(ValueError, match=msg):
+            training.train_and_evaluate(config.apply_overrides(config.Config(), items), tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_data_digest_is_what_the_data_are_not_where(tmp_path):
+    """The same frames in memory and memory-mapped from another folder give one digest; a changed count, label
+    or bin duration another; a static set repeated over T (a broadcast view) is hashed once per sample."""
+    from aoi_jax.data import FrameSet
+
+    rng = np.random.default_rng(0)
+    frames, labels, bin_us = rng.integers(0, 3, (5, 2, 4, 4, 2)).astype(np.uint8), np.arange(5) % 3, np.full(5, 1e3)
+    np.save(tmp_path / "frames.npy", frames)
+    digest = rundir.data_digest(FrameSet(frames, labels, 3, bin_us=bin_us))
+    mapped = np.load(tmp_path / "frames.npy", mmap_mode="r")
+    assert rundir.data_digest(FrameSet(mapped, labels, 3, bin_us=bin_us)) == digest
+    changed = frames.copy()
+    changed[4, 1, 3, 3, 1] += 1
+    for other in (FrameSet(changed, labels, 3, bin_us=bin_us), FrameSet(frames, (labels + 1) % 3, 3, bin_us=bin_us),
+                  FrameSet(frames, labels, 3, bin_us=bin_us * 2), FrameSet(frames, labels, 4, bin_us=bin_us)):
+        assert rundir.data_digest(other) != digest
+    static = np.broadcast_to(frames[:, :1], frames.shape)
+    assert rundir.data_digest(FrameSet(static, labels, 3)) != rundir.data_digest(FrameSet(frames, labels, 3))
+    assert len(digest) == 16

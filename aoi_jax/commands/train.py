@@ -7,21 +7,22 @@
 
 Writes into the workdir ``config.json``, ``train.log``, ``metrics.jsonl`` (one line per epoch),
 ``checkpoints/`` and, after training, ``report.json`` with its figures (``aoi_jax.training``,
-``aoi_jax.reporting``). A workdir that holds checkpoints of the same config resumes from the newest intact
-one (more epochs continue a finished run); the workdir is locked while training runs; a non-finite loss stops
+``aoi_jax.rundir``, ``aoi_jax.reporting``); with ``--tensorboard`` also ``tensorboard/`` (event files). A
+workdir that holds checkpoints of the same config resumes from the newest intact one (more epochs continue a
+finished run); the workdir is locked while training runs; a non-finite loss stops
 the run with exit status 1 (README, "Reliability").
 With ``--sweep`` every combination is a member with its own ``members/<name>/`` folder, and the workdir
 gets ``summary.json`` and ``summary.png``.
 """
 
 import argparse
+import contextlib
 import logging
 import pathlib
 import sys
 
 import jax
-
-from aoi_jax import ablation, config, parallel, progress, reporting, training, xla_tuning
+from aoi_jax import config, parallel, progress, reporting, sweep as sweep_lib, tensorboard, training, xla_tuning
 
 log = logging.getLogger("aoi_jax")
 
@@ -38,11 +39,15 @@ def parse_args(argv=None):
     p.add_argument("--no-eval", action="store_true", help="skip the final cutoff evaluation")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="train every combination of these values together, e.g. reg.alpha=0,0.002 "
-                        f"(repeatable; keys: {', '.join(ablation.SWEEP_KEYS)})")
-    p.add_argument("--strategy", default="auto", choices=ablation.STRATEGIES,
+                        f"(repeatable; keys: {', '.join(config.SWEEP_KEYS)})")
+    p.add_argument("--strategy", default="auto", choices=sweep_lib.STRATEGIES,
                    help="how a sweep's members share the program (auto: loop on CPU, vmap elsewhere)")
     p.add_argument("--xla-tuning", default="auto", choices=xla_tuning.TUNINGS,
-                   help="XLA options measured for this backend (aoi_jax.xla_tuning), or none")
+                   help="XLA options measured for this backend (aoi_jax.xla_tuning), or none (XLA's defaults); "
+                        "recorded in config.json and report.json")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write each epoch's metrics as TensorBoard scalars into WORKDIR/tensorboard "
+                        "(needs the [tensorboard] extra, tensorboardX)")
     return p.parse_args(argv)
 
 
@@ -64,11 +69,13 @@ def main(argv=None):
     args = parse_args(argv)
     parallel.initialize_distributed()
     cfg = config.load(args.config, overrides=args.set + ([f"data.data_dir={args.data_dir}"] if args.data_dir else []))
-    sweep = ablation.parse_sweep(args.sweep)
+    sweep = config.parse_sweep(args.sweep)
     workdir = pathlib.Path(args.workdir)
     setup_logging(workdir)
-    results = training.train_and_evaluate(cfg, workdir, sweep=sweep, run_eval=not args.no_eval,
-                                          strategy=args.strategy, tuning=args.xla_tuning, progress=progress.progress)
+    with tensorboard.TensorBoard(workdir) if args.tensorboard else contextlib.nullcontext() as callback:
+        results = training.train_and_evaluate(cfg, workdir, sweep=sweep, run_eval=not args.no_eval,
+                                              strategy=args.strategy, tuning=args.xla_tuning, progress=progress.progress,
+                                              callback=callback)
     if args.no_eval or jax.process_index() != 0:
         return
     for r in results:

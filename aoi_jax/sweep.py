@@ -1,11 +1,11 @@
-"""Ablations in one compiled program: several members (configs differing in a few keys) trained together.
+"""Several runs in one compiled program: a sweep's members (configs differing in a few keys) trained together.
 
 ``python train.py --config C --sweep reg.alpha=0,0.001 --sweep seed=0,1`` trains the Cartesian product of
-the sweeps (``aoi_jax.training``). A member differs from the base config only in keys of ``SWEEP_KEYS``:
-the training ``seed`` (initialisation, shuffling, augmentation, calibration) and the loss weights
-(``step.WEIGHT_KEYS``: ``reg.alpha``, ``train.tet_lambda``), which enter the one compiled step as a traced
-``step.LossWeights``. Everything that shapes the program (model, T, batch size, optimiser, schedule) is
-shared, so one compile serves all. A single run is a sweep of one member.
+the sweeps (``config.parse_sweep``, ``aoi_jax.training``). A member differs from the base config only in keys
+of ``config.SWEEP_KEYS``: the training ``seed`` (initialisation, shuffling, augmentation, calibration) and the
+loss weights (``step.WEIGHT_KEYS``: ``reg.alpha``, ``train.tet_lambda``), which enter the one compiled step as
+a traced ``step.LossWeights``. Everything that shapes the program (model, T, batch size, optimiser, schedule)
+is shared, so one compile serves all. A single run is a sweep of one member.
 
 Layout: every leaf of the members' ``TrainState``s is stacked on a new leading member axis (M, ...);
 batches are (M, T, B, ...) (each member its own seeded shuffle and augmentation, exactly as its single
@@ -33,9 +33,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from aoi_jax import config as config_lib
 from aoi_jax import models
 from aoi_jax import step as step_lib
-from aoi_jax.config import Config
+from aoi_jax.config import SWEEP_KEYS, Config
 
-SWEEP_KEYS = ("seed", *step_lib.WEIGHT_KEYS)  # keys a sweep may vary: they do not change the program
 STRATEGIES = ("auto", "loop", "vmap")
 
 
@@ -46,33 +45,6 @@ class Member:
     name: str  # e.g. "alpha=0.001_seed=1": the swept keys' last parts and values, in sweep order
     overrides: dict  # {swept key: value}
     cfg: Config
-
-
-def parse_sweep(items: Sequence[str]) -> dict[str, tuple]:
-    """Parses ``KEY=V1,V2,...`` strings into {key: (values...)}, in the order given.
-
-    Values are Python literals (``0``, ``1e-3``); their types are checked when members are built.
-
-    Raises:
-      ValueError: an item is not KEY=V1,V2,..., a key is given twice, or a key repeats a value.
-      KeyError: a key that cannot be swept in one program; the message names it and lists ``SWEEP_KEYS``.
-    """
-    sweep = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key or not text.strip():
-            raise ValueError(f"sweep {item!r} is not of the form KEY=V1,V2,...")
-        if key not in SWEEP_KEYS:
-            raise KeyError(f"config key {key!r} cannot be swept in one compiled program (it changes the "
-                           f"program or is not a config key); supported sweep keys: {', '.join(SWEEP_KEYS)}")
-        if key in sweep:
-            raise ValueError(f"sweep key {key!r} given twice")
-        values = tuple(config_lib._parse_literal(v.strip()) for v in text.split(","))
-        if len(set(values)) != len(values):
-            raise ValueError(f"sweep {key!r} repeats a value: {values}")
-        sweep[key] = values
-    return sweep
 
 
 def members(cfg: Config, sweep: dict[str, tuple]) -> list[Member]:

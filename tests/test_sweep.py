@@ -1,5 +1,5 @@
-"""Ablations in one program: sweep parsing, the multi-member step against single steps, the summary, and a
-sweep through ``training.train_and_evaluate`` against separate single runs."""
+"""Sweeps in one program: members, the multi-member step against single steps, and a sweep through
+``training.train_and_evaluate`` against separate single runs."""
 
 import json
 import pathlib
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from aoi_jax import ablation, checkpoint, config, models, step, training
+from aoi_jax import checkpoint, config, models, step, training
+from aoi_jax import sweep as sweep_lib
 
 CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "ndigits.py")
 TINY = ["model.channels=(4, 8)", "train.epochs=1", "train.batch_size=128", "data.timesteps=3",
@@ -32,37 +33,37 @@ def member_batch(rng, M, T=4, N=12):
 
 
 def test_parse_sweep_and_members():
-    sweep = ablation.parse_sweep(["reg.alpha=0,0.001,0.004", "seed=0,1"])
+    sweep = config.parse_sweep(["reg.alpha=0,0.001,0.004", "seed=0,1"])
     assert sweep == {"reg.alpha": (0, 0.001, 0.004), "seed": (0, 1)}
-    mem = ablation.members(tiny_cfg(), sweep)
+    mem = sweep_lib.members(tiny_cfg(), sweep)
     assert [m.name for m in mem] == ["alpha=0.0_seed=0", "alpha=0.0_seed=1", "alpha=0.001_seed=0",
                                      "alpha=0.001_seed=1", "alpha=0.004_seed=0", "alpha=0.004_seed=1"]
     assert [(m.cfg.reg.alpha, m.cfg.seed) for m in mem] == [(a, s) for a in (0.0, 0.001, 0.004) for s in (0, 1)]
-    assert ablation.shared_config(mem).model == tiny_cfg().model
-    np.testing.assert_array_equal(ablation.loss_weights(mem).alpha, np.float32([0, 0, 1e-3, 1e-3, 4e-3, 4e-3]))
-    (single,) = ablation.members(tiny_cfg(), {})                           # a single run: one member
+    assert sweep_lib.shared_config(mem).model == tiny_cfg().model
+    np.testing.assert_array_equal(sweep_lib.loss_weights(mem).alpha, np.float32([0, 0, 1e-3, 1e-3, 4e-3, 4e-3]))
+    (single,) = sweep_lib.members(tiny_cfg(), {})                           # a single run: one member
     assert single.name == "" and single.overrides == {} and single.cfg == tiny_cfg()
 
 
 def test_sweep_errors_name_the_key():
     with pytest.raises(KeyError, match=r"'model.channels'.*supported sweep keys: seed, reg.alpha, train.tet_lambda"):
-        ablation.parse_sweep(["model.channels=4,8"])
+        config.parse_sweep(["model.channels=4,8"])
     with pytest.raises(KeyError, match="'reg.alhpa'"):
-        ablation.parse_sweep(["reg.alhpa=0,1"])
+        config.parse_sweep(["reg.alhpa=0,1"])
     with pytest.raises(ValueError, match="not of the form"):
-        ablation.parse_sweep(["reg.alpha"])
+        config.parse_sweep(["reg.alpha"])
     with pytest.raises(ValueError, match="given twice"):
-        ablation.parse_sweep(["seed=0", "seed=1"])
+        config.parse_sweep(["seed=0", "seed=1"])
     with pytest.raises(ValueError, match="repeats a value"):
-        ablation.parse_sweep(["seed=0,0"])
+        config.parse_sweep(["seed=0,0"])
     with pytest.raises(ValueError, match="expects an int"):
-        ablation.members(tiny_cfg(), ablation.parse_sweep(["seed=0.5"]))
+        sweep_lib.members(tiny_cfg(), config.parse_sweep(["seed=0.5"]))
     with pytest.raises(ValueError, match="read only by the TET loss"):
-        ablation.members(tiny_cfg(), ablation.parse_sweep(["train.tet_lambda=0.001,0.01"]))
-    tet = ablation.members(config.override(tiny_cfg(), "train.loss", "tet"),
-                           ablation.parse_sweep(["train.tet_lambda=0.001,0.01"]))
+        sweep_lib.members(tiny_cfg(), config.parse_sweep(["train.tet_lambda=0.001,0.01"]))
+    tet = sweep_lib.members(config.override(tiny_cfg(), "train.loss", "tet"),
+                           config.parse_sweep(["train.tet_lambda=0.001,0.01"]))
     assert [m.name for m in tet] == ["tet_lambda=0.001", "tet_lambda=0.01"]
-    np.testing.assert_array_equal(ablation.loss_weights(tet).tet_lambda, np.float32([0.001, 0.01]))
+    np.testing.assert_array_equal(sweep_lib.loss_weights(tet).tet_lambda, np.float32([0.001, 0.01]))
 
 
 @pytest.mark.parametrize("strategy,loss,sweep", [("loop", "mean", "reg.alpha=0,0.5"),
@@ -77,13 +78,13 @@ def test_multi_step_equals_single_steps(strategy, loss, sweep, rng):
     1e-7). A flipped spike would show as a difference of order 1e-2."""
     atol = 1e-6
     cfg = config.override(tiny_cfg(), "train.loss", loss)
-    mem = ablation.members(cfg, ablation.parse_sweep([sweep, "seed=1"]))
+    mem = sweep_lib.members(cfg, config.parse_sweep([sweep, "seed=1"]))
     opt = step.make_optimizer(cfg.optim, 100)
-    graphdef, states = ablation.init_members(mem, (8, 8, 2), opt)
-    singles = ablation.unstack(states, len(mem))
+    graphdef, states = sweep_lib.init_members(mem, (8, 8, 2), opt)
+    singles = sweep_lib.unstack(states, len(mem))
     single_steps = [step.make_train_step(graphdef, m.cfg, opt) for m in mem]
-    multi = ablation.make_multi_step(graphdef, cfg, opt, strategy=strategy)
-    weights = ablation.loss_weights(mem)
+    multi = sweep_lib.make_multi_step(graphdef, cfg, opt, strategy=strategy)
+    weights = sweep_lib.loss_weights(mem)
     for _ in range(3):
         batch = member_batch(rng, len(mem))
         states, metrics = multi(states, batch, weights)
@@ -91,7 +92,7 @@ def test_multi_step_equals_single_steps(strategy, loss, sweep, rng):
             singles[i], single_metrics = single_steps[i](singles[i], {k: v[i] for k, v in batch.items()},
                                                          step.loss_weights(mem[i].cfg))
             np.testing.assert_allclose(metrics["loss"][i], single_metrics["loss"], atol=atol, rtol=0)
-    for got, want in zip(ablation.unstack(states, len(mem)), singles):
+    for got, want in zip(sweep_lib.unstack(states, len(mem)), singles):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=0), got, want)
     assert multi._cache_size() == 1
     assert metrics["loss"][0] != metrics["loss"][1]                          # the swept weight acts
@@ -99,21 +100,21 @@ def test_multi_step_equals_single_steps(strategy, loss, sweep, rng):
 
 def test_init_members_matches_single_init():
     cfg = tiny_cfg()
-    mem = ablation.members(cfg, ablation.parse_sweep(["seed=0,5"]))
+    mem = sweep_lib.members(cfg, config.parse_sweep(["seed=0,5"]))
     opt = step.make_optimizer(cfg.optim, 10)
-    _, states = ablation.init_members(mem, (8, 8, 2), opt)
+    _, states = sweep_lib.init_members(mem, (8, 8, 2), opt)
     for i, seed in enumerate((0, 5)):
         init_key, _ = jax.random.split(jax.random.key(seed))              # step.run_keys, by hand
         _, want = step.init_state(models.build(cfg.model, (8, 8, 2), rngs=nnx.Rngs(init_key)), opt)
-        jax.tree.map(np.testing.assert_array_equal, ablation.unstack(states, 2)[i], want)
+        jax.tree.map(np.testing.assert_array_equal, sweep_lib.unstack(states, 2)[i], want)
 
 
 def test_member_mesh_size_divides_the_members():
-    assert [ablation.mesh_size(m, 2) for m in (1, 2, 3, 4, 12)] == [1, 2, 1, 2, 2]
-    assert [ablation.mesh_size(m, 8) for m in (4, 6, 12, 7, 16)] == [4, 6, 6, 7, 8]
-    assert ablation.member_mesh(4).devices.size == ablation.mesh_size(4, len(jax.devices()))
+    assert [sweep_lib.mesh_size(m, 2) for m in (1, 2, 3, 4, 12)] == [1, 2, 1, 2, 2]
+    assert [sweep_lib.mesh_size(m, 8) for m in (4, 6, 12, 7, 16)] == [4, 6, 6, 7, 8]
+    assert sweep_lib.member_mesh(4).devices.size == sweep_lib.mesh_size(4, len(jax.devices()))
     with pytest.raises(ValueError, match="strategy must be one of"):
-        ablation.make_multi_step(None, tiny_cfg(), None, strategy="pmap")
+        sweep_lib.make_multi_step(None, tiny_cfg(), None, strategy="pmap")
 
 
 def tiny_config(data_dir, *overrides):
