@@ -270,7 +270,7 @@ def summarise(member_list: Sequence, reports: Sequence[dict],
               epsilons: Sequence[float] = SUMMARY_EPSILONS) -> dict:
     """The sweep's summary: each member's ``headline`` numbers, and their spread over seeds.
 
-    ``member_list``: the sweep's members (``ablation.Member``: ``name``, ``overrides``), one per report.
+    ``member_list``: the sweep's members (``sweep.Member``: ``name``, ``overrides``), one per report.
 
     Members that differ only in ``seed`` form a group; for each field a group gives the mean, sample std
     (ddof 1), min, max and the 95 % Student t interval of the mean over its seeds (``stats.mean_interval``;

@@ -66,7 +66,8 @@ import matplotlib
 import numpy as np
 from flax import nnx
 
-from aoi_jax import ablation, checkpoint, config, data, evaluation, input_pipeline, parallel, reporting, stats, step
+from aoi_jax import checkpoint, config, data, evaluation, input_pipeline, parallel, reporting, rundir, stats
+from aoi_jax import sweep as sweep_lib
 from aoi_jax import integrity, regularisers, training, xla_tuning
 
 matplotlib.use("Agg")
@@ -179,8 +180,8 @@ def run_cell(cfg: config.Config, workdir: pathlib.Path, sweep: dict, arms=tuple(
     checkpoint (adding the seconds to ``workdir/eval_seconds.json``); returns {arm: [report per member]}.
     With ``keep_every`` > 0 every ``keep_every``-th epoch's checkpoint is kept (``keep_checkpoints``, at the
     start of each epoch and after the last)."""
-    members = ablation.members(cfg, sweep)
-    dirs = [training.member_dir(workdir, m) for m in members]
+    members = sweep_lib.members(cfg, sweep)
+    dirs = [rundir.member_dir(workdir, m) for m in members]
     arm_cfgs = {arm: [config.apply_overrides(m.cfg, CALIBRATIONS[arm]) for m in members] for arm in arms}
     reports = {arm: [stored_report(d / f"eval_{arm}" / "report.json", c) for d, c in zip(dirs, arm_cfgs[arm])]
                for arm in arms}
@@ -192,7 +193,7 @@ def run_cell(cfg: config.Config, workdir: pathlib.Path, sweep: dict, arms=tuple(
             keep_checkpoints(dirs, keep_every)
         return iterable
 
-    training.train_and_evaluate(cfg, workdir, sweep=sweep, run_eval=False, progress=keeper)
+    training.train_and_evaluate(cfg, workdir, sweep=sweep, run_eval=False, tuning="auto", progress=keeper)
     if keep_every:
         keep_checkpoints(dirs, keep_every)
     train_split, test_set = data.load(cfg.data)
@@ -224,7 +225,7 @@ def run_cell(cfg: config.Config, workdir: pathlib.Path, sweep: dict, arms=tuple(
 def training_record(workdir: pathlib.Path, members) -> dict:
     """Per epoch: mean and min test accuracy over the members, and the epoch's seconds (the slowest
     member's record: members share one epoch); from the members' metrics.jsonl."""
-    lines = [[json.loads(x) for x in (training.member_dir(workdir, m) / "metrics.jsonl").read_text().splitlines()]
+    lines = [[json.loads(x) for x in (rundir.member_dir(workdir, m) / "metrics.jsonl").read_text().splitlines()]
              for m in members]
     acc = np.asarray([[r["test_accuracy"] for r in rows] for rows in lines])          # (M, E)
     seconds = np.asarray([[r["epoch_seconds"] for r in rows] for rows in lines]).max(0)
@@ -739,7 +740,7 @@ def write_results(args, cells, whole, command, wall_s, load_start, load_end):
     lines += ["## Does RCS bite?", "", "The grid keeps no checkpoint per epoch, so only the RCS term (metrics.jsonl) "
               "is shown; the second experiment also tracks the per-layer cosine similarity.", ""]
     for (d, loss), cell in cells.items():
-        dirs = [training.member_dir(args.runs / f"{d}_{loss}", m) for m in cell["members"]]
+        dirs = [rundir.member_dir(args.runs / f"{d}_{loss}", m) for m in cell["members"]]
         lines += bite_section(cell["members"], dirs, alphas, {}, fig_dir / f"{d}_{loss}_bite.png", rel,
                               title=f"### {d}, {loss} loss")
 
@@ -1013,14 +1014,14 @@ def run_deep(args, command):
     cosine similarity of each kept checkpoint (cached per member), and writes its section into
     ``<out>/results.md`` between ``BEGIN`` and ``END`` (appended the first time, replaced after)."""
     t0, load_start = time.time(), os.getloadavg()[0]
-    sweep = ablation.parse_sweep([f"reg.alpha={args.alphas}", f"seed={args.seeds}"])
+    sweep = config.parse_sweep([f"reg.alpha={args.alphas}", f"seed={args.seeds}"])
     cfg = cell_config(args, args.datasets, args.losses, 0.0)
     workdir = args.runs / f"{args.datasets}_{args.losses}"
-    members = ablation.members(cfg, sweep)
+    members = sweep_lib.members(cfg, sweep)
     log.info("second experiment %s, %s loss: %d epochs, %d members, model %s %s", args.datasets, args.losses,
              cfg.train.epochs, len(members), cfg.model.name, cfg.model.channels)
     reports = run_cell(cfg, workdir, sweep, ("train",), keep_every=args.keep_every)["train"]
-    dirs = [training.member_dir(workdir, m) for m in members]
+    dirs = [rundir.member_dir(workdir, m) for m in members]
     _, test_set = data.load(cfg.data)
     frames = jnp.asarray(np.asarray(test_set.frames[:BITE_SAMPLES], np.float32).swapaxes(0, 1))   # (T, N, H, W, C)
     fn_cache = {}
@@ -1131,16 +1132,16 @@ def main(argv=None):
         run_deep(args, command)
         return
     t0, load_start = time.time(), os.getloadavg()[0]
-    sweep = ablation.parse_sweep([f"reg.alpha={args.alphas}", f"seed={args.seeds}"])
+    sweep = config.parse_sweep([f"reg.alpha={args.alphas}", f"seed={args.seeds}"])
     cells = {}
     for dataset in args.datasets.split(","):
         for loss in args.losses.split(","):
             cfg = cell_config(args, dataset, loss, args.validation_fraction)
             workdir = args.runs / f"{dataset}_{loss}"
             log.info("cell %s, %s loss: %d epochs, %d members", dataset, loss, cfg.train.epochs,
-                     len(ablation.members(cfg, sweep)))
+                     len(sweep_lib.members(cfg, sweep)))
             reports = run_cell(cfg, workdir, sweep)
-            members = ablation.members(cfg, sweep)
+            members = sweep_lib.members(cfg, sweep)
             timing = workdir / "eval_seconds.json"
             train_split, _ = data.load(cfg.data)
             cells[(dataset, loss)] = {
@@ -1161,9 +1162,9 @@ def main(argv=None):
         log.info("whole training split: %s, %s loss, alpha %g, %d seeds", dataset, loss, cfg.reg.alpha,
                  len(seeds["seed"]))
         reports = run_cell(cfg, workdir, seeds, ("train",))
-        whole[(dataset, loss)] = {"alpha": cfg.reg.alpha, "members": ablation.members(cfg, seeds),
+        whole[(dataset, loss)] = {"alpha": cfg.reg.alpha, "members": sweep_lib.members(cfg, seeds),
                                   "reports": reports["train"],
-                                  "training": training_record(workdir, ablation.members(cfg, seeds)),
+                                  "training": training_record(workdir, sweep_lib.members(cfg, seeds)),
                                   "eval_seconds": json.loads((workdir / "eval_seconds.json").read_text())}
     write_results(args, cells, whole, command, time.time() - t0, load_start, os.getloadavg()[0])
 
