@@ -42,14 +42,13 @@ new model in this style with remat on; tests/test_models.py runs that very block
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from aoi_jax import neurons, qcfs
-from aoi_jax.config import ModelConfig, NeuronConfig
+from aoi_jax.config import ModelConfig
 
 _kaiming_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
