@@ -24,7 +24,7 @@ import sys
 
 from tqdm import tqdm
 
-from aoi_jax import anytime, checkpoint, config, data, evaluation, input_pipeline, parallel, reporting, step
+from aoi_jax import anytime, checkpoint, config, data, evaluation, input_pipeline, integrity, parallel, reporting, step
 from aoi_jax import xla_tuning
 
 log = logging.getLogger("aoi_jax")
@@ -83,4 +83,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OSError as e:                       # a full disk, quota, file-size limit: one short message, exit 1
+        if integrity.failure_message(e) is None:
+            raise
+        sys.exit(integrity.failure_message(e))

@@ -23,7 +23,7 @@ import sys
 import jax
 from tqdm import tqdm
 
-from aoi_jax import ablation, config, parallel, reporting, training, xla_tuning
+from aoi_jax import ablation, config, integrity, parallel, reporting, training, xla_tuning
 
 log = logging.getLogger("aoi_jax")
 
@@ -82,4 +82,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OSError as e:                       # a full disk, quota, file-size limit: one short message, exit 1
+        if integrity.failure_message(e) is None:
+            raise
+        sys.exit(integrity.failure_message(e))

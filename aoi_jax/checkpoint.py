@@ -156,13 +156,15 @@ def _quiet_orbax_failures() -> None:
 
 
 def _orbax_failure_record(record) -> bool:
-    """False (drop) for what orbax's threads log after a failed save: a storage error with its traceback
-    (logger ``absl``) and its unfinished asyncio tasks ("Task exception was never retrieved")."""
+    """False (drop) for the errors orbax logs after a failed save: its threads' errors with their tracebacks
+    (logger ``absl``: the storage error again, "cannot schedule new futures after shutdown") and its
+    unfinished asyncio tasks ("Task exception was never retrieved")."""
+    if record.levelno < logging.ERROR:
+        return True
     if record.name == "asyncio":
         return not (str(record.msg).startswith("Task exception was never retrieved")
                     and "orbax" in record.getMessage())
-    return not (record.exc_info and record.exc_info[1] is not None
-                and integrity.storage_error("", None, record.exc_info[1]) is not None)
+    return "orbax" not in record.pathname
 
 
 def _after_failure() -> None:

@@ -16,15 +16,18 @@ temporary file behind. Files and folders are created with the permissions the um
 """
 
 import contextlib
-import re
-import threading
-
+import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import pathlib
+import re
+import shutil
+import socket
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -32,6 +35,8 @@ import numpy as np
 BLOCK = 1 << 20
 SIDECAR_SUFFIX = ".sha256.json"  # the record of a single file ``f`` is ``f.sha256.json`` beside it
 _UMASK_LOCK = threading.Lock()
+
+log = logging.getLogger("aoi_jax")
 
 
 class StorageError(OSError):
@@ -41,8 +46,8 @@ class StorageError(OSError):
     unknown). ``str(e)`` is one line: ``cannot write '<path>' (<n> bytes): <OS error> [Errno <n>]``.
     """
 
-    def __init__(self, path, nbytes: int | None, errno: int | None, strerror: str):
-        super().__init__(errno, strerror, str(path))
+    def __init__(self, path, nbytes: int | None, code: int | None, strerror: str):
+        super().__init__(code, strerror, str(path))
         self.nbytes = None if nbytes is None else int(nbytes)
 
     def __str__(self):
@@ -52,6 +57,26 @@ class StorageError(OSError):
 
     def __reduce__(self):
         return type(self), (self.filename, self.nbytes, self.errno, self.strerror)
+
+
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})  # the storage is full or closed
+
+
+def failure_message(error: OSError) -> str | None:
+    """The short message a command prints (and exits 1 with) for a failure of the storage: a
+    ``StorageError``, or any ``OSError`` whose errno is in ``STORAGE_ERRNOS`` (a write that did not go
+    through ``write_atomic``); None for any other error.
+
+    Two lines: what could not be written (path, bytes, OS error), then that the last good checkpoint is kept
+    and how to continue.
+    """
+    if not isinstance(error, StorageError):
+        if error.errno not in STORAGE_ERRNOS:
+            return None
+        error = StorageError(error.filename or "(a file)", None, error.errno, error.strerror)
+    return (f"error: {error}\n"
+            "The last good checkpoint is kept (no partial step is left); free space or raise the limit, then run "
+            "the same command again to continue from it.")
 
 
 def storage_error(path, nbytes: int | None, error: BaseException) -> StorageError | None:
@@ -118,15 +143,60 @@ def folder_mode() -> int:
 
 
 def make_temp_folder(parent, prefix: str) -> pathlib.Path:
-    """``tempfile.mkdtemp(dir=parent, prefix=prefix)`` with the umask's permissions (mkdtemp makes 0700).
+    """``tempfile.mkdtemp(dir=parent, prefix=f"{prefix}{temp_tag()}.")`` with the umask's permissions
+    (mkdtemp alone makes 0700).
 
     Raises:
       StorageError: the folder could not be created.
     """
     with writing(parent, 0):
-        tmp = pathlib.Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+        tmp = pathlib.Path(tempfile.mkdtemp(dir=parent, prefix=f"{prefix}{temp_tag()}."))
         os.chmod(tmp, folder_mode())
     return tmp
+
+
+def temp_tag() -> str:
+    """``<host>-<pid>`` of this process (dots in the host name as ``_``): part of every temporary name, so
+    that a later run tells the leftovers of a killed writer from the files of a live one."""
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                       # exists, owned by someone else
+        return True
+    return True
+
+
+def leftovers(folder, prefix: str, suffix: str = "") -> list[pathlib.Path]:
+    """The temporary files or folders ``<prefix><host>-<pid>.<random><suffix>`` in ``folder`` whose writer
+    is gone: written on this host by a process that no longer exists (a killed build). Those of live
+    processes, and of other hosts, are in use (or cannot be told apart) and are not listed."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        return []
+    host = socket.gethostname().replace(".", "_")
+    pattern = re.compile(re.escape(prefix) + r"(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+" + re.escape(suffix) + "$")
+    out = []
+    for p in sorted(folder.iterdir()):
+        m = pattern.match(p.name)
+        if m and m["host"] == host and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+            out.append(p)
+    return out
+
+
+def remove_leftovers(folder, prefix: str, suffix: str = "") -> list[pathlib.Path]:
+    """Deletes ``leftovers(folder, prefix, suffix)`` and returns them (a file or folder that vanished
+    meanwhile is skipped)."""
+    gone = []
+    for p in leftovers(folder, prefix, suffix):
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            gone.append(p)
+    return gone
 
 
 def digest(path) -> dict:
@@ -172,8 +242,10 @@ class _Counting:
 
 def write_atomic(path, write: Callable | bytes, size: int | None = None) -> None:
     """Writes ``path`` through ``write(binary file)`` (or the bytes ``write``) into a temporary sibling
-    ``<name>.<random>.tmp``, flushes it to disk and renames it over ``path`` (so readers see the old file or
-    the whole new one, never a part). The file gets the umask's permissions (``file_mode``).
+    ``<name>.<temp_tag()>.<random>.tmp``, flushes it to disk and renames it over ``path`` (so readers see the old file or
+    the whole new one, never a part). The file gets the umask's permissions (``file_mode``). The temporary
+    siblings of ``path`` that a killed writer left (``leftovers``) are deleted first, with a warning naming
+    them.
 
     Args:
       size: the bytes ``write`` writes, for the error message (default: ``len`` of bytes, else the bytes
@@ -186,9 +258,13 @@ def write_atomic(path, write: Callable | bytes, size: int | None = None) -> None
         data, size = write, len(write)
         write = lambda f: f.write(data)  # noqa: E731
     tmp, f = None, None
+    gone = remove_leftovers(path.parent, path.name + ".", ".tmp")
+    if gone:
+        log.warning("removed the temporary files of an interrupted write of %s: %s", path,
+                    ", ".join(p.name for p in gone))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{temp_tag()}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as raw:
             os.fchmod(fd, file_mode())
             f = _Counting(raw)
@@ -283,6 +359,6 @@ def folder_problems(folder, records: dict[str, dict]) -> list[str]:
     return out
 
 
-__all__ = ["StorageError", "storage_error", "writing", "umask", "file_mode", "folder_mode", "make_temp_folder",
-           "append_line", "digest", "problem", "write_atomic", "write_json_atomic", "sidecar", "write_sidecar", "check_sidecar",
+__all__ = ["StorageError", "STORAGE_ERRNOS", "failure_message", "storage_error", "writing", "umask", "file_mode", "folder_mode", "make_temp_folder",
+           "append_line", "temp_tag", "leftovers", "remove_leftovers", "digest", "problem", "write_atomic", "write_json_atomic", "sidecar", "write_sidecar", "check_sidecar",
            "folder_records", "folder_problems", "SIDECAR_SUFFIX"]

@@ -1,14 +1,17 @@
 """Data sets as frames: event checks and integration, static images, frame sets and batching, a registry.
 
 ``DATASETS`` maps ``DataConfig.name`` to a ``load_splits(data_cfg) -> (train, test)`` function returning two
-``FrameSet``s; ``load(data_cfg)`` resolves it and raises listing the valid names. ``data_root`` is the one
+``FrameSet``s; ``load(data_cfg, progress)`` resolves it (passing a progress display to the builds of the
+caches) and raises listing the valid names. ``data_root`` is the one
 place that turns ``DataConfig.data_dir`` into a folder (its default does not depend on the current directory).
 """
 
 import dataclasses
 import functools
+import inspect
 import os
 import pathlib
+from collections.abc import Callable
 
 from aoi_jax.data import augment, cifar, cifar10_dvs, dvs_gesture, events, ncaltech101, ndigits, nmnist, static
 from aoi_jax.data.events import FrameSet, batches, check_events, integrate, num_batches
@@ -40,16 +43,47 @@ def data_root(data_dir: str) -> pathlib.Path:
     return pathlib.Path(cache_home).expanduser().absolute() / "aoi_jax"
 
 
-def load(data_cfg) -> tuple[FrameSet, FrameSet]:
+def load(data_cfg, progress: Callable | None = None) -> tuple[FrameSet, FrameSet]:
     """The (train, test) frame sets of ``data_cfg.name`` (an ``aoi_jax.config.DataConfig``), read from (and
     cached under) ``data_root(data_cfg.data_dir)``: the loaders see that absolute folder as ``data_dir``.
 
+    Args:
+      progress: shows a cache build's progress (None: nothing is shown), called as tqdm is,
+        ``progress(iterable, total=N, desc=...)``, once per build of N items (recordings or samples);
+        the build advances the returned iterator by one per item done (``aoi_jax.progress.progress`` shows
+        a bar on a terminal, a log line now and then otherwise). Data sets read without a build (CIFAR)
+        never call it.
     Raises:
       ValueError: unknown data set name; the message lists the valid ones.
+      integrity.StorageError: a cache could not be written.
     """
     if data_cfg.name not in DATASETS:
         raise ValueError(f"unknown data set {data_cfg.name!r}; valid names: {sorted(DATASETS)}")
-    return DATASETS[data_cfg.name](dataclasses.replace(data_cfg, data_dir=str(data_root(data_cfg.data_dir))))
+    loader = DATASETS[data_cfg.name]
+    kwargs = {}
+    if progress is not None and "progress" in inspect.signature(loader).parameters:
+        kwargs["progress"] = _Steps(progress, f"building the {data_cfg.name} cache")
+    return loader(dataclasses.replace(data_cfg, data_dir=str(data_root(data_cfg.data_dir))), **kwargs)
+
+
+class _Steps:
+    """A loader's ``callback(done, total)`` driving a tqdm-like ``progress(iterable, total=, desc=)``: each
+    build (``done`` restarting below the last value, or a new ``total``) opens one ``progress`` over
+    ``range(total)`` and advances it to ``done``; the last item closes it."""
+
+    def __init__(self, progress: Callable, desc: str):
+        self.progress, self.desc, self.it, self.done, self.total = progress, desc, None, 0, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.it is None or total != self.total or done < self.done:
+            self.it, self.done, self.total = iter(self.progress(range(total), total=total, desc=self.desc)), 0, total
+        while self.done < min(done, total):
+            next(self.it, None)
+            self.done += 1
+        if self.done >= total:
+            for _ in self.it:                   # ends the bar (tqdm closes when its iterator is exhausted)
+                pass
+            self.it = None
 
 
 def augment_batch(frames, rng, data_cfg, sensor_hw):
