@@ -1,7 +1,8 @@
 """Orbax checkpoints of a TrainState together with the config that built it, each step with a checksum record.
 
 A step folder ``<directory>/<step>/`` holds ``state`` (the TrainState pytree), ``meta`` (JSON: the whole config,
-with the neuron settings, the model's input shape and the caller's record of the epoch, e.g. its metrics) and
+with the neuron settings, the model's input shape, the caller's record of the epoch, e.g. its metrics, the
+device count and the best metric it was saved with) and
 ``sha256.json``: the size and SHA-256 of every other file of the step (``aoi_jax.integrity``), written
 atomically once orbax's save has completed. A step is *intact* when that record exists and every file matches
 it:
@@ -16,11 +17,19 @@ it:
   orbax traceback, and never a silent load of altered values.
 - Restoring rebuilds the model from the *stored* config and restores into its abstract tree; any difference in
   structure, shape or dtype is an error naming the checkpoint and the offending entries (never a silent
-  partial load; reference-semantics.md section 9).
+  partial load; docs/semantics.md section 9).
 - ``save`` refuses a step when that step or a newer one is in the folder (orbax would skip it silently) and
-  raises when orbax does not save.
+  raises when orbax does not save. A failure to write (no space, quota, file too large) is one
+  ``integrity.StorageError`` naming the step folder: orbax's temporary folder is removed, the older steps are
+  untouched, and what orbax's threads report afterwards is not printed again.
+- Keeping: ``save(max_to_keep=N, best_metric=(name, mode))`` keeps the N newest steps and the best one by
+  ``record[name]``; ``resolve_step`` turns ``"last" | "best" | N`` into a step; ``records`` gives every intact
+  step's record (e.g. to restore ``metrics.jsonl``).
+- Devices: the meta stores the device count; ``restore`` places every array replicated over the current
+  devices (``parallel.data_mesh``), so a checkpoint saved on D devices restores on any number.
 """
 
+import contextlib
 import gc
 import json
 import logging
@@ -112,10 +121,14 @@ def save(directory, state: step_lib.TrainState, cfg: config_lib.Config, input_sh
         if not saved:
             raise RuntimeError(f"orbax did not save step {step} into {str(directory)!r}")
     except integrity.StorageError:
+        with contextlib.suppress(Exception):      # the failure is reported; closing only joins orbax's threads
+            mngr.close()
         _remove_half_step(directory, step)
         raise
-    finally:
+    except BaseException:
         mngr.close()
+        raise
+    mngr.close()
     if jax.process_index() == 0:
         try:
             integrity.write_json_atomic(folder / RECORD, integrity.folder_records(folder, exclude=(RECORD,)))
@@ -203,10 +216,14 @@ def _remove_half_step(directory: pathlib.Path, step: int) -> None:
     its checksum record."""
     if jax.process_index() != 0:
         return
-    for p in directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-        shutil.rmtree(p, ignore_errors=True)
+    half = list(directory.glob(f"{step}.orbax-checkpoint-tmp*"))
     if (directory / str(step)).is_dir() and not (directory / str(step) / RECORD).exists():
-        shutil.rmtree(directory / str(step), ignore_errors=True)
+        half.append(directory / str(step))
+    for p in half:
+        for _ in range(100):           # a write of orbax's still in flight may add a file while it goes
+            shutil.rmtree(p, ignore_errors=True)
+            if not p.exists():
+                break
 
 
 def _check_metric(best_metric) -> tuple[str, str] | None:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from aoi_jax import checkpoint, config, data, integrity, models, step as step_lib
+from aoi_jax import checkpoint, config, data, integrity, models, parallel, step as step_lib
 from aoi_jax.config import DataConfig
 from aoi_jax.data import ndigits
 
@@ -226,3 +226,132 @@ def test_load_passes_a_progress_to_the_build(tmp_path, monkeypatch):
     calls.clear()
     data.load(cfg, progress=progress)
     assert calls == []
+
+
+# ----------------------------------------------------------------------------------------------- train.py
+
+def train(data_dir, workdir, *overrides):
+    args = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "ndigits.py"), "--workdir",
+            str(workdir), "--data-dir", str(data_dir), "--no-eval"]
+    for item in TINY + list(overrides):
+        args += ["--set", item]
+    return args
+
+
+def final_state(workdir):
+    return checkpoint.restore(workdir / "checkpoints")[1]
+
+
+def learnt(workdir):
+    keys = ("epoch", "step", "train_loss", "train_accuracy", "test_accuracy")
+    return [{k: json.loads(x)[k] for k in keys} for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_storage_message(proc, path):
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 1 and len(lines) <= 10, proc.stderr[-3000:]
+    assert lines[-2].startswith(f"error: cannot write '{path}' (") and lines[-2].endswith(
+        "bytes): File too large [Errno 27]"), proc.stderr[-3000:]
+    assert "last good checkpoint is kept" in lines[-1]
+
+
+def test_train_under_a_file_size_limit_at_the_first_save_and_mid_run_then_ends_bit_identical(tmp_path,
+                                                                                             ndigits_dir):
+    """train.py (2 epochs) with a 4 KiB file-size limit: the first checkpoint cannot be written, exit 1 with a
+    short message naming its step folder and no step left. Again without a limit until the first checkpoint
+    exists, then with the limit (``prlimit`` on the running process): the second save fails the same way
+    and step 1 is kept. Without a limit, the same command ends exactly as an uninterrupted run."""
+    ndigits.load_frames(ndigits_dir, 3)                   # the frame cache exists: the limit hits checkpoints
+    ckpts = tmp_path / "run" / "checkpoints"
+    reference = subprocess.Popen(train(ndigits_dir, tmp_path / "reference", "train.epochs=2"), cwd=tmp_path,
+                                 env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args = train(ndigits_dir, tmp_path / "run", "train.epochs=2")
+    proc = subprocess.run(limited(4096, args), cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert_storage_message(proc, ckpts / str(SPE))
+    assert checkpoint.all_steps(ckpts) == [] and not list(ckpts.glob("*tmp*"))
+
+    child = subprocess.Popen(limited(-1, args), cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 600
+        while not (ckpts / str(SPE) / checkpoint.RECORD).exists():
+            assert time.time() < deadline and child.poll() is None
+            time.sleep(0.01)
+        resource.prlimit(child.pid, resource.RLIMIT_FSIZE, (4096, 4096))
+        err = child.communicate(timeout=600)[1]
+    finally:
+        child.kill()
+    assert_storage_message(subprocess.CompletedProcess(args, child.returncode, "", err), ckpts / str(2 * SPE))
+    assert checkpoint.all_steps(ckpts) == [SPE] and not list(ckpts.glob("*tmp*"))
+
+    proc = subprocess.run(args, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
+    assert learnt(tmp_path / "run") == learnt(tmp_path / "reference")
+    jax.tree.map(np.testing.assert_array_equal, final_state(tmp_path / "run"), final_state(tmp_path / "reference"))
+
+
+# ----------------------------------------------------------------------------------------------- devices
+
+TWO = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+DUMP = r"""
+import sys, jax, numpy as np
+from aoi_jax import checkpoint
+assert jax.device_count() == 2
+for src, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    state = checkpoint.restore(src)[1]
+    np.savez(out, *[np.asarray(x) for x in jax.tree.leaves(state)])
+"""
+
+
+@pytest.fixture(scope="module")
+def on_two(tmp_path_factory, ndigits_dir):
+    """A one-epoch train.py run on two CPU devices."""
+    root = tmp_path_factory.mktemp("two_devices")
+    proc = subprocess.run(train(ndigits_dir, root / "run"), cwd=root, env=TWO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "run"
+
+
+def test_a_checkpoint_restores_value_for_value_from_2_to_1_and_from_1_to_2_devices(on_two, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="aoi_jax"):
+        _, state, cfg, shape = checkpoint.restore(on_two / "checkpoints")         # 2 -> 1 (this process)
+    assert f"checkpoint {on_two / 'checkpoints'} step {SPE} was saved on 2 devices; restoring it onto 1" in \
+        caplog.messages
+    checkpoint.save(tmp_path / "one", state, cfg, shape)                           # saved on 1
+    proc = subprocess.run([sys.executable, "-c", DUMP, str(on_two / "checkpoints"), str(tmp_path / "a.npz"),
+                           str(tmp_path / "one"), str(tmp_path / "b.npz")], cwd=ROOT, env=TWO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("a.npz", "b.npz"):                                                # 2 -> 2 and 1 -> 2
+        with np.load(tmp_path / name) as z:
+            for i, leaf in enumerate(jax.tree.leaves(state)):
+                np.testing.assert_array_equal(z[f"arr_{i}"], np.asarray(leaf))
+
+
+def test_resume_on_one_device_continues_and_evaluates_as_on_two(on_two, tmp_path, ndigits_dir):
+    workdir = shutil.copytree(on_two, tmp_path / "run")
+    proc = subprocess.run(train(ndigits_dir, workdir, "train.epochs=2"), cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "was saved on 2 devices; restoring it onto 1" in proc.stdout
+    assert [r["epoch"] for r in learnt(workdir)] == [1, 2] and learnt(workdir)[0] == learnt(on_two)[0]
+    reports = {}
+    for n, env in ((1, ENV), (2, TWO)):
+        proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--workdir", str(on_two), "--out",
+                               str(tmp_path / f"eval{n}"), "--set", "eval.calib_dropout=0.0"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports[n] = json.loads((tmp_path / f"eval{n}" / "report.json").read_text())
+    np.testing.assert_allclose(reports[1]["accuracy_per_timestep"], reports[2]["accuracy_per_timestep"], atol=1e-6)
+    for rule in reports[1]["rules"]:
+        np.testing.assert_allclose(reports[1]["rules"][rule]["accuracy"], reports[2]["rules"][rule]["accuracy"],
+                                   atol=2e-3)
+
+
+def test_a_batch_the_devices_cannot_split_is_refused_naming_both():
+    parallel.check_batch_size(6, 2)
+    parallel.check_batch_size(7)                                  # this process: one device
+    with pytest.raises(ValueError, match=r"^batch size 7 is not a multiple of the 2 devices"):
+        parallel.check_batch_size(7, 2)

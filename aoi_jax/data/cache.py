@@ -1,6 +1,6 @@
 """Shared logic of the tonic-backed event data sets: offline tonic readers, recording -> frames, frame cache.
 
-Reading (tonic-notes.md section 3.3). tonic has no download switch: a data set whose ``_check_exists()``
+Reading (docs/data.md section 3.3). tonic has no download switch: a data set whose ``_check_exists()``
 fails downloads in its constructor. ``require_files`` checks the expected archive and extracted files
 first and raises ``FileNotFoundError`` saying what is expected where; ``offline(cls)`` is a subclass of a
 tonic data set class, of the same name (tonic derives the folder ``<save_to>/<ClassName>`` from it), that
