@@ -193,7 +193,7 @@ def test_cache_write_killed_with_sigkill_leaves_files_the_next_build_removes(tmp
 
 def test_leftovers_of_live_processes_are_kept(tmp_path):
     mine = tmp_path / f"f.npy.{integrity.temp_tag()}.abc.tmp"
-    other_host = tmp_path / f"f.npy.elsewhere-1.abc.tmp"
+    other_host = tmp_path / "f.npy.elsewhere-1.abc.tmp"
     mine.write_bytes(b"1")
     other_host.write_bytes(b"1")
     live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
