@@ -8,20 +8,195 @@ file in the same folder, flushed to disk, then ``os.replace``), so a record is e
 
 Hashing reads each file once (hashlib, 1 MiB blocks). Every JSON file aoi_jax writes is strict JSON
 (``to_json``, ``write_json_atomic``): a non-finite number is written as null.
+
+A write that fails (no space, quota, file too large, read-only folder) raises ``StorageError``, an ``OSError``
+whose message names the path, the bytes it tried to write and the OS error; ``write_atomic`` leaves no
+temporary file behind. Files and folders are created with the permissions the umask gives
+(``0o666 & ~umask``, ``0o777 & ~umask``), like ``open`` and ``mkdir``, also through ``mkstemp``/``mkdtemp``.
 """
 
+import contextlib
+import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import pathlib
+import re
+import shutil
+import socket
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 BLOCK = 1 << 20
 SIDECAR_SUFFIX = ".sha256.json"  # the record of a single file ``f`` is ``f.sha256.json`` beside it
+_UMASK_LOCK = threading.Lock()
+
+log = logging.getLogger("aoi_jax")
+
+
+class StorageError(OSError):
+    """A file or folder aoi_jax writes could not be written: no space, quota, file too large, read-only folder.
+
+    ``errno``, ``strerror`` and ``filename`` as ``OSError``'s; ``nbytes`` the bytes it tried to write (None:
+    unknown). ``str(e)`` is one line: ``cannot write '<path>' (<n> bytes): <OS error> [Errno <n>]``.
+    """
+
+    def __init__(self, path, nbytes: int | None, code: int | None, strerror: str):
+        super().__init__(code, strerror, str(path))
+        self.nbytes = None if nbytes is None else int(nbytes)
+
+    def __str__(self):
+        size = "size unknown" if self.nbytes is None else f"{self.nbytes} bytes"
+        code = "" if self.errno is None else f" [Errno {self.errno}]"
+        return f"cannot write {self.filename!r} ({size}): {self.strerror}{code}"
+
+    def __reduce__(self):
+        return type(self), (self.filename, self.nbytes, self.errno, self.strerror)
+
+
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})  # the storage is full or closed
+
+
+def failure_message(error: OSError) -> str | None:
+    """The short message a command prints (and exits 1 with) for a failure of the storage: a
+    ``StorageError``, or any ``OSError`` whose errno is in ``STORAGE_ERRNOS`` (a write that did not go
+    through ``write_atomic``); None for any other error.
+
+    Two lines: what could not be written (path, bytes, OS error), then that the last good checkpoint is kept
+    and how to continue.
+    """
+    if not isinstance(error, StorageError):
+        if error.errno not in STORAGE_ERRNOS:
+            return None
+        error = StorageError(error.filename or "(a file)", None, error.errno, error.strerror)
+    return (f"error: {error}\n"
+            "The last good checkpoint is kept (no partial step is left); free space or raise the limit, then run "
+            "the same command again to continue from it.")
+
+
+def storage_error(path, nbytes: int | None, error: BaseException) -> StorageError | None:
+    """The ``StorageError`` that ``error`` (raised while writing ``path``) amounts to, or None when it is no
+    failure of the storage: an ``OSError`` with an errno anywhere in its chain of causes, or a message of
+    tensorstore's (which orbax raises as ValueError) carrying ``os_error_code='<errno>'``."""
+    seen, e = set(), error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, StorageError):
+            return e
+        if isinstance(e, OSError) and e.errno is not None:
+            return StorageError(path, nbytes, e.errno, e.strerror or os.strerror(e.errno))
+        code = re.search(r"os_error_code='?(\d+)", str(e))
+        if code:
+            return StorageError(path, nbytes, int(code.group(1)), os.strerror(int(code.group(1))))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def writing(path, nbytes: int | None = None) -> Iterator[None]:
+    """Turns a failure of the storage inside the block (writing ``path``, ``nbytes`` bytes) into a
+    ``StorageError`` (any other exception passes unchanged).
+
+    Raises:
+      StorageError: an ``OSError`` with an errno was raised in the block.
+    """
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as e:
+        err = storage_error(path, nbytes, e)
+        if err is None:
+            raise
+        raise err from e
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where the system tells it (``/proc/self/status``),
+    else by setting and restoring it under a lock."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The permissions a new file gets from ``open``: ``0o666 & ~umask``."""
+    return 0o666 & ~umask()
+
+
+def folder_mode() -> int:
+    """The permissions a new folder gets from ``mkdir``: ``0o777 & ~umask``."""
+    return 0o777 & ~umask()
+
+
+def make_temp_folder(parent, prefix: str) -> pathlib.Path:
+    """``tempfile.mkdtemp(dir=parent, prefix=f"{prefix}{temp_tag()}.")`` with the umask's permissions
+    (mkdtemp alone makes 0700).
+
+    Raises:
+      StorageError: the folder could not be created.
+    """
+    with writing(parent, 0):
+        tmp = pathlib.Path(tempfile.mkdtemp(dir=parent, prefix=f"{prefix}{temp_tag()}."))
+        os.chmod(tmp, folder_mode())
+    return tmp
+
+
+def temp_tag() -> str:
+    """``<host>-<pid>`` of this process (dots in the host name as ``_``): part of every temporary name, so
+    that a later run tells the leftovers of a killed writer from the files of a live one."""
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                       # exists, owned by someone else
+        return True
+    return True
+
+
+def leftovers(folder, prefix: str, suffix: str = "") -> list[pathlib.Path]:
+    """The temporary files or folders ``<prefix><host>-<pid>.<random><suffix>`` in ``folder`` whose writer
+    is gone: written on this host by a process that no longer exists (a killed build). Those of live
+    processes, and of other hosts, are in use (or cannot be told apart) and are not listed."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        return []
+    host = socket.gethostname().replace(".", "_")
+    pattern = re.compile(re.escape(prefix) + r"(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+" + re.escape(suffix) + "$")
+    out = []
+    for p in sorted(folder.iterdir()):
+        m = pattern.match(p.name)
+        if m and m["host"] == host and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+            out.append(p)
+    return out
+
+
+def remove_leftovers(folder, prefix: str, suffix: str = "") -> list[pathlib.Path]:
+    """Deletes ``leftovers(folder, prefix, suffix)`` and returns them (a file or folder that vanished
+    meanwhile is skipped)."""
+    gone = []
+    for p in leftovers(folder, prefix, suffix):
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            gone.append(p)
+    return gone
 
 
 def digest(path) -> dict:
@@ -51,21 +226,74 @@ def problem(path, record: dict) -> str | None:
     return None
 
 
-def write_atomic(path, write: Callable) -> None:
-    """Writes ``path`` through ``write(binary file)`` into a temporary sibling, flushes it to disk and renames
-    it over ``path`` (so readers see the old file or the whole new one, never a part)."""
+class _Counting:
+    """A binary file that counts the bytes handed to ``write`` (every other attribute is the file's)."""
+
+    def __init__(self, f):
+        self._f, self.handed = f, 0
+
+    def write(self, data) -> int:
+        self.handed += memoryview(data).nbytes
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def write_atomic(path, write: Callable | bytes, size: int | None = None) -> None:
+    """Writes ``path`` through ``write(binary file)`` (or the bytes ``write``) into a temporary sibling
+    ``<name>.<temp_tag()>.<random>.tmp``, flushes it to disk and renames it over ``path`` (so readers see the old file or
+    the whole new one, never a part). The file gets the umask's permissions (``file_mode``). The temporary
+    siblings of ``path`` that a killed writer left (``leftovers``) are deleted first, with a warning naming
+    them.
+
+    Args:
+      size: the bytes ``write`` writes, for the error message (default: ``len`` of bytes, else the bytes
+        handed to the file up to and including the write that failed).
+    Raises:
+      StorageError: the folder, the file or its rename could not be written; no temporary file is left.
+    """
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    if isinstance(write, (bytes, bytearray)):
+        data, size = write, len(write)
+        write = lambda f: f.write(data)  # noqa: E731
+    tmp, f = None, None
+    gone = remove_leftovers(path.parent, path.name + ".", ".tmp")
+    if gone:
+        log.warning("removed the temporary files of an interrupted write of %s: %s", path,
+                    ", ".join(p.name for p in gone))
     try:
-        with os.fdopen(fd, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{temp_tag()}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as raw:
+            os.fchmod(fd, file_mode())
+            f = _Counting(raw)
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            raw.flush()
+            os.fsync(fd)
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        tried = size if size is not None else (f.handed if f is not None else 0)
+        err = storage_error(path, tried, e) if isinstance(e, OSError) else None
+        if err is None:
+            raise
+        raise err from e
+
+
+def append_line(path, line: str) -> None:
+    """Appends ``line`` and a newline to the text file ``path``, flushed to disk.
+
+    Raises:
+      StorageError: the line could not be written.
+    """
+    data = (line + "\n").encode()
+    with writing(path, len(data)), open(path, "ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def strict(obj):
@@ -86,8 +314,7 @@ def to_json(obj, indent: int | None = None) -> str:
 
 def write_json_atomic(path, obj) -> None:
     """``obj`` as strict JSON (a non-finite number is an error), indented by 2, into ``path``, atomically."""
-    text = json.dumps(obj, indent=2, allow_nan=False).encode()
-    write_atomic(path, lambda f: f.write(text))
+    write_atomic(path, json.dumps(obj, indent=2, allow_nan=False).encode())
 
 
 def sidecar(path) -> pathlib.Path:
@@ -132,5 +359,6 @@ def folder_problems(folder, records: dict[str, dict]) -> list[str]:
     return out
 
 
-__all__ = ["digest", "problem", "write_atomic", "write_json_atomic", "sidecar", "write_sidecar", "check_sidecar",
+__all__ = ["StorageError", "STORAGE_ERRNOS", "failure_message", "storage_error", "writing", "umask", "file_mode", "folder_mode", "make_temp_folder",
+           "append_line", "temp_tag", "leftovers", "remove_leftovers", "digest", "problem", "write_atomic", "write_json_atomic", "sidecar", "write_sidecar", "check_sidecar",
            "folder_records", "folder_problems", "SIDECAR_SUFFIX"]

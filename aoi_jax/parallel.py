@@ -55,6 +55,19 @@ def replicate(tree, mesh):
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
+def check_batch_size(batch_size: int, n_devices: int | None = None) -> None:
+    """Checks that a batch splits evenly over ``n_devices`` (default: every device), e.g. before training
+    (or resuming a checkpoint saved on another device count) on this machine.
+
+    Raises:
+      ValueError: ``batch_size`` is not a multiple of ``n_devices``; one line naming both numbers.
+    """
+    n_devices = jax.device_count() if n_devices is None else int(n_devices)
+    if batch_size % n_devices:
+        raise ValueError(f"batch size {batch_size} is not a multiple of the {n_devices} devices of the data mesh; "
+                         f"choose train.batch_size / eval.batch_size divisible by {n_devices}")
+
+
 def shard_batch(batch: dict, mesh) -> dict:
     """Splits a global batch over the ``data`` axis along B: frames (..., T, B, H, W, C), labels (..., B).
 
@@ -65,10 +78,7 @@ def shard_batch(batch: dict, mesh) -> dict:
       ValueError: the batch size is not a multiple of the number of devices.
     """
     n_dev = mesh.devices.size
-    B = batch["label"].shape[-1]
-    if B % n_dev:
-        raise ValueError(f"batch size {B} is not a multiple of the {n_dev} devices of the data mesh; "
-                         f"choose train.batch_size / eval.batch_size divisible by {n_dev}")
+    check_batch_size(batch["label"].shape[-1], n_dev)
     out = {}
     for name, batch_axis in (("frames", -4), ("label", -1)):
         value = np.asarray(batch[name])

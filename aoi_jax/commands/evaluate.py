@@ -27,6 +27,7 @@ import pathlib
 import sys
 
 from aoi_jax import anytime, evaluation, parallel, progress, reporting, xla_tuning
+from aoi_jax.commands import storage_failures_exit
 
 log = logging.getLogger("aoi_jax")
 
@@ -78,6 +79,7 @@ def import_rules(modules):
         sys.path.remove(os.getcwd())
 
 
+@storage_failures_exit
 def main(argv=None):
     args = parse_args(argv)
     setup_logging()

@@ -22,7 +22,9 @@ import pathlib
 import sys
 
 import jax
+
 from aoi_jax import config, parallel, progress, reporting, sweep as sweep_lib, tensorboard, training, xla_tuning
+from aoi_jax.commands import storage_failures_exit
 
 log = logging.getLogger("aoi_jax")
 
@@ -65,6 +67,7 @@ def setup_logging(workdir: pathlib.Path):
         log.addHandler(handler)
 
 
+@storage_failures_exit
 def main(argv=None):
     args = parse_args(argv)
     parallel.initialize_distributed()

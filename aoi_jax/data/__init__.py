@@ -51,6 +51,7 @@ def load(data_cfg, *, progress=None) -> tuple[FrameSet, FrameSet]:
         ``aoi_jax.progress.progress``), as for training and evaluation passes; None reports nothing.
     Raises:
       ValueError: unknown data set name; the message lists the valid ones.
+      integrity.StorageError: a cache could not be written.
     """
     if data_cfg.name not in DATASETS:
         raise ValueError(f"unknown data set {data_cfg.name!r}; valid names: {sorted(DATASETS)}")

@@ -1,6 +1,6 @@
 """Shared logic of the tonic-backed event data sets: offline tonic readers, recording -> frames, frame cache.
 
-Reading (tonic-notes.md section 3.3). tonic has no download switch: a data set whose ``_check_exists()``
+Reading (docs/data.md section 3.3). tonic has no download switch: a data set whose ``_check_exists()``
 fails downloads in its constructor. ``require_files`` checks the expected archive and extracted files
 first and raises ``FileNotFoundError`` saying what is expected where; ``offline(cls)`` is a subclass of a
 tonic data set class, of the same name (tonic derives the folder ``<save_to>/<ClassName>`` from it), that
@@ -39,17 +39,20 @@ loader's reader version, data set, split, T, output size, window, native sensor,
 digest of the split's recordings (path relative to the data set folder, size in bytes, label, in order). A
 cache is used only if its ``meta.json`` repeats the key and settings and the three arrays have the recorded
 sizes, checksums and shapes; otherwise it is rebuilt (with a warning naming the folder and the file). A build writes into a temporary sibling folder
-``.tmp-<name>-<pid>-<random>`` and publishes it with one ``os.replace``, so an interrupted build never
-leaves a folder that a later load trusts (a leftover ``.tmp-*`` folder is junk and may be deleted).
+``.tmp-<name>-<host>-<pid>.<random>`` (``integrity.make_temp_folder``: the umask's permissions) and publishes
+it with one ``os.replace``, so an interrupted build never leaves a folder that a later load trusts; the next
+build of that cache deletes the temporary folders of killed builds (``integrity.leftovers``), with a warning.
+A failure to write (no space, quota, file too large) raises ``integrity.StorageError`` naming the temporary
+folder and the frames' bytes.
 """
 
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -62,6 +65,8 @@ CACHE_VERSION = 2  # 2: the window in the key, bin_us.npy
 CACHE_DIRNAME = "frame_cache"
 CACHE_FILES = ("bin_us.npy", "frames.npy", "labels.npy")  # each with a size and SHA-256 record in meta.json
 COUNT_DTYPES = (np.uint8, np.uint16, np.uint32)  # the cache's frame dtype grows along this list
+
+log = logging.getLogger("aoi_jax")
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -346,14 +351,21 @@ def cached_frames(data_dir, *, dataset: str, split: str, sources: Sequence[str],
         if not np.array_equal(found[1], labels):
             raise ValueError(f"frame cache {folder}: labels differ from the data set's (hash collision?)")
         return found
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-{os.getpid()}-"))
+    with integrity.writing(folder.parent, 0):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    gone = integrity.remove_leftovers(folder.parent, f".tmp-{folder.name}-")
+    if gone:
+        log.warning("removed the temporary folders of an interrupted build of %s: %s", folder,
+                    ", ".join(p.name for p in gone))
+    tmp = integrity.make_temp_folder(folder.parent, f".tmp-{folder.name}-")
+    nbytes = len(sources) * T * int(H) * int(W) * 2
     try:
-        info = _build(tmp, (T, H, W, 2), read, sources, sensor_size, window, progress)
-        np.save(tmp / "labels.npy", labels)
-        meta = {"key": key, "settings": full, "shape": [len(sources), T, int(H), int(W), 2], **info,
-                "files": {name: integrity.digest(tmp / name) for name in CACHE_FILES}}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        with integrity.writing(tmp, nbytes):
+            info = _build(tmp, (T, H, W, 2), read, sources, sensor_size, window, progress)
+            np.save(tmp / "labels.npy", labels)
+            meta = {"key": key, "settings": full, "shape": [len(sources), T, int(H), int(W), 2], **info,
+                    "files": {name: integrity.digest(tmp / name) for name in CACHE_FILES}}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         try:
             os.replace(tmp, folder)
         except OSError:  # another process published the same cache first: use theirs
