@@ -4,7 +4,7 @@ A config file (``configs/*.py``) defines ``get_config() -> Config``. ``load(path
 path, or a shipped config's name such as ``"ndigits"``) and applies ``KEY=VALUE`` overrides such as ``reg.alpha=0.004`` or ``model.channels=(8,16)``. Every
 field is read somewhere and does what its comment says; an unknown key, a value of the wrong type or a value
 outside its valid range is a ``KeyError``/``ValueError`` naming the key, the value and what is valid, raised
-when the config is built, before any work (reference-semantics.md section 9.6).
+when the config is built, before any work (docs/semantics.md section 9.6).
 """
 
 import ast
@@ -39,7 +39,7 @@ def _check_range(key: str, value, low: float, high: float = math.inf, *, low_ope
 
 @dataclasses.dataclass(frozen=True)
 class NeuronConfig:
-    """Spiking cell settings (reference-semantics.md section 2); stored with every checkpoint."""
+    """Spiking cell settings (docs/semantics.md section 2); stored with every checkpoint."""
 
     tau: float = 0.5  # leak multiplier in (0, 1]; 1.0 gives an IF cell
     vth: float = 1.0  # firing threshold
@@ -144,7 +144,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RegConfig:
-    """RCS regulariser (reference-semantics.md section 5)."""
+    """RCS regulariser (docs/semantics.md section 5)."""
 
     alpha: float = 0.002  # weight of rcs_loss in the total loss; 0 switches RCS off
     window: float = 0.3  # fraction of last steps averaged into the delayed target r_d
@@ -158,7 +158,7 @@ class RegConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """Optimiser (reference-semantics.md section 10)."""
+    """Optimiser (docs/semantics.md section 10)."""
 
     name: str = "sgd"  # sgd (with momentum) | adamw
     lr: float = 0.1  # peak learning rate
@@ -206,7 +206,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Cutoff evaluation (reference-semantics.md sections 6-8)."""
+    """Cutoff evaluation (docs/semantics.md sections 6-8)."""
 
     epsilons: tuple[float, ...] = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09)
     bins: int = 100  # Top-K threshold grid size

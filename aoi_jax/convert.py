@@ -1,4 +1,4 @@
-"""ANN-to-SNN conversion of a trained QCFS network (reference-semantics.md section 3, section 9 item 2).
+"""ANN-to-SNN conversion of a trained QCFS network (docs/semantics.md section 3, section 9 item 2).
 
 Each QCFS activation ``lam_l * clip(floor(L relu(u) / lam_l + 0.5) / L, 0, 1)`` becomes an IF neuron
 (``tau = 1``) with soft reset, threshold ``lam_l``, initial membrane ``lam_l / 2``, emitting ``lam_l`` per

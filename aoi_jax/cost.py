@@ -5,7 +5,7 @@ so its cost is counted up to tau_n only, from the per-sample per-step spike coun
 (``step.make_eval_step``: counts (L, T, N)) or of ``anytime.serve``::
 
     spikes[l, n]  = sum_{t < tau_n} counts[l, t, n]                     (spikes of layer l up to the exit)
-    synops[n]     = sum_l fan_out_l spikes[l, n]                         (reference-semantics.md section 9.3)
+    synops[n]     = sum_l fan_out_l spikes[l, n]                         (docs/semantics.md section 9.3)
     energy_snn[n] = E_AC synops[n] + E_MAC tau_n macs_0                  (pJ)
     energy_ann    = E_MAC sum_i macs_i                                   (pJ, one pass of the equivalent ANN)
     decision[n]   = tau_n bin_us[n] / 1000                               (ms of sensor time)

@@ -107,7 +107,7 @@ def _settled(correct):
 def cumulative(logits):
     """Cumulative sums of per-step logits over time, added one step at a time.
 
-    reference-semantics.md section 6::
+    docs/semantics.md section 6::
 
         Y_n(0) = o_0[n],   Y_n(t) = Y_n(t-1) + o_t[n]         (float32, one add per step, in order of t)
 
@@ -138,7 +138,7 @@ def cumulative(logits):
 def accuracy_per_timestep(cum, labels):
     """Accuracy of the prediction at every timestep (the fixed-T curve).
 
-    reference-semantics.md section 6::
+    docs/semantics.md section 6::
 
         acc[t] = mean_n 1[argmax_k Y_n(t)_k == y_n]
 
@@ -158,7 +158,7 @@ def accuracy_per_timestep(cum, labels):
 def oct(cum, labels):
     """The optimal cutoff timestep (OCT), an oracle: the first step from which the prediction stays correct.
 
-    reference-semantics.md section 6::
+    docs/semantics.md section 6::
 
         c[t, n] = 1[argmax Y_n(t) == y_n]
         c[t, n] = prod_{s = t}^{T-1} c[s, n]          (backward running product)
@@ -184,7 +184,7 @@ def oct(cum, labels):
 # ----------------------------------------------------------------------------- the rules, one step each
 @jax.jit
 def topk_fires(y, t, beta):
-    """Top-K rule at step t (reference-semantics.md section 7): ``gap(y) > beta[t]``, strict.
+    """Top-K rule at step t (docs/semantics.md section 7): ``gap(y) > beta[t]``, strict.
 
     Args:
       y: cumulative logits of step t, (..., K), K >= 2.  t: int step index.  beta: thresholds, (T,).
@@ -281,7 +281,7 @@ def first_exit(fires, cum, param):
 def topk_gap(cum):
     """Gap between the largest and second largest cumulative logit (raw, no softmax).
 
-    reference-semantics.md section 7::
+    docs/semantics.md section 7::
 
         gap[t, n] = top1(Y_n(t)) - top2(Y_n(t))        (0 when the top two tie)
 
@@ -309,7 +309,7 @@ def _count_above(above, weights, bins):
 def calibrate_topk(cum, labels, epsilon=0.0, bins=100, min_support=0):
     """Per-timestep Top-K thresholds beta_t, calibrated on (training) cumulative logits.
 
-    reference-semantics.md section 7 (as the reference's ``TopKCutoff.setup``)::
+    docs/semantics.md section 7 (as the reference's ``TopKCutoff.setup``)::
 
         settled[t, n] = prod_{s = t}^{T-1} 1[argmax Y_n(s) == y_n]        (the OCT rule, not forced)
         delta = max_{t, n} gap[t, n] / bins;   beta_m = m * delta,  m = 0..bins-1   (float32)
@@ -319,7 +319,7 @@ def calibrate_topk(cum, labels, epsilon=0.0, bins=100, min_support=0):
         beta_t = beta_{m*},  m* = first m that qualifies
 
     ``min_support = 0`` is the reference rule; ``min_support > 0`` refuses thresholds supported by fewer
-    selected samples (reference-semantics.md section 9, defect 1). NaN never qualifies.
+    selected samples (docs/semantics.md section 9, defect 1). NaN never qualifies.
     The counts over n come from each gap's place in the (non-decreasing) grid, ``above[t, n] = #{m : beta_m <
     gap[t, n]}`` (so ``gap > beta_m  <=>  m < above``), and one histogram of ``above`` per t.
 
@@ -360,7 +360,7 @@ def calibrate_topk(cum, labels, epsilon=0.0, bins=100, min_support=0):
 def apply_topk(cum, beta):
     """Top-K cutoff: exit at the first step whose gap exceeds that step's threshold.
 
-    reference-semantics.md section 7; ``first_exit(topk_fires, cum, beta)``::
+    docs/semantics.md section 7; ``first_exit(topk_fires, cum, beta)``::
 
         exit_n = first t with gap[t, n] > beta_t, else T - 1
         predictions_n = argmax Y_n(exit_n);   timesteps_n = exit_n + 1
@@ -383,7 +383,7 @@ def apply_topk(cum, beta):
 def confidence_cutoff(cum, epsilon):
     """Max-softmax confidence cutoff.
 
-    reference-semantics.md section 8 (as the reference's ``ConfCutoff``); ``first_exit(confidence_fires, ...)``::
+    docs/semantics.md section 8 (as the reference's ``ConfCutoff``); ``first_exit(confidence_fires, ...)``::
 
         p_n(t) = softmax(Y_n(t));   exit_n = first t with max_k p_n(t)_k > 1 - epsilon, else T - 1
         predictions_n = argmax Y_n(exit_n);   timesteps_n = exit_n + 1
@@ -405,7 +405,7 @@ def confidence_cutoff(cum, epsilon):
 def entropy(cum):
     """Entropy of softmax(Y_n(t)) in nats, as DT-SNN's exit score.
 
-    reference-semantics.md section 8::
+    docs/semantics.md section 8::
 
         H[t, n] = -sum_k p_k log p_k = log S - sum_k e_k z_k / S,   z = Y - max Y, e = exp(z), S = sum_k e_k
 
@@ -452,7 +452,7 @@ def entropy_threshold(epsilon, num_classes):
 def entropy_cutoff(cum, threshold):
     """DT-SNN entropy cutoff (Li et al. 2023): exit once the softmax entropy falls below a threshold.
 
-    reference-semantics.md section 8; ``first_exit(entropy_fires, cum, threshold)``::
+    docs/semantics.md section 8; ``first_exit(entropy_fires, cum, threshold)``::
 
         exit_n = first t with H[t, n] < threshold, else T - 1        (H from ``entropy``, nats)
         predictions_n = argmax Y_n(exit_n);   timesteps_n = exit_n + 1
@@ -472,7 +472,7 @@ def entropy_cutoff(cum, threshold):
 def calibrate_spikecp(cum, labels, epsilon):
     """SpikeCP (Chen et al., arXiv 2305.11322): per-timestep split-conformal thresholds.
 
-    reference-semantics.md section 8; on a calibration split of n samples, per timestep t::
+    docs/semantics.md section 8; on a calibration split of n samples, per timestep t::
 
         score[t, i] = -log softmax(Y_i(t))_{y_i}                  (no 1e-5 inside the log)
         k = ceil((n + 1) (1 - epsilon))                           (float32 arithmetic)
@@ -506,7 +506,7 @@ def calibrate_spikecp(cum, labels, epsilon):
 def spikecp_cutoff(cum, qhat):
     """SpikeCP cutoff: exit once the conformal set holds at most one class.
 
-    reference-semantics.md section 8; ``first_exit(spikecp_fires, cum, qhat)``::
+    docs/semantics.md section 8; ``first_exit(spikecp_fires, cum, qhat)``::
 
         C_t(x_n) = {k : -log softmax(Y_n(t))_k <= qhat_t}
         exit_n = first t with |C_t(x_n)| <= 1, else T - 1         (the empty set exits too)

@@ -336,20 +336,6 @@ def checkpoint_dir(source) -> pathlib.Path:
     return source / "checkpoints" if (source / "checkpoints").is_dir() else source
 
 
-def _resolve_step(directory: pathlib.Path, step) -> int | None:
-    """The step to restore: ``checkpoint.resolve_step`` where it exists, else "last" -> None (the newest
-    intact step, ``checkpoint.restore``) and an int as it is."""
-    if hasattr(checkpoint, "resolve_step"):
-        return checkpoint.resolve_step(directory, step)
-    if step == "last":
-        return None
-    if isinstance(step, int) and not isinstance(step, bool):
-        return step
-    # TODO(lead, at merge): "best" comes with checkpoint.resolve_step (the storage helper); drop this fallback.
-    raise ValueError(f"step must be 'last' or an int here (checkpoint.resolve_step, which knows 'best', is "
-                     f"missing), got {step!r}")
-
-
 def evaluate_checkpoint(source, *, step="last", overrides=(), data_dir=None, serve: bool = False,
                         slots: int = anytime.SLOTS, compiler_options: dict | None = None,
                         progress=None) -> dict:
@@ -378,7 +364,7 @@ def evaluate_checkpoint(source, *, step="last", overrides=(), data_dir=None, ser
         raise ValueError(f"evaluate.py --set changes evaluation settings (eval.*) only, got {not_eval}; the "
                          "model, data and training settings are those stored with the checkpoint")
     directory = checkpoint_dir(source)
-    graphdef, state, cfg, input_shape = checkpoint.restore(directory, _resolve_step(directory, step))
+    graphdef, state, cfg, input_shape = checkpoint.restore(directory, step)
     restored = int(state.step)
     cfg = config_lib.apply_overrides(cfg, list(overrides) + ([f"data.data_dir={data_dir}"] if data_dir else []))
     log.info("restored %s step %d (%s, %s, neuron %s)", directory, restored, cfg.model.name, cfg.model.activation,

@@ -1,4 +1,4 @@
-"""Task losses on per-step logits (reference-semantics.md section 4)."""
+"""Task losses on per-step logits (docs/semantics.md section 4)."""
 
 import jax.numpy as jnp
 import optax

@@ -1,6 +1,6 @@
 """The training method of a run: the one place that knows a directly trained SNN from a QCFS ANN.
 
-reference-semantics.md sections 3, 4 and 5. ``of(cfg)`` gives the run's ``Method``; everything that differs
+docs/semantics.md sections 3, 4 and 5. ``of(cfg)`` gives the run's ``Method``; everything that differs
 between the two methods is a field of it, so no other module branches on ``ModelConfig.activation``::
 
     direct SNN (activation lif, or if)   input: all T frames     RCS per layer: rcs_scores(s, m)

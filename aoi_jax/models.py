@@ -1,13 +1,13 @@
 """Spiking networks: NNX Conv/BatchNorm/Linear on the folded (T*N, ...) batch, cells scanned in between.
 
-reference-semantics.md sections 1 and 10. Every model maps time-major frames ``(T, N, H, W, C)`` to
+docs/semantics.md sections 1 and 10. Every model maps time-major frames ``(T, N, H, W, C)`` to
 ``(logits (T, N, K), layers)``, where ``layers`` is a tuple with one ``(spikes, membranes)`` pair per
 spiking layer, each ``(T, N, ...)``: the regulariser reads them from the return value, never via hooks.
 Each model's ``fan_out`` gives, per spiking layer, the synapses one spike of an interior unit drives in
 the next layer (k*k*C_out for a following conv, the width of a following Linear); synaptic operations are
-spikes times fan-out (reference-semantics.md section 9 item 3; border effects are ignored).
+spikes times fan-out (docs/semantics.md section 9 item 3; border effects are ignored).
 
-Calibration (reference-semantics.md section 7) runs the forward pass with inverted dropout of rate
+Calibration (docs/semantics.md section 7) runs the forward pass with inverted dropout of rate
 ``dropout`` on every spiking layer's output; it draws from the explicit ``key``.
 
 ``ModelConfig.activation`` picks what a ``SpikingLayer`` runs on its pre-activation (one architecture):
@@ -85,7 +85,7 @@ class _Inputs(nnx.Variable):
 
 
 class TEBatchNorm(nnx.BatchNorm):
-    """BatchNorm followed by TEBN's learnt per-timestep scale (reference-semantics.md section 4).
+    """BatchNorm followed by TEBN's learnt per-timestep scale (docs/semantics.md section 4).
 
     The reference's ``TEBNLayer``: BatchNorm3d over (N, C, T, H, W), i.e. statistics per channel over
     (N, T, H, W), then ``y_t * p_t`` with one scalar ``p_t`` per time step, initialised to 1::
@@ -477,7 +477,7 @@ def _run_layers(layers, h):
 
 
 class VGGSNN(SpikingNet):
-    """The reference's VGGSNN (CIFAR10-DVS, N-Caltech101), reference-semantics.md section 10.
+    """The reference's VGGSNN (CIFAR10-DVS, N-Caltech101), docs/semantics.md section 10.
 
     Conv(C->64, k8, s4, p3) then 3x3 convs 64,128,P,256,256,P,512,512,P,512,512,P (P = 2x2 average
     pool), each conv followed by BatchNorm and LIF; Linear(512*h*w, K) on the flattened map (2x2 for

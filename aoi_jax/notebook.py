@@ -32,20 +32,6 @@ class Run(NamedTuple):
     report: dict[str, Any] | None  # the run folder's report.json, None if the run was not evaluated
 
 
-def _resolve_step(directory: pathlib.Path, step) -> int | None:
-    """The checkpoint step ``load_run`` restores (None: the newest intact one).
-
-    Uses ``checkpoint.resolve_step`` where it exists ("best" needs it); before that, "last" and ints only.
-    """
-    if hasattr(checkpoint, "resolve_step"):
-        return checkpoint.resolve_step(directory, step)
-    if step == "last":
-        return None
-    if isinstance(step, int) and not isinstance(step, bool):
-        return step
-    raise ValueError(f"step must be 'last' or a step number, got {step!r} (this version keeps no best step)")
-
-
 def load_run(workdir, step="last") -> Run:
     """The network, config and report of the run in ``workdir`` (a ``train.py --workdir`` folder, or one
     member's folder ``workdir/members/<name>`` of a sweep), restored from ``workdir/checkpoints``.
@@ -66,7 +52,7 @@ def load_run(workdir, step="last") -> Run:
         members = sorted(p.name for p in (workdir / "members").glob("*") if p.is_dir())
         hint = f"; a sweep: load one member, e.g. {str(workdir / 'members' / members[0])!r}" if members else ""
         raise FileNotFoundError(f"{str(workdir)!r} holds no checkpoints/ folder{hint}")
-    graphdef, state, cfg, input_shape = checkpoint.restore(ckpt_dir, _resolve_step(ckpt_dir, step))
+    graphdef, state, cfg, input_shape = checkpoint.restore(ckpt_dir, step)
     graphdef, state, cfg = evaluation.spiking_run(graphdef, state, cfg, input_shape)
     model = nnx.merge(graphdef, state.params, state.batch_stats)
     report_path = workdir / "report.json"

@@ -1,4 +1,4 @@
-"""QCFS activation, for ANN-to-SNN conversion (reference-semantics.md section 3).
+"""QCFS activation, for ANN-to-SNN conversion (docs/semantics.md section 3).
 
 A QCFS network is one of the ``aoi_jax.models`` with ``ModelConfig.activation == "qcfs"``: every spiking
 layer's cell is replaced by ``qcfs(u, lam_l, levels)`` with a learnable threshold ``lam_l`` per layer
@@ -28,7 +28,7 @@ def _floor_ste_jvp(primals, tangents):
 def qcfs(x, lam, levels=4):
     """Quantisation-clip-floor-shift activation with threshold ``lam`` and ``L = levels`` steps.
 
-    reference-semantics.md section 3 (the reference's ``QCFSConstrs``), floor straight-through::
+    docs/semantics.md section 3 (the reference's ``QCFSConstrs``), floor straight-through::
 
         z = relu(x) / lam
         q = floor(L z + 0.5) / L

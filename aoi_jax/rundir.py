@@ -116,24 +116,13 @@ def resume_step(members, dirs) -> int | None:
                      "workdir, or delete the checkpoints to start afresh")
 
 
-def checkpoint_records(directory: pathlib.Path, up_to: int) -> dict[int, dict]:
-    """{step: metrics record} kept by every intact checkpoint step <= ``up_to`` in ``directory``."""
-    out = {}
-    for s in checkpoint.all_steps(directory):
-        if s <= up_to and checkpoint.check(directory, s) is None:
-            record = checkpoint.stored_meta(directory, s)["record"]
-            if record is not None:
-                out[s] = record
-    return out
-
-
 def reconcile_metrics(path: pathlib.Path, step: int, records: dict[int, dict], epochs: int) -> None:
     """Makes the metrics file ``path`` hold exactly the epochs up to optimiser step ``step`` (the checkpoint a
     run continues from, after ``epochs`` epochs; 0 for a fresh start).
 
     Drops the lines of later steps (their checkpoints were lost or set aside) and lines cut short by a kill,
     and puts back every line of an epoch up to ``step`` that is missing, from ``records`` ({step: record} of
-    the checkpoints that keep them, ``checkpoint_records``): the line of ``step`` itself after a kill between
+    the checkpoints that keep them, ``checkpoint.records``): the line of ``step`` itself after a kill between
     its save and its append, or every epoch whose checkpoint is still on disk after ``metrics.jsonl`` was
     lost. Rewrites the file atomically when it changes and logs what it dropped and restored, and each epoch
     it could not restore (no line and no checkpoint holds it); ``train.log`` keeps its lines (it is the log
@@ -172,13 +161,12 @@ def reconcile_metrics(path: pathlib.Path, step: int, records: dict[int, dict], e
 
 
 def append_metrics(path: pathlib.Path, record: dict) -> None:
-    """Appends ``record`` as one strict-JSON line to ``path``, flushed to disk."""
-    with open(path, "a") as f:
-        f.write(integrity.to_json(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Appends ``record`` as one strict-JSON line to ``path``, flushed to disk (``integrity.append_line``).
 
-
+    Raises:
+      integrity.StorageError: the line could not be written.
+    """
+    integrity.append_line(path, integrity.to_json(record))
 def data_digest(*framesets) -> str:
     """16 hex digits of the SHA-256 of what the frame sets hold, in order: for each, its class count, frame
     shape and dtype, the frames (a static set repeated over T as a broadcast view: its one frame per sample),
@@ -290,7 +278,7 @@ class RunDir:
             text = json.dumps({**config_lib.to_dict(m.cfg), "xla_options": xla_options}, indent=2, sort_keys=True,
                               allow_nan=False).encode()
             integrity.write_atomic(d / "config.json", lambda f, t=text: f.write(t))
-            reconcile_metrics(d / "metrics.jsonl", self.step, checkpoint_records(ckpts, self.step) if self.step else {},
+            reconcile_metrics(d / "metrics.jsonl", self.step, {k: r for k, r in checkpoint.records(ckpts).items() if r is not None and k <= self.step} if self.step else {},
                               self.step // steps_per_epoch)
 
     def restore(self) -> list:
@@ -303,9 +291,8 @@ class RunDir:
         ``metrics.jsonl`` (after the save: a line always has its checkpoint)."""
         m, d = self.members[i], self.dirs[i]
         train = m.cfg.train
-        keep = {"max_to_keep": train.checkpoint_keep}
-        if train.best_metric:
-            keep["best_metric"] = (train.best_metric, config_lib.BEST_METRICS[train.best_metric])
-        checkpoint.save(d / "checkpoints", state, m.cfg, input_shape, record=integrity.strict(record), **keep)
+        best = (train.best_metric, config_lib.BEST_METRICS[train.best_metric]) if train.best_metric else None
+        checkpoint.save(d / "checkpoints", state, m.cfg, input_shape, record=integrity.strict(record),
+                        max_to_keep=train.checkpoint_keep, best_metric=best)
         if jax.process_index() == 0:
             append_metrics(d / "metrics.jsonl", record)

@@ -1,4 +1,4 @@
-"""The regularised train step and the evaluation forward pass (reference-semantics.md sections 4, 5, 10).
+"""The regularised train step and the evaluation forward pass (docs/semantics.md sections 4, 5, 10).
 
 The NNX model is split once into ``graphdef`` (static structure), ``params`` and ``batch_stats``; the
 steps are plain ``jax.jit`` functions of those pytrees, and the model is re-merged inside the loss
@@ -118,7 +118,7 @@ def loss_fn(params, batch_stats, batch, weights: LossWeights, *, graphdef, cfg: 
 
     A directly trained SNN scores each layer's spikes and membranes (``regularisers.rcs_scores``); a QCFS
     ANN sees one static frame, its logits are one time step (the task loss is then plain cross-entropy) and
-    it scores each layer's pre-activation (``regularisers.rcs_ann_scores``, reference-semantics.md section 5).
+    it scores each layer's pre-activation (``regularisers.rcs_ann_scores``, docs/semantics.md section 5).
 
     Args:
       params, batch_stats: the model's state.  batch: {"frames": (T, N, H, W, C), "label": (N,)}, T = 1 for

@@ -1,4 +1,4 @@
-"""Spike functions: Heaviside forward, surrogate backward (reference-semantics.md section 2).
+"""Spike functions: Heaviside forward, surrogate backward (docs/semantics.md section 2).
 
 All shapes share the forward ``spike(u) = 1[u > 0]`` (strict) and differ only in the gradient used for
 ``d spike / d u``. ``width`` (the reference's ``gamma``) sets how far from the threshold the gradient

@@ -196,6 +196,8 @@ def _train_and_evaluate(run: rundir.RunDir, run_eval, strategy, tuning, progress
     resume = run.survey()
     data_mesh = parallel.data_mesh()
     member_mesh = sweep_lib.member_mesh(M) if M > 1 else None
+    if member_mesh is None:                       # the batch is split over the devices: refused before any work
+        parallel.check_batch_size(base.train.batch_size, data_mesh.devices.size)
     log.info("%d member(s)%s on %s; data parallel over %d device(s)", M,
              f" ({', '.join(m.name for m in members)})" if M > 1 else "", jax.devices(), data_mesh.devices.size)
 

@@ -1,4 +1,4 @@
-"""CIFAR10-DVS, the reference recipe (reference-semantics.md section 10): VGGSNN, T = 10, TET loss,
+"""CIFAR10-DVS, the reference recipe (docs/semantics.md section 10): VGGSNN, T = 10, TET loss,
 SGD 0.1 with cosine decay over 100 epochs, +-25 px random translation, RCS alpha = 0.002.
 
 Window: the authors' preprocessing script (SNN-Regularisation-Cutoff preprocessing/cifar10dvs.py, the same

@@ -1,4 +1,4 @@
-"""CIFAR-10, ANN-to-SNN conversion, the reference recipe (reference-semantics.md sections 3 and 10):
+"""CIFAR-10, ANN-to-SNN conversion, the reference recipe (docs/semantics.md sections 3 and 10):
 ResNet-18 with QCFS (L = 4, thresholds from 8.0), SGD 0.1 with cosine decay over 300 epochs, batch 128,
 random crop (padding 4), horizontal flip and Cutout 16 (AutoAugment is not implemented), RCS ANN form
 alpha = 0.002; the converted IF SNN is evaluated at T = 4 (raise data.timesteps for more steps).

@@ -1,4 +1,4 @@
-"""DVS128 Gesture, the reference recipe (reference-semantics.md section 10): the VGG-like gesture net,
+"""DVS128 Gesture, the reference recipe (docs/semantics.md section 10): the VGG-like gesture net,
 T = 16 (the paper also reports T = 10: --set data.timesteps=10), batch 32, 128x128, 11 classes, official
 split (users 24-29 test), TET loss, SGD 0.1 with cosine decay over 100 epochs, +-25 px random translation,
 RCS alpha = 0.002.

@@ -1,4 +1,4 @@
-"""N-Caltech101, the reference recipe (reference-semantics.md section 10): VGGSNN on the native 180x240
+"""N-Caltech101, the reference recipe (docs/semantics.md section 10): VGGSNN on the native 180x240
 canvas, T = 10, 101 classes, TET loss, SGD 0.1 with cosine decay over 100 epochs, +-25 px random
 translation, RCS alpha = 0.002. Split: stratified, 10 % of each class to test, seeded by data.seed.
 Window: the whole recording (data.window = ()); the authors' repositories (SNN-Regularisation-Cutoff,

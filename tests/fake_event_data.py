@@ -1,4 +1,4 @@
-"""Writers of tiny fake event data sets in the exact on-disk layouts tonic 1.7 reads (tonic-notes.md 3.2, 3.4).
+"""Writers of tiny fake event data sets in the exact on-disk layouts tonic 1.7 reads (docs/data.md 3.2, 3.4).
 
 Each ``write_fake_<set>(root, ...)`` lays out ``root/<tonic ClassName>/...`` with the archive placeholder
 (a zero-byte file of the archive's name) and returns the ``Recording``s written, so tests can compute the

@@ -1,4 +1,4 @@
-"""Cutoff evaluation against direct numpy transcriptions of reference-semantics.md sections 6-8.
+"""Cutoff evaluation against direct numpy transcriptions of docs/semantics.md sections 6-8.
 
 The transcriptions are plain loops in float64, except where the reference computes in float32 and a strict
 comparison depends on the last bit: the Top-K gap and its threshold grid (``beta_m = m * delta``) are formed in

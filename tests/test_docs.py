@@ -43,8 +43,6 @@ def test_reference_pattern():
     assert references(text) == ["docs/semantics.md", "reference-semantics.md", "README.md", "docs/data.md"]
 
 
-# lead: remove xfail after the sed
-@pytest.mark.xfail(strict=False, reason="docstrings still cite reference-semantics.md / tonic-notes.md")
 def test_every_cited_markdown_file_exists():
     """A name is resolved from the repository root (``docs/semantics.md``, ``README.md``)."""
     missing = [f"{where}: {name}" for where, text in sources() for name in references(text)

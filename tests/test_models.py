@@ -110,7 +110,7 @@ def test_unknown_model_and_unused_channels():
     ("gesture_snn", (128, 128, 2), {}),
 ])
 def test_step_by_step_equals_multistep(name, shape, neuron, key):
-    """reference-semantics.md section 2: single-step inference gives exactly the multistep spikes."""
+    """docs/semantics.md section 2: single-step inference gives exactly the multistep spikes."""
     cfg = config.ModelConfig(name=name, channels=(4, 8) if name == "small_snn" else (), num_classes=5,
                              neuron=config.NeuronConfig(**neuron))
     model = models.build(cfg, shape, rngs=nnx.Rngs(0))

@@ -1,4 +1,4 @@
-"""The surrogate spike and the LIF cell against hand-unrolled references (reference-semantics.md s. 2)."""
+"""The surrogate spike and the LIF cell against hand-unrolled references (docs/semantics.md s. 2)."""
 
 import functools
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import warnings
 
-import pytest
 from tqdm import tqdm
 
 import fake_event_data as fake

@@ -1,4 +1,4 @@
-"""RCS and the task losses against direct numpy transcriptions (reference-semantics.md sections 4, 5)."""
+"""RCS and the task losses against direct numpy transcriptions (docs/semantics.md sections 4, 5)."""
 
 import jax
 import jax.numpy as jnp

@@ -6,10 +6,8 @@ moved or other data; and the run's life around the science: validation metrics, 
 checkpoints, early stopping, the per-epoch callback and TensorBoard events, the returned trained state and
 the recorded XLA options (the run folder's bookkeeping is ``aoi_jax.rundir``)."""
 
-import contextlib
 import dataclasses
 import importlib.util
-import inspect
 import json
 import logging
 import os
@@ -337,18 +335,6 @@ def test_train_nmnist_on_fake_folder(tmp_path):
 # checkpoints, early stopping, the metric stream, the trained state, restoring metrics, moved data, XLA options)
 
 
-@contextlib.contextmanager
-def checkpoint_api():
-    """``checkpoint.save(..., best_metric=)`` as the storage contract gives it; where this branch's
-    ``aoi_jax.checkpoint`` predates it, a shim that accepts and ignores the argument (the newest steps are
-    still kept)."""
-    with pytest.MonkeyPatch.context() as m:
-        if "best_metric" not in inspect.signature(checkpoint.save).parameters:
-            save = checkpoint.save
-            m.setattr(checkpoint, "save", lambda *a, best_metric=None, **k: save(*a, **k))
-        yield
-
-
 def read_events(folder):
     """{tag: [(global step, value)]} of every scalar in the TensorBoard event files under ``folder`` (TFRecord
     framing: length u64, its CRC, the event proto, its CRC)."""
@@ -382,9 +368,8 @@ def validated(tmp_path_factory, ndigits_dir):
     callbacks = [lambda member, record: seen.append((member.name, record))]
     if importlib.util.find_spec("tensorboardX") is not None:
         callbacks.append(tensorboard.TensorBoard(workdir))
-    with checkpoint_api():
-        (result,) = training.train_and_evaluate(tiny(ndigits_dir, *VALIDATED), workdir, run_eval=False,
-                                                callback=lambda m, r: [c(m, r) for c in callbacks])
+    (result,) = training.train_and_evaluate(tiny(ndigits_dir, *VALIDATED), workdir, run_eval=False,
+                                            callback=lambda m, r: [c(m, r) for c in callbacks])
     for c in callbacks[1:]:
         c.close()
     return workdir, result, seen
@@ -438,8 +423,6 @@ def test_the_run_returns_its_trained_state(validated):
     assert logits.shape == (4, 3, 10) and result.input_shape == (34, 34, 2)
 
 
-@pytest.mark.skipif(not hasattr(checkpoint, "resolve_step"), reason="needs checkpoint.save(best_metric=) and "
-                                                                     "checkpoint.resolve_step (storage branch)")
 def test_checkpoint_keep_and_the_best_step(validated):
     """train.checkpoint_keep = 1 keeps the newest step; train.best_metric keeps the best epoch's as well."""
     workdir, _, _ = validated
@@ -457,7 +440,7 @@ def test_early_stop_says_why_and_a_resumed_run_trains_no_further(ndigits_dir, tm
     monkeypatch.setattr(training, "split_metrics", lambda *a, **k: (next(falling), 1.0))
     cfg = tiny(ndigits_dir, *VALIDATED[:2], "train.epochs=4", "train.best_metric=val_accuracy",
                "train.early_stop_patience=1")
-    with checkpoint_api(), caplog.at_level(logging.INFO, logger="aoi_jax"):
+    with caplog.at_level(logging.INFO, logger="aoi_jax"):
         training.train_and_evaluate(cfg, tmp_path / "run", run_eval=False)
         assert [(r["epoch"], r["val_accuracy"], r["best_epoch"]) for r in metrics(tmp_path / "run")] == [
             (1, 0.5, 1), (2, 0.4, 1)]

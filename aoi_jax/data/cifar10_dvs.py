@@ -1,14 +1,14 @@
 """CIFAR10-DVS (Li et al. 2017): 128x128 DVS recordings of CIFAR-10 images, 10 classes, the reference's
 9000/1000 split.
 
-Read through ``tonic.datasets.CIFAR10DVS`` from ``<data_dir>/CIFAR10DVS/`` (tonic-notes.md section 3.2):
+Read through ``tonic.datasets.CIFAR10DVS`` from ``<data_dir>/CIFAR10DVS/`` (docs/data.md section 3.2):
 tonic's AEDAT4 version, never downloaded; reading ``.aedat4`` needs the ``aedat`` package (an ImportError
 saying so is raised when a frame cache has to be built without it)::
 
     <data_dir>/CIFAR10DVS/CIFAR10DVS.zip                archive or empty placeholder
     <data_dir>/CIFAR10DVS/<class>/<name>.aedat4         class in airplane ... truck; 1000 files each
 
-Labels: tonic's ``classes`` dict (airplane 0 ... truck 9). Split (reference-semantics.md section 10): within
+Labels: tonic's ``classes`` dict (airplane 0 ... truck 9). Split (docs/semantics.md section 10): within
 each class, recordings in natural sorted file order (digit runs compared as numbers, so ``..._9`` comes
 before ``..._10``); the first ``int(0.9 * n_c)`` are train, the rest test (900/100 per class on the full
 set). Frames: T equal time bins over each recording's ``data.window``, per-polarity counts, optionally

@@ -1,7 +1,7 @@
 """DVS128 Gesture (Amir et al. 2017): 128x128 DVS recordings, 11 classes, official split (users 1-23 train,
 24-29 test).
 
-Read through ``tonic.datasets.DVSGesture`` from ``<data_dir>/DVSGesture/`` (tonic-notes.md section 3.2): tonic's
+Read through ``tonic.datasets.DVSGesture`` from ``<data_dir>/DVSGesture/`` (docs/data.md section 3.2): tonic's
 preprocessed version (multi-gesture recordings already cut, timestamps in ms), never downloaded::
 
     <data_dir>/DVSGesture/ibmGestureTrain.tar.gz                   archive or empty placeholder

@@ -1,12 +1,12 @@
 """Event arrays: validation, integration into count frames, and batching of frame sets (numpy only).
 
-Events are tonic's representation (tonic-notes.md section 3.1): a 1-D numpy structured array with at least
+Events are tonic's representation (docs/data.md section 3.1): a 1-D numpy structured array with at least
 the fields ``x``, ``y``, ``t``, ``p``, always indexed by name (field order and dtypes vary per data set),
 ``t`` in microseconds, sorted. ``sensor_size`` is tonic's ``(W, H, P)``.
 
 Polarity: ``p`` is bool or an integer in ``{0, 1}`` (what tonic's readers produce); ``-1/+1`` polarities
 are rejected, not guessed: convert them with ``p = p > 0`` in the reader. Frames have two polarity
-channels, channel 0 = polarity 0 (OFF / False), channel 1 = polarity 1 (reference-semantics.md section 10);
+channels, channel 0 = polarity 0 (OFF / False), channel 1 = polarity 1 (docs/semantics.md section 10);
 a single-polarity sensor (``P == 1``) must give ``p == 0`` and fills channel 0 only.
 """
 
@@ -92,12 +92,12 @@ def integrate(events: np.ndarray, timesteps: int, sensor_size, t_start=None, t_e
               source: str = "events") -> np.ndarray:
     """Per-pixel, per-polarity event counts in ``T`` equal time bins of the window ``[t_start, t_end]``.
 
-    reference-semantics.md section 10; with ``D = t_end - t_start``::
+    docs/semantics.md section 10; with ``D = t_end - t_start``::
 
         bin(e) = floor((t_e - t_start) * T / D),  clipped to T - 1   # t_e == t_end lands in the last bin
         frames[bin(e), p_e, y_e, x_e] += 1          for every event with t_start <= t_e <= t_end
 
-    Unlike tonic's ``ToFrame(n_time_bins=T)`` (tonic-notes.md section 3.6) no event of the window is dropped
+    Unlike tonic's ``ToFrame(n_time_bins=T)`` (docs/data.md section 3.6) no event of the window is dropped
     and a window shorter than T microseconds still counts its events. Edge cases:
 
     - ``t_start`` / ``t_end`` default to the first / last event, so by default every event is counted.

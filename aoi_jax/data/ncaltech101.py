@@ -1,6 +1,6 @@
 """N-Caltech101 (Orchard et al. 2015): ATIS recordings of Caltech101 images, 101 classes, seeded split.
 
-Read through ``tonic.datasets.NCALTECH101`` from ``<data_dir>/NCALTECH101/`` (tonic-notes.md section 3.2),
+Read through ``tonic.datasets.NCALTECH101`` from ``<data_dir>/NCALTECH101/`` (docs/data.md section 3.2),
 never downloaded::
 
     <data_dir>/NCALTECH101/N-Caltech101-archive.zip          archive or empty placeholder
@@ -17,7 +17,7 @@ in natural sorted path order.
 
 Canvas: recordings differ in size; tonic shifts each so that its smallest x and y are 0. Frames place the
 events at those coordinates on a fixed ``CANVAS_HW`` = 180 x 240 (H x W) canvas, the data set's native
-extent (reference-semantics.md section 10), i.e. top-left aligned, zero elsewhere; an event beyond it is an
+extent (docs/semantics.md section 10), i.e. top-left aligned, zero elsewhere; an event beyond it is an
 error naming the file (nothing is cropped). ``data.size`` downsamples the canvas.
 
 Split: stratified and seeded (``data.seed``): per class ``round(TEST_FRACTION * n_c)`` recordings, drawn

@@ -1,6 +1,6 @@
 """N-MNIST (Orchard et al. 2015): 34x34 ATIS recordings of MNIST digits, 10 classes, official split.
 
-Read through ``tonic.datasets.NMNIST`` from ``<data_dir>/NMNIST/`` (tonic-notes.md section 3.2), never
+Read through ``tonic.datasets.NMNIST`` from ``<data_dir>/NMNIST/`` (docs/data.md section 3.2), never
 downloaded::
 
     <data_dir>/NMNIST/train.zip                 archive or empty placeholder (tonic checks it exists)

@@ -1,6 +1,6 @@
 """Static images as frame sets: one image per sample, shown at each of the T time steps.
 
-reference-semantics.md section 1: static images are repeated T times at the model input. A static frame
+docs/semantics.md section 1: static images are repeated T times at the model input. A static frame
 set holds ``frames`` of shape (N, T, H, W, C) as a zero-copy broadcast view of the (N, H, W, C) images
 (``repeat``), so ``data.batches`` and every evaluation path read it like event frames, at the memory cost
 of one image per sample.
