@@ -1067,7 +1067,7 @@ def _ci(text: str) -> dict:
 
 
 def resummarise(path: pathlib.Path) -> None:
-    """Rewrites the Summary of a results.md written by the grid (``write_results``) from two of its own
+    """Rewrites the Summary of a report like docs/results.md written by the grid (``write_results``) from two of its own
     tables, for a study whose runs are gone: the alpha = 0 rows of "Results per setting" (Top-K calibrated on
     the training samples, dropout 0.3) and the "Paired differences" rows (train calibration, epsilon 0 and
     0.05; OCT), with the reduction each interval excludes (``summary_rows``). The numbers are the tables'
