@@ -113,7 +113,7 @@ def serve(graphdef, params, batch_stats, queue, param, *, fires, slots) -> Serve
         return _Slots(
             sample=jnp.where(leave, jnp.minimum(incoming, N), c.sample),
             t=jnp.where(leave | ~busy, 0, c.t + 1),
-            membranes=tuple(reset(leave, fresh, v) for fresh, v in zip(v0, membranes)),
+            membranes=jax.tree.map(lambda fresh, v: reset(leave, fresh, v), v0, membranes),   # any cell state
             y=reset(leave, 0.0, y),
             spikes=reset(leave, 0.0, spikes.T).T,
             next=jnp.minimum(c.next + jnp.sum(leave, dtype=jnp.int32), N),

@@ -56,7 +56,9 @@ class NeuronConfig:
     def __post_init__(self):
         _check_choice("model.neuron.reset", self.reset, ("hard", "soft"))
         _check_choice("model.neuron.surrogate", self.surrogate, ("triangle", "sigmoid", "arctan"))
-        _check_choice("model.neuron.kind", self.kind, ("lif", "plif"))
+        if self.kind not in ("lif", "plif"):            # a cell a user registered in aoi_jax.neurons.CELLS
+            from aoi_jax import neurons
+            _check_choice("model.neuron.kind", self.kind, tuple(neurons.CELLS))
         if self.kind == "plif":
             _check_range("model.neuron.tau (the initial leak of kind 'plif')", self.tau, 0.0, 1.0,
                          low_open=True, high_open=True)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import struct
 import subprocess
@@ -20,8 +21,9 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from aoi_jax import checkpoint, config, input_pipeline, rundir, training
+from aoi_jax import checkpoint, config, input_pipeline, neurons, rundir, training
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "ndigits.py")
@@ -562,3 +564,47 @@ def test_data_digest_is_what_the_data_are_not_where(tmp_path):
     static = np.broadcast_to(frames[:, :1], frames.shape)
     assert rundir.data_digest(FrameSet(static, labels, 3)) != rundir.data_digest(FrameSet(frames, labels, 3))
     assert len(digest) == 16
+
+
+# ----------------------------------------------------------------------------- cells beyond LIF, end to end
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+NEURON_MARKER = "<!-- new-neuron example: tests/test_training.py executes the next block -->"
+
+
+def test_the_readme_neuron_trains_end_to_end(ndigits_dir, tmp_path, monkeypatch):
+    """README.md's adaptive-threshold LIF, run as written (its registration into a copy of ``CELLS``), trains a
+    small SNN on N-Digits: the loss falls, the run is evaluated, and its spikes differ from plain LIF's (the
+    threshold adapts)."""
+    text = README.read_text()
+    assert text.count(NEURON_MARKER) == 1, "README.md must hold the new-neuron example once, after its marker"
+    block = re.match(r"\s*```python\n(.*?)\n```", text.split(NEURON_MARKER)[1], re.S)
+    monkeypatch.setattr(neurons, "CELLS", dict(neurons.CELLS))
+    exec(block.group(1), {})
+    cfg = tiny(ndigits_dir, "model.neuron.kind=alif", "train.epochs=2")
+    (result,) = training.train_and_evaluate(cfg, tmp_path / "alif")
+    lines = metrics(tmp_path / "alif")
+    assert lines[1]["train_loss"] < lines[0]["train_loss"]
+    assert result.report["neurons"][0] == {"tau": 0.5, "vth": 1.0}
+    assert result.report["accuracy_per_timestep"][-1] > 0.2          # 10 classes: well above chance
+    x = jax.random.uniform(jax.random.key(0), (6, 2, 4)) * 1.5
+    alif = neurons.CELLS["alif"](cfg.model.neuron, 4, rngs=None)
+    s_alif, _ = alif(x)
+    s_lif, _ = neurons.lif(x)
+    assert float(s_alif.sum()) < float(s_lif.sum())                # a raised threshold fires less
+
+
+def test_plif_with_a_learnt_threshold_trains_and_reports_its_values(ndigits_dir, tmp_path):
+    """kind=plif with learn_vth: every layer's leak and threshold are learnt (they leave their initial values
+    0.5 and 1.0) and report.json's ``neurons`` holds them, equal to the cells of the trained state."""
+    cfg = tiny(ndigits_dir, "model.neuron.kind=plif", "model.neuron.learn_vth=True")
+    (result,) = training.train_and_evaluate(cfg, tmp_path / "plif")
+    values = result.report["neurons"]
+    assert len(values) == 2
+    for v in values:
+        assert v["tau"] != 0.5 and v["vth"] != 1.0 and 0.0 < v["tau"] < 1.0
+    model = nnx.merge(result.graphdef, result.state.params, result.state.batch_stats)
+    taus = [1.0 - float(jax.nn.sigmoid(layer.cell.w[...])) for layer in model.spiking_layers()]
+    assert taus == pytest.approx([v["tau"] for v in values], rel=1e-6)
+    assert [float(layer.cell.vth[...]) for layer in model.spiking_layers()] == \
+        pytest.approx([v["vth"] for v in values], rel=1e-6)
