@@ -5,7 +5,6 @@ import ast
 import pathlib
 import re
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # a path ending in .md, not part of a URL (a web page may name files of other repositories)
