@@ -125,7 +125,8 @@ def test_data_load_reports_cache_builds(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)                     # "found 4 recordings ... has 60000"
         train, test = data.load(cfg, progress=record)
-        assert passes == [["nmnist cache", 4, 4], ["nmnist cache", 4, 4]]  # train, then test: 4 recordings each
+        build = "building the nmnist cache"
+        assert passes == [[build, 4, 4], [build, 4, 4]]        # train, then test: 4 recordings each
         data.load(cfg, progress=record)                                  # cached: nothing to report
     assert len(passes) == 2 and train.frames.shape[:2] == (4, 2)
 

@@ -8,6 +8,7 @@ function returning two ``FrameSet``s (``progress(done, total)`` is called while 
 
 import dataclasses
 import functools
+import inspect
 import os
 import pathlib
 
@@ -55,9 +56,11 @@ def load(data_cfg, *, progress=None) -> tuple[FrameSet, FrameSet]:
     """
     if data_cfg.name not in DATASETS:
         raise ValueError(f"unknown data set {data_cfg.name!r}; valid names: {sorted(DATASETS)}")
-    report = None if progress is None else progress_lib.as_callback(progress, f"{data_cfg.name} cache")
-    return DATASETS[data_cfg.name](dataclasses.replace(data_cfg, data_dir=str(data_root(data_cfg.data_dir))),
-                                   progress=report)
+    loader = DATASETS[data_cfg.name]
+    report = {}                                       # a loader registered without a progress argument gets none
+    if progress is not None and "progress" in inspect.signature(loader).parameters:
+        report["progress"] = progress_lib.as_callback(progress, f"building the {data_cfg.name} cache")
+    return loader(dataclasses.replace(data_cfg, data_dir=str(data_root(data_cfg.data_dir))), **report)
 
 
 def augment_batch(frames, rng, data_cfg, sensor_hw):
