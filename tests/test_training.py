@@ -506,8 +506,8 @@ def test_moved_data_continue_and_other_data_are_refused(two_epochs, ndigits_dir,
     before = files(workdir)
     load = data.load
 
-    def other(data_cfg):
-        train, test = load(data_cfg)
+    def other(data_cfg, **kwargs):
+        train, test = load(data_cfg, **kwargs)
         labels = test.labels.copy()
         labels[0] = (labels[0] + 1) % 10
         return train, dataclasses.replace(test, labels=labels)
