@@ -37,6 +37,7 @@ import math
 import pathlib
 import shutil
 import sys
+import time
 from typing import Any
 
 import jax
@@ -213,17 +214,26 @@ class _Held(logging.Filter):
 
 def _remove_half_step(directory: pathlib.Path, step: int) -> None:
     """Deletes what a failed save of ``step`` left: orbax's temporary folder(s) and a step folder without
-    its checksum record."""
+    its checksum record. A write of orbax's still in flight may create a file or the folder again while it
+    goes, so the folder must stay absent for several checks in a row (at most about 2 s)."""
     if jax.process_index() != 0:
         return
-    half = list(directory.glob(f"{step}.orbax-checkpoint-tmp*"))
-    if (directory / str(step)).is_dir() and not (directory / str(step) / RECORD).exists():
-        half.append(directory / str(step))
-    for p in half:
-        for _ in range(100):           # a write of orbax's still in flight may add a file while it goes
+
+    def leftovers():
+        half = list(directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+        if (directory / str(step)).is_dir() and not (directory / str(step) / RECORD).exists():
+            half.append(directory / str(step))
+        return half
+
+    absent = 0
+    for _ in range(200):
+        half = leftovers()
+        absent = 0 if half else absent + 1
+        if absent >= 5:
+            return
+        for p in half:
             shutil.rmtree(p, ignore_errors=True)
-            if not p.exists():
-                break
+        time.sleep(0.01)
 
 
 def _check_metric(best_metric) -> tuple[str, str] | None:
