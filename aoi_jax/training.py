@@ -205,7 +205,8 @@ def _train_and_evaluate(run: rundir.RunDir, run_eval, strategy, tuning, progress
     train_split, test_set = data.load(base.data, progress=progress)
     digest = rundir.data_digest(train_split, test_set)
     train_set, validation_set = input_pipeline.split_validation(train_split, base.data)
-    input_pipeline.calibration_set(train_set, validation_set, base)   # refuses eval.calibration=validation without a held-out split
+    # refuses eval.calibration=validation without a held-out split before any work (evaluation builds the set)
+    input_pipeline.calibration_set(train_set, validation_set, base)
     input_shape = train_set.frames.shape[2:]
     log.info("data %s from %s: train %d, validation %d (held out), test %d, frames (T, H, W, C) = %s, %d classes; "
              "calibration on %s (%.1f s)", base.data.name, data.data_root(base.data.data_dir), len(train_set),
