@@ -69,8 +69,13 @@ class RunResult:
     input_shape: tuple | None = None
 
 
+@jax.jit
 def _all_finite(states) -> jax.Array:
-    """(M,) bool: every floating-point leaf of member m's state is finite (states stacked (M, ...))."""
+    """(M,) bool: every floating-point leaf of member m's state is finite (states stacked (M, ...)).
+
+    One compiled program rather than three eager operations per leaf: on XLA:CPU with several (forced host)
+    devices, dozens of small multi-device programs dispatched behind the epoch's last train steps could
+    deadlock in a collective's rendezvous (measured; see ``tests/test_storage_faults.py``)."""
     leaves = [x for x in jax.tree.leaves(states) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.stack([jnp.isfinite(x).reshape(x.shape[0], -1).all(1) for x in leaves]).all(0)
 
