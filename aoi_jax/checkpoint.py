@@ -172,12 +172,13 @@ def _quiet_orbax_failures() -> None:
 def _orbax_failure_record(record) -> bool:
     """False (drop) for the errors orbax logs after a failed save: its threads' errors with their tracebacks
     (logger ``absl``: the storage error again, "cannot schedule new futures after shutdown") and its
-    unfinished asyncio tasks ("Task exception was never retrieved")."""
+    unfinished asyncio tasks and futures ("Task exception was never retrieved", likewise "Future ..." and
+    "_GatheringFuture ...", whichever is finalised first)."""
     if record.levelno < logging.ERROR:
         return True
     if record.name == "asyncio":
-        return not (str(record.msg).startswith("Task exception was never retrieved")
-                    and "orbax" in record.getMessage())
+        first = str(record.msg).split("\n", 1)[0]
+        return not (first.endswith(" exception was never retrieved") and "orbax" in record.getMessage())
     return "orbax" not in record.pathname
 
 

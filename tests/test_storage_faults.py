@@ -109,6 +109,21 @@ def test_failure_message_is_short_and_says_the_checkpoint_is_kept():
     assert isinstance(e, OSError) and e.errno == 28 and e.filename == "/x/ck/7"
 
 
+@pytest.mark.parametrize("kind", ["Task", "Future", "_GatheringFuture"])
+def test_orbax_leftovers_after_a_failed_save_are_dropped_and_other_asyncio_errors_kept(kind):
+    """The asyncio reports of orbax's unfinished writes, whichever object is finalised first (seen under load:
+    a ``Future`` or ``_GatheringFuture`` before the ``Task``), are dropped; other asyncio errors are not."""
+    def record(msg):
+        return logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1, msg, None, None)
+
+    leftover = (f"{kind} exception was never retrieved\nfuture: <{kind} finished exception=ValueError('OUT_OF_RANGE: "
+                "Error writing \"step/0\" at \"/r/ck/2.orbax-checkpoint-tmp/state\": File too large')>")
+    assert not checkpoint._orbax_failure_record(record(leftover))
+    assert checkpoint._orbax_failure_record(record(f"{kind} exception was never retrieved\nfuture: <{kind} "
+                                                   "finished exception=KeyError('mine')>"))
+    assert checkpoint._orbax_failure_record(record("Unclosed client session (orbax-checkpoint-tmp)"))
+
+
 # ----------------------------------------------------------------------------------------------- umask
 
 @pytest.mark.parametrize("mask", [0o022, 0o077])
