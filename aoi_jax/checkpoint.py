@@ -460,7 +460,7 @@ def restore(directory, step: int | str | None = None) -> tuple[Any, step_lib.Tra
     mngr = _manager(directory)
     try:
         meta = _read_meta(mngr, step)
-        cfg = config_lib.from_dict(meta["config"])
+        cfg = config_lib.from_stored(meta["config"], f"the config of {directory} step {step}")
         input_shape = tuple(meta["input_shape"])
         graphdef, abstract = abstract_state(cfg, input_shape)
         want, have = _describe(abstract), _describe(mngr.item_metadata(step)["state"])

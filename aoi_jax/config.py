@@ -10,6 +10,7 @@ when the config is built, before any work (docs/semantics.md section 9.6).
 import ast
 import dataclasses
 import json
+import logging
 import math
 import pathlib
 import runpy
@@ -429,23 +430,43 @@ def to_json(cfg) -> str:
     return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True, allow_nan=False)
 
 
-def from_dict(d: dict[str, Any], cls=Config, prefix: str = ""):
-    """Inverse of ``to_dict``; strict: an unknown or missing key raises KeyError naming it."""
+def from_dict(d: dict[str, Any], cls=Config, prefix: str = "", *, defaulted: list | None = None):
+    """Inverse of ``to_dict``; strict: an unknown or missing key raises KeyError naming it.
+
+    Args:
+      defaulted: for a config stored by an earlier version (a checkpoint's): a missing key then takes its
+        default (what that version did: every key added since defaults to the earlier behaviour) and its
+        dotted name is appended to this list. Unknown keys are still refused.
+    """
     types_ = _field_types(cls)
     unknown = sorted(set(d) - set(types_))
     if unknown:
         raise KeyError(f"unknown config key(s) {[prefix + k for k in unknown]}; "
                        f"valid keys: {', '.join(valid_keys(cls, prefix))}")
     missing = sorted(set(types_) - set(d))
-    if missing:
+    if missing and defaulted is None:
         raise KeyError(f"config is missing key(s) {[prefix + k for k in missing]}")
     kwargs = {}
     for name, tp in types_.items():
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(d[name], tp, prefix + name + ".")
+        if name in missing:
+            defaulted.extend(valid_keys(tp, prefix + name + ".") if dataclasses.is_dataclass(tp)
+                             else [prefix + name])
+        elif dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(d[name], tp, prefix + name + ".", defaulted=defaulted)
         else:
             kwargs[name] = _coerce(prefix + name, d[name], tp)
     return cls(**kwargs)
+
+
+def from_stored(d: dict[str, Any], where: str):
+    """A config stored by this or an earlier version (a checkpoint's): ``from_dict`` with the keys added
+    since taking their defaults, logged once naming them and ``where`` the config came from."""
+    defaulted = []
+    cfg = from_dict(d, defaulted=defaulted)
+    if defaulted:
+        logging.getLogger("aoi_jax").info("%s was stored before config key(s) %s existed: they take their defaults",
+                                          where, ", ".join(defaulted))
+    return cfg
 
 
 __all__ = [

@@ -228,7 +228,8 @@ class RunDir:
         if resume is None:
             return None
         metas = [checkpoint.stored_meta(d / "checkpoints", resume) for d in self.dirs]
-        self._stored = [config_lib.from_dict(meta["config"]) for meta in metas]
+        self._stored = [config_lib.from_stored(meta["config"], f"the config of {d / 'checkpoints'} step {resume}")
+                        for meta, d in zip(metas, self.dirs)]
         for m, d, stored in zip(self.members, self.dirs, self._stored):
             check_resumable(stored, m.cfg, d)
         self.step, self.records = resume, [meta["record"] for meta in metas]

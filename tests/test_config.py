@@ -1,5 +1,6 @@
 """Config files, overrides and strict (de)serialisation."""
 
+import logging
 import pathlib
 
 import pytest
@@ -60,6 +61,27 @@ def test_roundtrip_and_strict_from_dict():
     del d["train"]["epochs"]
     with pytest.raises(KeyError, match=r"train\.epochs"):
         config.from_dict(d)
+
+
+def test_a_config_stored_before_a_key_existed_takes_its_default_and_says_so(caplog):
+    """A checkpoint's config written before ``model.neuron`` gained kind / learn_vth / per_channel: stored
+    configs fill those from the defaults and log their names; unknown keys are still refused."""
+    cfg = config.load(ROOT / "configs/ndigits.py", ["model.neuron.tau=0.25"])
+    d = config.to_dict(cfg)
+    for k in ("kind", "learn_vth", "per_channel"):
+        del d["model"]["neuron"][k]
+    with pytest.raises(KeyError, match=r"model\.neuron\.kind"):
+        config.from_dict(d)
+    with caplog.at_level(logging.INFO, logger="aoi_jax"):
+        assert config.from_stored(d, "the config of /r/checkpoints step 44") == cfg
+    assert caplog.messages == ["the config of /r/checkpoints step 44 was stored before config key(s) "
+                               "model.neuron.kind, model.neuron.learn_vth, model.neuron.per_channel existed: they "
+                               "take their defaults"]
+    del d["reg"]
+    assert config.from_stored(d, "x").reg == config.RegConfig()
+    d["reg"] = {"beta": 1}
+    with pytest.raises(KeyError, match=r"reg\.beta"):
+        config.from_stored(d, "x")
 
 
 def test_missing_config_file(tmp_path):
