@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from aoi_jax import parallel
+from conftest import two_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -85,9 +86,8 @@ print("RESULT" + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def two_devices():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    env = two_device_env(os.environ)
+    env.update(PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
