@@ -1,5 +1,5 @@
-"""Shared test setup: CPU only, XLA:CPU compiling without LLVM's optimisations, strict rank promotion, a seeded key, no network, no data written outside the
-session's temporary folder, one XLA compilation cache per session (shared with the subprocesses the tests
+"""Shared test setup: CPU only, XLA:CPU with fewer LLVM optimisations, strict rank promotion, a seeded key, no
+network, no data written outside the session's temporary folder, one XLA compilation cache per session (shared with the subprocesses the tests
 start), and one N-Digits data folder shared by the tests that train."""
 
 import os
@@ -8,12 +8,12 @@ import socket
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# The suite compiles with LLVM's optimisations off: on XLA:CPU most of the suite's time is compiling (LLVM's
-# passes), the tests check values and not speed, and the flags change how fast the generated code runs, not
-# what it computes (XLA does not enable fast-math on CPU; measured: tests/test_remat.py + tests/test_neurons.py
-# 166 s -> 77 s, same results). Set here, before jax creates its CPU client; subprocesses inherit them.
+# The suite compiles with fewer LLVM optimisations (level 1, expensive passes off): on XLA:CPU much of the
+# suite's time is compiling, the tests check values and not speed, and the flags change how fast the generated
+# code runs, not what it computes (XLA does not enable fast-math on CPU). Measured 2026-12-02 on the 2-core
+# machine, docs/performance.md. Set here, before jax creates its CPU client; subprocesses inherit them.
 # AOI_JAX_TEST_OPTIMISED=1 runs the suite with XLA's default compilation instead.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true"
 if os.environ.get("AOI_JAX_TEST_OPTIMISED") != "1":
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 

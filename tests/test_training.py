@@ -56,10 +56,12 @@ def assert_same_state(a, b):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, ndigits_dir):
-    root = tmp_path_factory.mktemp("training")
-    (result,) = training.train_and_evaluate(tiny(ndigits_dir), root / "run")
-    return root, result
+def run(trained_ndigits):
+    """``(root, result)``: the session's tiny run (conftest ``trained_ndigits``: ``tiny(ndigits_dir)`` trained and
+    evaluated) in ``root / "run"``. Read-only: tests that change it work on a copy."""
+    workdir, cfg, (result,) = trained_ndigits
+    assert cfg == tiny(cfg.data.data_dir)
+    return workdir.parent, result
 
 
 @pytest.fixture(scope="module")
@@ -117,18 +119,18 @@ def test_the_report_costs_each_exit(run):
     assert anytime["fraction_of_steps_computed"] >= anytime["mean_timestep"] / 4
 
 
-def test_rerun_resumes_and_a_different_config_is_refused_naming_the_keys(run, ndigits_dir):
-    root, _ = run
-    before = files(root / "run")
-    (again,) = training.train_and_evaluate(tiny(ndigits_dir), root / "run", run_eval=False)   # nothing left
+def test_rerun_resumes_and_a_different_config_is_refused_naming_the_keys(run, ndigits_dir, tmp_path):
+    workdir = copy(run[0] / "run", tmp_path)
+    before = files(workdir)
+    (again,) = training.train_and_evaluate(tiny(ndigits_dir), workdir, run_eval=False)   # nothing left
     assert again.report is None
-    assert len(metrics(root / "run")) == 1
+    assert len(metrics(workdir)) == 1
     with pytest.raises(ValueError) as e:
-        training.train_and_evaluate(tiny(ndigits_dir, "reg.alpha=0.01", "optim.momentum=0.8"), root / "run")
-    assert str(e.value) == (f"{root / 'run'} holds checkpoints of a different config (reg.alpha: stored 0.002, "
+        training.train_and_evaluate(tiny(ndigits_dir, "reg.alpha=0.01", "optim.momentum=0.8"), workdir)
+    assert str(e.value) == (f"{workdir} holds checkpoints of a different config (reg.alpha: stored 0.002, "
                             "requested 0.01, optim.momentum: stored 0.9, requested 0.8); use another --workdir (a run "
                             "continues only with the same config; train.epochs may change)")
-    assert files(root / "run") == before                           # refused before touching anything
+    assert files(workdir) == before                                # refused before touching anything
 
 
 def test_the_checkpoint_config_decides_not_config_json(run, ndigits_dir, tmp_path):
