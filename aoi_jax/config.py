@@ -472,5 +472,5 @@ def from_stored(d: dict[str, Any], where: str):
 __all__ = [
     "Config", "ModelConfig", "NeuronConfig", "DataConfig", "RegConfig", "OptimConfig", "TrainConfig",
     "EvalConfig", "shipped", "load", "override", "apply_overrides", "valid_keys", "differences", "to_dict", "to_json",
-    "from_dict", "epsilon_index", "parse_sweep", "SWEEP_KEYS", "BEST_METRICS",
+    "from_dict", "from_stored", "epsilon_index", "parse_sweep", "SWEEP_KEYS", "BEST_METRICS",
 ]
