@@ -2,6 +2,7 @@
 network, no data written outside the session's temporary folder, one XLA compilation cache per session (shared with the subprocesses the tests
 start), and one N-Digits data folder shared by the tests that train."""
 
+import fcntl
 import os
 import pathlib
 import socket
@@ -29,6 +30,13 @@ COMPILE_CACHE_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1",
                      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
+def session_folder(factory) -> pathlib.Path:
+    """The session's temporary folder that every pytest-xdist worker shares (each worker's own ``tmp_path``
+    folders lie inside it); without xdist, the session's temporary folder."""
+    base = factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config):
     """One XLA compilation cache for the whole session, in ``<basetemp>/xla_cache``: the many tests (and the
@@ -37,18 +45,26 @@ def pytest_configure(config):
     instead of compiling it again. A cache hit is the identical executable, so results are bit for bit those
     of a fresh compile; the folder is new in every session, so nothing is carried over between runs (unless
     ``$JAX_COMPILATION_CACHE_DIR`` is set already: then that cache is used as it is;
-    ``JAX_ENABLE_COMPILATION_CACHE=false`` turns it off). Set here, before any test module is imported,
+    ``JAX_ENABLE_COMPILATION_CACHE=false`` turns it off). With pytest-xdist the workers share one cache, in
+    the session's common folder. Set here, before any test module is imported,
     because jax decides at its first compile whether to use a cache."""
     factory = getattr(config, "_tmp_path_factory", None)
     if factory is None or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
-    folder = factory.getbasetemp() / "xla_cache"
+    folder = session_folder(factory) / "xla_cache"
     folder.mkdir(exist_ok=True)
     os.environ.update(COMPILE_CACHE_ENV, JAX_COMPILATION_CACHE_DIR=str(folder))
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs",
                       float(COMPILE_CACHE_ENV["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (setup.cfg): one worker per usable core, at most 4. Each worker builds the session fixtures
+    (the N-Digits cache, the shared tiny run) once and holds its own compiled programs, so more workers add
+    memory and duplicated setup faster than they save time."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
 
 
 @pytest.fixture
@@ -84,11 +100,15 @@ def default_data_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ndigits_dir(tmp_path_factory):
     """A data folder holding the N-Digits events cache, built once per session (frames of each T are built from
-    it on first use). Shared: a test that damages a cache file works on a copy."""
+    it on first use). Shared by all tests and all pytest-xdist workers: the first worker builds it while the
+    others wait on a lock, then they read it (the data caches are written atomically, so workers that build
+    the same frames at once are safe). A test that damages a cache file works on a copy."""
     from aoi_jax.data import ndigits
 
-    root = tmp_path_factory.mktemp("ndigits_data")
-    ndigits.load_events(root)
+    root = session_folder(tmp_path_factory) / "ndigits_data"
+    with open(root.with_name("ndigits_data.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ndigits.load_events(root)
     return root
 
 
