@@ -83,16 +83,38 @@ def test_train_records_its_xla_options_and_writes_tensorboard_events_per_member(
             assert b"train_loss" in events.read_bytes() and b"test_accuracy" in events.read_bytes()
 
 
-def test_evaluate_reproduces_the_members_report_and_serves(sweep):
+def readme_exit_rule() -> str:
+    """The code block of the README's "A new exit rule"."""
+    text = (ROOT / "README.md").read_text()
+    return text[text.index("**A new exit rule**"):].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def served(sweep):
+    """``(out, proc)``: evaluate.py on member alpha=0.5's checkpoint with the README's new exit rule (saved as a
+    module, passed with --rules) and --serve, the report written to ``out``. One subprocess for the two tests
+    below: the four built-in rules' part of its report is what it would be without the added rule."""
     root, _ = sweep
     member = root / "sweep" / "members" / "alpha=0.5"
-    proc = script("evaluate.py", "--workdir", str(member), "--out", "again", "--serve", "--slots", "8", cwd=root)
+    (root / "my_rules.py").write_text(readme_exit_rule())
+    proc = script("evaluate.py", "--workdir", str(member), "--out", "again", "--rules", "my_rules", "--serve",
+                  "--slots", "8", cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "again", proc
+
+
+def test_evaluate_reproduces_the_members_report_and_serves(sweep, served):
+    root, _ = sweep
+    member = root / "sweep" / "members" / "alpha=0.5"
+    out, proc = served
     a = json.loads((member / "report.json").read_text())
-    b = json.loads((root / "again" / "report.json").read_text())
-    # same checkpoint, same calibration key: the whole report is reproduced
+    b = json.loads((out / "report.json").read_text())
+    # same checkpoint, same calibration key: the whole report is reproduced (the added rule aside)
     assert a["accuracy_per_timestep"] == b["accuracy_per_timestep"]
-    assert a["topk_beta"] == b["topk_beta"] and a["rules"] == b["rules"] and a["cost"] == b["cost"]
+    assert a["topk_beta"] == b["topk_beta"] and set(b["rules"]) == set(a["rules"]) | {"margin"}
+    assert a["rules"] == {rule: b["rules"][rule] for rule in a["rules"]}
+    assert set(b["cost"]) == set(a["cost"]) and b["cost"]["rules"].pop("margin")
+    assert a["cost"] == b["cost"]
     # --serve: continuous batching on the test set for every rule at the table's epsilons (0 and 0.05 here)
     serve = b["serve"]
     assert serve["slots"] == 8 and serve["fixed_t"]["mean_timestep"] == 3 and serve["fixed_t"]["samples_per_s"] > 0
@@ -109,37 +131,27 @@ def test_evaluate_reproduces_the_members_report_and_serves(sweep):
     assert f"restored {member / 'checkpoints'} step {step_} (" in proc.stdout
 
 
-def readme_exit_rule() -> str:
-    """The code block of the README's "A new exit rule"."""
-    text = (ROOT / "README.md").read_text()
-    return text[text.index("**A new exit rule**"):].split("```python\n", 1)[1].split("```", 1)[0]
-
-
-def test_evaluate_scores_the_readme_exit_rule(sweep, tmp_path):
+def test_evaluate_scores_the_readme_exit_rule(served):
     """The README's new exit rule, saved as a module and passed with --rules: that one registration puts it in
     report.json (with its cost), the printed table, the figures and --serve. At epsilon 0 it never fires
     (p1 - p2 > 1 is impossible): every sample exits at T with the accuracy at T; the served exits are the sweep's."""
-    member = sweep[0] / "sweep" / "members" / "alpha=0.5"
-    (tmp_path / "my_rules.py").write_text(readme_exit_rule())
-    proc = script("evaluate.py", "--workdir", str(member), "--out", "out", "--rules", "my_rules", "--serve",
-                  "--slots", "8", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    out, proc = served
+    report = json.loads((out / "report.json").read_text())
     assert set(report["rules"]) == {"topk", "confidence", "entropy", "spikecp", "margin"}
     margin = report["rules"]["margin"]
     assert margin["mean_timestep"][0] == 3 and margin["accuracy"][0] == report["accuracy_per_timestep"][-1]
     assert len(report["cost"]["rules"]["margin"]["synops"]) == 2
-    served = report["serve"]["rules"]["margin"]
-    assert served["epsilons"] == [0.0, 0.05] and min(served["samples_per_s"]) > 0
-    assert served["accuracy"] == pytest.approx(margin["accuracy"], rel=1e-6)
-    assert served["mean_timestep"] == pytest.approx(margin["mean_timestep"], rel=1e-6)
+    served_margin = report["serve"]["rules"]["margin"]
+    assert served_margin["epsilons"] == [0.0, 0.05] and min(served_margin["samples_per_s"]) > 0
+    assert served_margin["accuracy"] == pytest.approx(margin["accuracy"], rel=1e-6)
+    assert served_margin["mean_timestep"] == pytest.approx(margin["mean_timestep"], rel=1e-6)
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("margin ")]
     assert [row[:4] for row in rows] == [["margin", f"{e:.2f}", f"{a:.4f}", f"{t:.3f}"] for e, a, t in
                                         zip(report["epsilons"], margin["accuracy"], margin["mean_timestep"])]
     for figure in (reporting.latency_figure(report), reporting.energy_figure(report)):
         assert "margin" in [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
     for fig in ("accuracy_per_timestep.png", "accuracy_vs_latency.png", "accuracy_vs_energy.png"):
-        assert (tmp_path / "out" / fig).read_bytes()[:4] == b"\x89PNG"
+        assert (out / fig).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_evaluate_changes_evaluation_settings_only(sweep):
