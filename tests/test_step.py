@@ -1,6 +1,7 @@
 """The regularised train step: it learns, it compiles once, its optimiser matches the recipe."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +32,8 @@ def fixed_batch(seed=0, T=4, N=12):
 
 
 def loss_at(state, batch, graphdef, cfg):
-    return float(step.loss_fn(state.params, state.batch_stats, batch, step.loss_weights(cfg), graphdef=graphdef,
-                              cfg=cfg)[0])
+    loss = jax.jit(functools.partial(step.loss_fn, graphdef=graphdef, cfg=cfg))
+    return float(loss(state.params, state.batch_stats, batch, step.loss_weights(cfg))[0])
 
 
 @pytest.mark.parametrize("loss,optim", [("mean", "sgd"), ("tet", "sgd"), ("mean", "adamw")])
@@ -59,10 +60,10 @@ def test_rcs_term_is_in_the_loss_and_gradient():
     batch = fixed_batch()
     cfg0, graphdef, state, _ = setup(alpha=0.0)
     cfg1 = dataclasses.replace(cfg0, reg=config.RegConfig(alpha=0.5))
-    (l0, (_, m0)), g0 = jax.value_and_grad(step.loss_fn, has_aux=True)(
-        state.params, state.batch_stats, batch, step.loss_weights(cfg0), graphdef=graphdef, cfg=cfg0)
-    (l1, (_, m1)), g1 = jax.value_and_grad(step.loss_fn, has_aux=True)(
-        state.params, state.batch_stats, batch, step.loss_weights(cfg1), graphdef=graphdef, cfg=cfg1)
+    (l0, (_, m0)), g0, (l1, (_, m1)), g1 = (             # one compiled program each, not op-by-op dispatch
+        x for c in (cfg0, cfg1) for x in jax.jit(jax.value_and_grad(
+            functools.partial(step.loss_fn, graphdef=graphdef, cfg=c), has_aux=True))(
+                state.params, state.batch_stats, batch, step.loss_weights(c)))
     np.testing.assert_allclose(float(l1), float(m1["task"]) + 0.5 * float(m1["rcs"]), rtol=1e-6)
     np.testing.assert_allclose(float(l0), float(m0["task"]), rtol=1e-6)
     if float(m1["rcs"]) > 0:   # some sample qualifies: the regulariser must move the gradient

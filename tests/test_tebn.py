@@ -1,5 +1,6 @@
 """TEBN: BatchNorm statistics over (N, T, H, W) per channel, then a learnt scale p_t per time step."""
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,8 +60,8 @@ def test_p_t_is_learnt_per_timestep(key):
     full = config.Config(model=cfg)
     graphdef, state = step.init_state(model, step.make_optimizer(full.optim, 10))
     batch = {"frames": frames_with_a_drift(key, N=6), "label": jnp.asarray([0, 1, 2, 0, 1, 2])}
-    grads, _ = jax.grad(step.loss_fn, has_aux=True)(state.params, state.batch_stats, batch,
-                                                      step.loss_weights(full), graphdef=graphdef, cfg=full)
+    grads, _ = jax.jit(jax.grad(functools.partial(step.loss_fn, graphdef=graphdef, cfg=full), has_aux=True))(
+        state.params, state.batch_stats, batch, step.loss_weights(full))
     g = np.asarray(grads["norms"][0]["time_scale"][...])
     assert g.shape == (T,) and len(np.unique(g)) == T                         # one free scale per step
 
