@@ -56,7 +56,7 @@ def test_rcs_scores_window_is_detached(key):
     """The gradient (w.r.t. spikes and membranes; ``rcs_scores`` writes its reductions' gradient by hand)
     equals autodiff of the formula written with an einsum, the target r_d held constant."""
     s, m = layer(key, 10, 2)
-    g = jax.grad(lambda s, m: regularisers.rcs_scores(s, m).sum(), argnums=(0, 1))(s, m)
+    g = jax.jit(jax.grad(lambda s, m: regularisers.rcs_scores(s, m).sum(), argnums=(0, 1)))(s, m)
     # numerical check of the stop-gradient: the target r_d is treated as a constant
     def with_fixed_target(s, m):
         r = s + jax.nn.relu(m)
@@ -65,7 +65,7 @@ def test_rcs_scores_window_is_detached(key):
         cos = jnp.einsum("tnd,nd->tn", r, r_d) / (jnp.sqrt((r ** 2).sum(-1) + 1e-5)
                                                   * jnp.sqrt((r_d ** 2).sum(-1) + 1e-5)[None, :])
         return (1.0 / (cos.mean(0) + 1e-5)).sum()
-    want = jax.grad(with_fixed_target, argnums=(0, 1))(s, m)
+    want = jax.jit(jax.grad(with_fixed_target, argnums=(0, 1)))(s, m)
     assert float(jnp.abs(want[0]).max()) > 1e-3 and float(jnp.abs(want[1]).max()) > 1e-3
     np.testing.assert_allclose(g[0], want[0], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(g[1], want[1], rtol=1e-5, atol=1e-7)
@@ -155,7 +155,7 @@ def test_rcs_scores_gradient_equals_float64_sums(key):
     """Values and gradients of ``rcs_scores`` (einsums, autodiff) against the formula written with two plain
     sums in float64, r_d held constant (what the former hand-written reduction and its VJP computed)."""
     s, m = layer(key, 6, 3, shape=(2, 5))
-    f32 = jax.grad(lambda s, m: regularisers.rcs_scores(s, m, vth=0.8, window=0.5).sum(), argnums=(0, 1))(s, m)
+    f32 = jax.jit(jax.grad(lambda s, m: regularisers.rcs_scores(s, m, vth=0.8, window=0.5).sum(), argnums=(0, 1)))(s, m)
 
     def sums(s, m):
         r = (s + jax.nn.relu(m / 0.8)).reshape(6, 3, -1)
@@ -166,8 +166,8 @@ def test_rcs_scores_gradient_equals_float64_sums(key):
 
     with jax.enable_x64(True):
         s64, m64 = np.asarray(s, np.float64), np.asarray(m, np.float64)
-        want = np.asarray(sums(s64, m64))
-        g64 = [np.asarray(g) for g in jax.grad(lambda s, m: sums(s, m).sum(), argnums=(0, 1))(s64, m64)]
+        want = np.asarray(jax.jit(sums)(s64, m64))
+        g64 = [np.asarray(g) for g in jax.jit(jax.grad(lambda s, m: sums(s, m).sum(), argnums=(0, 1)))(s64, m64)]
     np.testing.assert_allclose(regularisers.rcs_scores(s, m, vth=0.8, window=0.5), want, rtol=1e-6)
     for a, b in zip(f32, g64):
         assert np.abs(b).max() > 1e-3
@@ -180,5 +180,5 @@ def test_rcs_scores_per_channel_threshold(key):
     vth = jnp.array([0.5, 1.0, 2.0, 1.5])
     want = rcs_scores_reference(np.asarray(s), np.asarray(m) / np.asarray(vth), 1.0, 0.3)
     np.testing.assert_allclose(regularisers.rcs_scores(s, m, vth=vth), want, rtol=1e-5)
-    g = jax.grad(lambda v: regularisers.rcs_scores(s, m, vth=v).sum())(vth)
+    g = jax.jit(jax.grad(lambda v: regularisers.rcs_scores(s, m, vth=v).sum()))(vth)
     assert g.shape == (4,) and float(jnp.abs(g).min()) > 0
