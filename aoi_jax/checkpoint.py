@@ -223,10 +223,11 @@ class _Held(logging.Filter):
             logger.handle(record)
 
 
-def _remove_half_step(directory: pathlib.Path, step: int) -> None:
+def _remove_half_step(directory: pathlib.Path, step: int, *, quiet: float = 0.5, limit: float = 30.0) -> None:
     """Deletes what a failed save of ``step`` left: orbax's temporary folder(s) and a step folder without
-    its checksum record. A write of orbax's still in flight may create a file or the folder again while it
-    goes, so the folder must stay absent for several checks in a row (at most about 2 s)."""
+    its checksum record. A write of tensorstore's still in flight may create a file or the folder again while
+    it goes (seen 50 ms after the last removal on a loaded machine), so the leftovers must stay absent for
+    ``quiet`` seconds in a row, checked every 10 ms, for at most ``limit`` seconds in all."""
     if jax.process_index() != 0:
         return
 
@@ -236,14 +237,13 @@ def _remove_half_step(directory: pathlib.Path, step: int) -> None:
             half.append(directory / str(step))
         return half
 
-    absent = 0
-    for _ in range(200):
+    start = absent_since = time.monotonic()
+    while (now := time.monotonic()) - absent_since < quiet and now - start < limit:
         half = leftovers()
-        absent = 0 if half else absent + 1
-        if absent >= 5:
-            return
-        for p in half:
-            shutil.rmtree(p, ignore_errors=True)
+        if half:
+            for p in half:
+                shutil.rmtree(p, ignore_errors=True)
+            absent_since = time.monotonic()
         time.sleep(0.01)
 
 

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -139,6 +140,30 @@ def test_orbax_write_coroutines_left_unawaited_after_a_failed_save_are_not_repor
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "write_fragment" not in proc.stderr and "coroutine 'mine' was never awaited" in proc.stderr
+
+
+def test_a_half_step_written_again_by_a_late_write_is_removed_too(tmp_path):
+    """A write still in flight after a failed save creates orbax's temporary folder again 0.2 s after it was
+    removed (seen 50 ms after, under load): the half step is still gone when ``_remove_half_step`` returns; a
+    finished step (with its checksum record) and other steps are kept."""
+    tmp = tmp_path / "7.orbax-checkpoint-tmp-123"
+    (tmp / "state").mkdir(parents=True)
+    (tmp_path / "7").mkdir()                                      # no checksum record: half a step
+    (tmp_path / "5").mkdir()
+    (tmp_path / "5" / checkpoint.RECORD).write_text("{}")
+
+    def late_write():
+        time.sleep(0.2)
+        (tmp / "state").mkdir(parents=True, exist_ok=True)
+        (tmp / "state" / "chunk").write_bytes(b"x")
+
+    writer = threading.Thread(target=late_write)
+    writer.start()
+    start = time.monotonic()
+    checkpoint._remove_half_step(tmp_path, 7, quiet=0.5)
+    writer.join()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["5"]
+    assert time.monotonic() - start >= 0.7                       # 0.2 s until the late write, then 0.5 s quiet
 
 
 # ----------------------------------------------------------------------------------------------- umask
