@@ -1,8 +1,8 @@
 """Default: the built-in N-Digits event data set, the small conv SNN, T = 10, TET loss, RCS alpha = 0.002.
 
 The loss is TET (not the mean loss) and the calibration the training samples with dropout 0.3 by the RCS
-study's rules (docs/results.md, "Decisions"); alpha stays the reference's 0.002 (the study finds no alpha
-that shortens latency).
+study's rules (docs/results.md, "Decisions"); alpha stays the reference's 0.002 by the second experiment's
+pre-registered rule (docs/results.md, "Second experiment": no alpha shortens latency).
 
 python train.py --config configs/ndigits.py --workdir runs/ndigits [--set reg.alpha=0 ...]
 """
