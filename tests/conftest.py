@@ -67,6 +67,24 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(len(os.sched_getaffinity(0)), 4))
 
 
+# The test files that take longest (measured with ``--durations=0``, docs/performance.md), in that order.
+# pytest-xdist (``--dist loadfile``) hands out whole files in collection order, alphabetical by default, which
+# left the longest files (test_storage_faults, test_training) for last: one worker still ran them while the
+# other had nothing left. Starting them first lets the short files fill in behind them.
+LONGEST_FIRST = ("test_training.py", "test_storage_faults.py", "test_cli.py", "test_models.py", "test_remat.py",
+                 "test_neurons.py", "test_cutoff.py", "test_anytime.py", "test_convert.py", "test_sweep.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Runs the files of ``LONGEST_FIRST`` first, in that order; every other file follows in collection order,
+    and the tests of a file keep their order."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    first_seen = {}
+    for i, item in enumerate(items):
+        first_seen.setdefault(item.path, i)
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), first_seen[item.path]))
+
+
 @pytest.fixture
 def key():
     return jax.random.key(0)

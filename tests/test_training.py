@@ -311,11 +311,11 @@ def test_evaluation_warns_about_non_finite_parameters_and_logits(run):
     assert [str(w.message) for w in caught] == [f"{m}: this report's numbers are meaningless" for m in report["warnings"]]
 
 
-def test_held_out_validation_split_is_not_trained_on_and_calibrates(tmp_path):
+def test_held_out_validation_split_is_not_trained_on_and_calibrates(ndigits_dir, tmp_path):
     """data.validation_fraction = 0.2 holds 287 of N-Digits' 1438 training samples out (round(0.2 n_c) of
     each class): training steps count the other 1151; Top-K calibrates on the 287 (eval.calibration)."""
     (result,) = training.train_and_evaluate(
-        tiny(tmp_path, "data.validation_fraction=0.2", "eval.calibration=validation", "eval.calib_dropout=0.0"),
+        tiny(ndigits_dir, "data.validation_fraction=0.2", "eval.calibration=validation", "eval.calib_dropout=0.0"),
         tmp_path / "run")
     assert checkpoint.latest_step(tmp_path / "run" / "checkpoints") == 1151 // 64
     assert result.report["n_calibration"] == 287 and result.report["n_test"] == 359
