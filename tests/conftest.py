@@ -70,8 +70,9 @@ def pytest_xdist_auto_num_workers(config):
 # The test files that take longest (measured with ``--durations=0``, docs/performance.md), in that order.
 # pytest-xdist (``--dist loadfile``) hands out whole files in collection order, alphabetical by default, which
 # left the longest files (test_storage_faults, test_training) for last: one worker still ran them while the
-# other had nothing left. Starting them first lets the short files fill in behind them.
-LONGEST_FIRST = ("test_training.py", "test_storage_faults.py", "test_cli.py", "test_models.py", "test_remat.py",
+# other had nothing left. Starting them first lets the short files fill in behind them. test_models (no data)
+# comes second, so that the second worker does not wait for the N-Digits folder the first worker is building.
+LONGEST_FIRST = ("test_training.py", "test_models.py", "test_storage_faults.py", "test_cli.py", "test_remat.py",
                  "test_neurons.py", "test_cutoff.py", "test_anytime.py", "test_convert.py", "test_sweep.py")
 
 
