@@ -226,7 +226,7 @@ class _Held(logging.Filter):
 def _remove_half_step(directory: pathlib.Path, step: int, *, quiet: float = 0.5, limit: float = 30.0) -> None:
     """Deletes what a failed save of ``step`` left: orbax's temporary folder(s) and a step folder without
     its checksum record. A write of tensorstore's still in flight may create a file or the folder again while
-    it goes (seen 50 ms after the last removal on a loaded machine), so the leftovers must stay absent for
+    it goes (seen on a loaded machine after the removal had ended), so the leftovers must stay absent for
     ``quiet`` seconds in a row, checked every 10 ms, for at most ``limit`` seconds in all."""
     if jax.process_index() != 0:
         return

@@ -68,9 +68,10 @@ def pytest_xdist_auto_num_workers(config):
 
 
 # The test files that take longest (measured with ``--durations=0``, docs/performance.md), in that order.
-# pytest-xdist (``--dist loadfile``) hands out whole files in collection order, alphabetical by default, which
-# left the longest files (test_storage_faults, test_training) for last: one worker still ran them while the
-# other had nothing left. Starting them first lets the short files fill in behind them. test_models (no data)
+# pytest-xdist (``--dist loadfile``) hands out whole files, by default those with the most tests first, which
+# need not be the longest: a long file started late keeps one worker busy while the other has nothing left.
+# With ``--no-loadscope-reorder`` (setup.cfg) it keeps the order below, and the short files fill in behind the
+# long ones. test_models (no data)
 # comes second, so that the second worker does not wait for the N-Digits folder the first worker is building.
 LONGEST_FIRST = ("test_training.py", "test_models.py", "test_storage_faults.py", "test_cli.py", "test_remat.py",
                  "test_neurons.py", "test_cutoff.py", "test_anytime.py", "test_convert.py", "test_sweep.py")
@@ -80,10 +81,7 @@ def pytest_collection_modifyitems(config, items):
     """Runs the files of ``LONGEST_FIRST`` first, in that order; every other file follows in collection order,
     and the tests of a file keep their order."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    first_seen = {}
-    for i, item in enumerate(items):
-        first_seen.setdefault(item.path, i)
-    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), first_seen[item.path]))
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))          # stable: other orders kept
 
 
 @pytest.fixture

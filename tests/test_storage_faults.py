@@ -11,8 +11,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
+import types
 
 import jax
 import numpy as np
@@ -142,28 +142,29 @@ def test_orbax_write_coroutines_left_unawaited_after_a_failed_save_are_not_repor
     assert "write_fragment" not in proc.stderr and "coroutine 'mine' was never awaited" in proc.stderr
 
 
-def test_a_half_step_written_again_by_a_late_write_is_removed_too(tmp_path):
+def test_a_half_step_written_again_by_a_late_write_is_removed_too(tmp_path, monkeypatch):
     """A write still in flight after a failed save creates orbax's temporary folder again 0.2 s after it was
-    removed (seen 50 ms after, under load): the half step is still gone when ``_remove_half_step`` returns; a
-    finished step (with its checksum record) and other steps are kept."""
+    removed: the half step is still gone when ``_remove_half_step`` returns, because the leftovers must then stay
+    absent for ``quiet`` seconds again; a finished step (with its checksum record) is kept. The clock is a fake
+    one that each 10 ms sleep advances, so the test does not wait."""
     tmp = tmp_path / "7.orbax-checkpoint-tmp-123"
     (tmp / "state").mkdir(parents=True)
     (tmp_path / "7").mkdir()                                      # no checksum record: half a step
     (tmp_path / "5").mkdir()
     (tmp_path / "5" / checkpoint.RECORD).write_text("{}")
+    now, rewritten = [0.0], []
 
-    def late_write():
-        time.sleep(0.2)
-        (tmp / "state").mkdir(parents=True, exist_ok=True)
-        (tmp / "state" / "chunk").write_bytes(b"x")
+    def sleep(seconds):
+        now[0] += seconds
+        if now[0] >= 0.2 and not rewritten:                       # the late write
+            (tmp / "state").mkdir(parents=True)
+            (tmp / "state" / "chunk").write_bytes(b"x")
+            rewritten.append(now[0])
 
-    writer = threading.Thread(target=late_write)
-    writer.start()
-    start = time.monotonic()
+    monkeypatch.setattr(checkpoint, "time", types.SimpleNamespace(monotonic=lambda: now[0], sleep=sleep))
     checkpoint._remove_half_step(tmp_path, 7, quiet=0.5)
-    writer.join()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["5"]
-    assert time.monotonic() - start >= 0.7                       # 0.2 s until the late write, then 0.5 s quiet
+    assert rewritten and sorted(p.name for p in tmp_path.iterdir()) == ["5"]
+    assert now[0] >= rewritten[0] + 0.5                           # a whole quiet window after the late write
 
 
 # ----------------------------------------------------------------------------------------------- umask
