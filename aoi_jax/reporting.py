@@ -17,16 +17,23 @@ Every JSON file aoi_jax writes is strict JSON (``to_json``): a non-finite number
 import pathlib
 from collections.abc import Sequence
 
-import matplotlib
 import numpy as np
 
 from aoi_jax import integrity, stats
 from aoi_jax.config import epsilon_index
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 TABLE_EPSILONS = (0.0, 0.01, 0.05)  # the epsilons of the printed table (the report has all of them)
+
+
+def _pyplot():
+    """matplotlib's ``pyplot`` on the Agg backend (files only, no display). Imported at the first figure, not
+    with this module: a process that writes no figure does not spend the half second importing it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def write_json(path: pathlib.Path, obj) -> None:
@@ -110,12 +117,14 @@ def summary_table(report: dict) -> str:
 
 
 def _save(fig, path) -> None:
+    plt = _pyplot()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def plot_accuracy_per_timestep(report: dict, path) -> None:
+    plt = _pyplot()
     acc = report["accuracy_per_timestep"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(range(1, len(acc) + 1), np.asarray(acc) * 100, "o-", label="fixed T")
@@ -131,6 +140,7 @@ def plot_accuracy_per_timestep(report: dict, path) -> None:
 def _tradeoff_figure(report: dict, *, fixed_t, rules: dict, oct_x, xlabel: str, what: str, ann_x=None):
     """Test accuracy against a cost per sample: fixed T at every t (``fixed_t`` (T,)), each rule over the
     report's epsilons (``rules``: {rule: (E,)}), OCT (``oct_x``), and an optional vertical line at ``ann_x``."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.plot(fixed_t, np.asarray(report["accuracy_per_timestep"]) * 100, "k.-", alpha=0.5,
             label="fixed T" if ann_x is None else "fixed T (t = 1..T)")
@@ -177,6 +187,7 @@ def plot_accuracy_vs_energy(report: dict, path) -> None:
 
 def plot_summary(summary: dict, path) -> None:
     """Writes ``summary_figure(summary)`` to ``path``."""
+    plt = _pyplot()
     fig = summary_figure(summary)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -187,6 +198,7 @@ def summary_figure(summary: dict):
     of the others): the mean over seeds with its 95 % Student t interval (``summarise``; no bar for
     a single seed). The x axis is symmetric-log (linear within the smallest non-zero |value|), so 0 and
     small values stay apart."""
+    plt = _pyplot()
     keys = [k for k in summary["sweep"] if k != "seed"]
     x_key = keys[0] if keys else None
     lines = {}

@@ -2,9 +2,10 @@
 
 Reading (docs/data.md section 3.3). tonic has no download switch: a data set whose ``_check_exists()``
 fails downloads in its constructor. ``require_files`` checks the expected archive and extracted files
-first and raises ``FileNotFoundError`` saying what is expected where; ``offline(cls)`` is a subclass of a
-tonic data set class, of the same name (tonic derives the folder ``<save_to>/<ClassName>`` from it), that
-trusts that check and never downloads. ``read_recording`` re-raises any reader failure with the file path.
+first and raises ``FileNotFoundError`` saying what is expected where; ``offline(name)`` is a subclass of
+tonic's data set class ``tonic.datasets.<name>``, of the same name (tonic derives the folder
+``<save_to>/<ClassName>`` from it), that trusts that check and never downloads. ``read_recording``
+re-raises any reader failure with the file path.
 
 Frames. ``recording_frames`` turns one recording into ``(T, H', W', 2)`` counts: ``events.check_events``
 against the native sensor, event-level spatial downsampling to ``size = (H', W')``::
@@ -46,6 +47,7 @@ A failure to write (no space, quota, file too large) raises ``integrity.StorageE
 folder and the frames' bytes.
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -102,11 +104,17 @@ def _no_download(self):
                        f"expected the data under {self.location_on_system}")
 
 
-def offline(cls: type) -> type:
-    """A subclass of the tonic data set ``cls`` with the same name whose ``_check_exists`` is True (the
-    caller ran ``require_files``) and whose ``download`` raises: reading only, through tonic's own code."""
-    return type(cls.__name__, (cls,), {"_check_exists": lambda self: True, "download": _no_download,
-                                       "__doc__": f"tonic's {cls.__name__}, reading local files only."})
+@functools.cache
+def offline(name: str) -> type:
+    """A subclass of tonic's data set class ``tonic.datasets.<name>``, of the same name, whose
+    ``_check_exists`` is True (the caller ran ``require_files``) and whose ``download`` raises: reading only,
+    through tonic's own code. tonic is imported here, at the first read of one of its data sets, so that a
+    process that never reads one (N-Digits, CIFAR) does not spend the half second importing it."""
+    import tonic.datasets
+
+    cls = getattr(tonic.datasets, name)
+    return type(name, (cls,), {"_check_exists": lambda self: True, "download": _no_download,
+                               "__doc__": f"tonic's {name}, reading local files only."})
 
 
 def open_dataset(cls: type, data_dir, **kwargs):

@@ -20,7 +20,6 @@ import pathlib
 from collections.abc import Callable
 
 import numpy as np
-import tonic
 
 from aoi_jax.data import cache
 from aoi_jax.data import events as events_lib
@@ -36,8 +35,6 @@ HOW_TO_GET = ("CIFAR10-DVS: tonic's AEDAT4 conversion CIFAR10DVS.zip (figshare f
               "figshare 4724671) with its per-class archives airplane.zip ... truck.zip extracted to "
               "<class>/*.aedat4; or run tonic.datasets.CIFAR10DVS(save_to=<data_dir>) once on a machine with "
               "network. Reading needs the aedat package: pip install 'aoi-jax[cifar10dvs]'.")
-
-CIFAR10DVS = cache.offline(tonic.datasets.CIFAR10DVS)
 
 
 def split_indices(sources: list[str], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -65,9 +62,10 @@ def load_splits(data_cfg, *, progress: Callable[[int, int], None] | None = None)
     """
     root = pathlib.Path(data_cfg.data_dir).expanduser()
     base = root / "CIFAR10DVS"
-    cache.require_files(base, [CIFAR10DVS.filename], [("", "*/*.aedat4")], HOW_TO_GET)
+    reader = cache.offline("CIFAR10DVS")
+    cache.require_files(base, [reader.filename], [("", "*/*.aedat4")], HOW_TO_GET)
     out_hw = cache.output_hw(NATIVE_HW, data_cfg.size)
-    ds = cache.open_dataset(CIFAR10DVS, root)
+    ds = cache.open_dataset(reader, root)
     order = sorted(range(len(ds.data)), key=lambda i: cache.natural_key(ds.data[i]))
     sources = [ds.data[i] for i in order]
     cache.warn_if_incomplete(base, len(sources), OFFICIAL_COUNT, "CIFAR10-DVS")
@@ -84,4 +82,4 @@ def load_splits(data_cfg, *, progress: Callable[[int, int], None] | None = None)
     return tuple(out)
 
 
-__all__ = ["load_splits", "split_indices", "CIFAR10DVS", "NUM_CLASSES", "SENSOR_SIZE", "NATIVE_HW"]
+__all__ = ["load_splits", "split_indices", "NUM_CLASSES", "SENSOR_SIZE", "NATIVE_HW"]

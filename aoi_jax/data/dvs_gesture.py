@@ -17,8 +17,6 @@ import os
 import pathlib
 from collections.abc import Callable
 
-import tonic
-
 from aoi_jax.data import cache
 from aoi_jax.data import events as events_lib
 
@@ -33,8 +31,6 @@ HOW_TO_GET = ("DVS128 Gesture: tonic's preprocessed archives ibmGestureTrain.tar
               "(figshare files 38022171 and 38020584, derived from IBM's DvsGesture.tar.gz, Amir et al. 2017), "
               "extracted next to them; or run tonic.datasets.DVSGesture(save_to=<data_dir>, train=True/False) "
               "once on a machine with network.")
-
-DVSGesture = cache.offline(tonic.datasets.DVSGesture)
 
 
 def _order_key(path: str) -> tuple:
@@ -54,7 +50,7 @@ def load_split(data_cfg, split: str, *, progress: Callable[[int, int], None] | N
     folder, archive, official = SPLITS[split]
     cache.require_files(root / "DVSGesture", [archive], [(folder, "*/*.npy")], HOW_TO_GET)
     out_hw = cache.output_hw(NATIVE_HW, data_cfg.size)
-    ds = cache.open_dataset(DVSGesture, root, train=split == "train")
+    ds = cache.open_dataset(cache.offline("DVSGesture"), root, train=split == "train")
     order = sorted(range(len(ds.data)), key=lambda i: _order_key(ds.data[i]))
     sources = [ds.data[i] for i in order]
     cache.warn_if_incomplete(root / "DVSGesture" / folder, len(sources), official, f"DVS128 Gesture {split} split")
@@ -76,4 +72,4 @@ def load_splits(data_cfg, *, progress: Callable[[int, int], None] | None = None)
     return (load_split(data_cfg, "train", progress=progress), load_split(data_cfg, "test", progress=progress))
 
 
-__all__ = ["load_splits", "load_split", "DVSGesture", "NUM_CLASSES", "SENSOR_SIZE", "NATIVE_HW"]
+__all__ = ["load_splits", "load_split", "NUM_CLASSES", "SENSOR_SIZE", "NATIVE_HW"]

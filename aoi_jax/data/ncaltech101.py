@@ -29,7 +29,6 @@ import pathlib
 from collections.abc import Callable
 
 import numpy as np
-import tonic
 
 from aoi_jax.data import cache
 from aoi_jax.data import events as events_lib
@@ -62,8 +61,6 @@ HOW_TO_GET = ("N-Caltech101: N-Caltech101-archive.zip from Orchard et al., Mende
               "Caltech101/<class>/image_NNNN.bin; or run tonic.datasets.NCALTECH101(save_to=<data_dir>) once on a "
               "machine with network.")
 
-NCALTECH101 = cache.offline(tonic.datasets.NCALTECH101)
-
 
 def _read(ds, index: int) -> np.ndarray:
     """One recording; an empty file is an empty recording (tonic's min-shift would fail on it)."""
@@ -94,14 +91,15 @@ def load_splits(data_cfg, *, progress: Callable[[int, int], None] | None = None)
     """
     root = pathlib.Path(data_cfg.data_dir).expanduser()
     base = root / "NCALTECH101"
-    cache.require_files(base, [NCALTECH101.filename], [(NCALTECH101.folder_name, "*/*.bin")], HOW_TO_GET)
+    reader = cache.offline("NCALTECH101")
+    cache.require_files(base, [reader.filename], [(reader.folder_name, "*/*.bin")], HOW_TO_GET)
     out_hw = cache.output_hw(CANVAS_HW, data_cfg.size)
-    ds = cache.open_dataset(NCALTECH101, root)
-    inside = os.path.normpath(base / NCALTECH101.folder_name) + os.sep
+    ds = cache.open_dataset(reader, root)
+    inside = os.path.normpath(base / reader.folder_name) + os.sep
     order = sorted((i for i in range(len(ds.data)) if os.path.normpath(ds.data[i]).startswith(inside)),
                    key=lambda i: cache.natural_key(ds.data[i]))
     sources = [ds.data[i] for i in order]
-    cache.warn_if_incomplete(base / NCALTECH101.folder_name, len(sources), OFFICIAL_COUNT, "N-Caltech101")
+    cache.warn_if_incomplete(base / reader.folder_name, len(sources), OFFICIAL_COUNT, "N-Caltech101")
     labels = cache.check_labels([label_of(p) for p in sources], sources, NUM_CLASSES)
     train_idx, test_idx = split_indices(labels, TEST_FRACTION, data_cfg.seed)
     out = []
@@ -116,5 +114,5 @@ def load_splits(data_cfg, *, progress: Callable[[int, int], None] | None = None)
     return tuple(out)
 
 
-__all__ = ["load_splits", "label_of", "NCALTECH101", "CLASSES", "CLASS_INDEX", "NUM_CLASSES", "CANVAS_HW",
+__all__ = ["load_splits", "label_of", "CLASSES", "CLASS_INDEX", "NUM_CLASSES", "CANVAS_HW",
            "SENSOR_SIZE", "TEST_FRACTION"]

@@ -17,7 +17,6 @@ import pathlib
 from collections.abc import Callable
 
 import numpy as np
-import tonic
 
 from aoi_jax.data import cache
 from aoi_jax.data import events as events_lib
@@ -31,8 +30,6 @@ SPLITS = {"train": ("Train", "train.zip", 60000), "test": ("Test", "test.zip", 1
 HOW_TO_GET = ("N-MNIST: train.zip and test.zip from Orchard et al., Mendeley Data doi 10.17632/468j46mzdv "
               "(linked from garrickorchard.com/datasets/n-mnist), extracted to Train/ and Test/; or run "
               "tonic.datasets.NMNIST(save_to=<data_dir>, train=True/False) once on a machine with network.")
-
-NMNIST = cache.offline(tonic.datasets.NMNIST)
 
 
 def _read(ds, index: int) -> np.ndarray:
@@ -53,7 +50,7 @@ def load_split(data_cfg, split: str, *, progress: Callable[[int, int], None] | N
     folder, archive, official = SPLITS[split]
     cache.require_files(root / "NMNIST", [archive], [(folder, "*/*.bin")], HOW_TO_GET)
     out_hw = cache.output_hw(NATIVE_HW, data_cfg.size)
-    ds = cache.open_dataset(NMNIST, root, train=split == "train")
+    ds = cache.open_dataset(cache.offline("NMNIST"), root, train=split == "train")
     order = sorted(range(len(ds.data)), key=lambda i: ds.data[i])
     sources = [ds.data[i] for i in order]
     cache.warn_if_incomplete(root / "NMNIST" / folder, len(sources), official, f"N-MNIST {split} split")
@@ -74,4 +71,4 @@ def load_splits(data_cfg, *, progress: Callable[[int, int], None] | None = None)
     return (load_split(data_cfg, "train", progress=progress), load_split(data_cfg, "test", progress=progress))
 
 
-__all__ = ["load_splits", "load_split", "NMNIST", "NUM_CLASSES", "SENSOR_SIZE", "NATIVE_HW"]
+__all__ = ["load_splits", "load_split", "NUM_CLASSES", "SENSOR_SIZE", "NATIVE_HW"]
