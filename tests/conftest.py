@@ -1,22 +1,37 @@
-"""Shared test setup: CPU only, XLA:CPU with fewer LLVM optimisations, strict rank promotion, a seeded key, no
+"""Shared test setup: CPU only, XLA:CPU with fewer optimisations, strict rank promotion, a seeded key, no
 network, no data written outside the session's temporary folder, one XLA compilation cache per session (shared with the subprocesses the tests
 start), and one N-Digits data folder shared by the tests that train."""
 
 import fcntl
 import os
 import pathlib
+import shutil
 import socket
+import subprocess
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# The suite compiles with fewer LLVM optimisations (level 1, expensive passes off): on XLA:CPU much of the
-# suite's time is compiling, the tests check values and not speed, and the flags change how fast the generated
-# code runs, not what it computes (XLA does not enable fast-math on CPU). Measured 2026-12-02 on the 2-core
-# machine, docs/performance.md. Set here, before jax creates its CPU client; subprocesses inherit them.
-# AOI_JAX_TEST_OPTIMISED=1 runs the suite with XLA's default compilation instead.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true"
-if os.environ.get("AOI_JAX_TEST_OPTIMISED") != "1":
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+# The suite compiles with fewer optimisations than XLA's defaults: on XLA:CPU much of the suite's time is
+# compiling, and the tests check values, not speed. Two sets, measured on the 2-core machine (docs/performance.md,
+# "Test suite time"):
+# - this process (a pytest worker) compiles thousands of small programs and runs each a few times: LLVM level 0
+#   without its expensive passes, and XLA:CPU's legacy elemental emitters instead of its newer fusion emitters,
+#   which take longer to compile;
+# - the train.py, evaluate.py and other jax processes the tests start (``subprocess_env``) spend more of their
+#   time running than compiling: LLVM level 1 without the expensive passes, whose code runs faster.
+# Set here, before jax creates its CPU client (XLA reads XLA_FLAGS once, then). Neither set enables fast-math (off
+# by default on CPU), but transcendental functions may round differently under the two sets, so a test that
+# compares values a subprocess computes with values computed here gives it this process's environment and flags
+# (tests/test_checkpoint.py). The whole suite passes under either set. AOI_JAX_TEST_OPTIMISED=1 runs the suite
+# with XLA's default compilation.
+OPTIMISED = os.environ.get("AOI_JAX_TEST_OPTIMISED") == "1"
+WORKER_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                    "--xla_cpu_use_fusion_emitters=false")
+SUBPROCESS_XLA_FLAGS = "--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true"
+_USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+if not OPTIMISED:
+    os.environ["XLA_FLAGS"] = f"{_USER_XLA_FLAGS} {WORKER_XLA_FLAGS}".strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -155,6 +170,47 @@ def trained_ndigits(tmp_path_factory, ndigits_dir):
     workdir = tmp_path_factory.mktemp("trained_ndigits") / "run"
     results = training.train_and_evaluate(cfg, workdir)
     return workdir, cfg, results
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment of a jax process a test starts: this one's, ``extra`` added, with the subprocesses'
+    XLA flags (``SUBPROCESS_XLA_FLAGS``) in place of the worker's. The compilation cache keys include the flags,
+    so the two sets never share an entry."""
+    env = dict(os.environ, **extra)
+    if not OPTIMISED:
+        env["XLA_FLAGS"] = f"{_USER_XLA_FLAGS} {SUBPROCESS_XLA_FLAGS}".strip()
+    return env
+
+
+# The tiny run of the script tests (``--set`` overrides of configs/ndigits.py): small_snn with channels (4, 8),
+# T = 3, batch 128 (1438 // 128 = 11 optimiser steps per epoch), evaluated at epsilons (0, 0.05) with 20 bins.
+TINY_SCRIPT = ("model.channels=(4, 8)", "train.batch_size=128", "data.timesteps=3", "eval.epsilons=(0.0, 0.05)",
+               "eval.bins=20", "eval.batch_size=2048")
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, ndigits_dir) -> pathlib.Path:
+    """The workdir of one uninterrupted ``train.py --config configs/ndigits.py --no-eval`` run of ``TINY_SCRIPT``
+    and ``train.epochs=2``: what a run killed with SIGKILL (tests/test_cli.py) and a run stopped by a file-size
+    limit (tests/test_storage_faults.py) must end equal to, bit for bit, once resumed with the same command.
+    Built once per session by the first pytest-xdist worker that asks (the others wait on a lock, then read
+    it). Shared and read-only."""
+    root = session_folder(tmp_path_factory)
+    workdir = root / "reference_run"
+    with open(root / "reference_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "reference_run.done").exists():
+            shutil.rmtree(workdir, ignore_errors=True)            # what a failed attempt left
+            repo = pathlib.Path(__file__).resolve().parents[1]
+            args = [sys.executable, str(repo / "train.py"), "--config", str(repo / "configs" / "ndigits.py"),
+                    "--workdir", str(workdir), "--data-dir", str(ndigits_dir), "--no-eval"]
+            for item in (*TINY_SCRIPT, "train.epochs=2"):
+                args += ["--set", item]
+            proc = subprocess.run(args, cwd=root, env=subprocess_env(JAX_PLATFORMS="cpu", TQDM_DISABLE="1"),
+                                  capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            (root / "reference_run.done").touch()
+    return workdir
 
 
 def two_device_env(env: dict) -> dict:

@@ -165,7 +165,8 @@ def test_save_killed_mid_write_keeps_the_previous_steps(tmp_path):
     steps before it restore exactly, the half-written one is never listed, and it can be saved anew."""
     directory = tmp_path / "ckpt"
     proc = subprocess.Popen([sys.executable, "-c", SAVER, str(directory)], cwd=ROOT, stdout=subprocess.PIPE,
-                            text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                            text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))   # this process's XLA flags:
+    # its parameters are compared with those initialised here (tests/conftest.py, WORKER_XLA_FLAGS)
     try:
         assert proc.stdout.readline() == "1\n"                            # step 1 saved and recorded
         deadline = time.time() + 120

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from aoi_jax import checkpoint, reporting, xla_tuning
+from conftest import TINY_SCRIPT, subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["model.channels=(4, 8)", "train.epochs=1", "train.batch_size=128", "data.timesteps=3",
-        "eval.epsilons=(0.0, 0.05)", "eval.bins=20", "eval.batch_size=2048"]
+TINY = ["train.epochs=1", *TINY_SCRIPT]
 LEARNT = ("epoch", "step", "train_loss", "train_task", "train_rcs", "train_accuracy", "test_accuracy")
 
 
@@ -30,7 +30,7 @@ def command(name, *args):
 
 
 def script(name, *args, cwd):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
+    env = subprocess_env(JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
     return subprocess.run(command(name, *args), cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -209,15 +209,13 @@ def test_divergence_stops_with_an_error_and_saves_nothing(ndigits_dir, tmp_path)
     assert last.removeprefix("FloatingPointError: ") in (tmp_path / "w" / "train.log").read_text()
 
 
-def test_kill_9_mid_run_then_the_same_command_ends_bit_identical(ndigits_dir, tmp_path):
+def test_kill_9_mid_run_then_the_same_command_ends_bit_identical(ndigits_dir, tmp_path, reference_run):
     """One run killed with SIGKILL once its first checkpoint exists (typically inside epoch 2), then started
-    again with the same command, ends exactly as an uninterrupted run (run alongside): parameters, batch
-    statistics, optimiser state, step and every learning metric, bit for bit, with one metrics line per epoch."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
+    again with the same command, ends exactly as an uninterrupted run (the session's ``reference_run``,
+    tests/conftest.py: the same command in another folder): parameters, batch statistics, optimiser state, step
+    and every learning metric, bit for bit, with one metrics line per epoch."""
+    env = subprocess_env(JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
     args = ["--no-eval", "--set", "train.epochs=2"]
-    reference_err = open(tmp_path / "reference.stderr", "w")
-    reference = subprocess.Popen(command("train.py", *train_args(ndigits_dir, "reference"), *args), cwd=tmp_path,
-                                 env=env, stdout=subprocess.DEVNULL, stderr=reference_err)
     killed = subprocess.Popen(command("train.py", *train_args(ndigits_dir, "run"), *args), cwd=tmp_path, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = tmp_path / "run" / "checkpoints" / str(1438 // 128) / checkpoint.RECORD
@@ -233,12 +231,10 @@ def test_kill_9_mid_run_then_the_same_command_ends_bit_identical(ndigits_dir, tm
         assert killed.wait() == -signal.SIGKILL
     proc = script("train.py", *train_args(ndigits_dir, "run"), *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert reference.wait(timeout=600) == 0, (tmp_path / "reference.stderr").read_text()[-3000:]
-    reference_err.close()
-    lines = {w: [json.loads(x) for x in (tmp_path / w / "metrics.jsonl").read_text().splitlines()]
-             for w in ("reference", "run")}
+    lines = {name: [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+             for name, workdir in (("reference", reference_run), ("run", tmp_path / "run"))}
     assert [r["epoch"] for r in lines["run"]] == [1, 2]
     assert [{k: r[k] for k in LEARNT} for r in lines["run"]] == [{k: r[k] for k in LEARNT} for r in lines["reference"]]
-    (_, want, _, _), (_, got, _, _) = (checkpoint.restore(tmp_path / w / "checkpoints") for w in ("reference", "run"))
+    (_, want, _, _), (_, got, _, _) = (checkpoint.restore(w / "checkpoints") for w in (reference_run, tmp_path / "run"))
     assert int(got.step) == 2 * (1438 // 128)
     jax.tree.map(np.testing.assert_array_equal, got, want)

@@ -9,7 +9,6 @@ the test interpreter: the ``test`` extra of setup.cfg installs it.
 
 import importlib.metadata
 import importlib.util
-import os
 import pathlib
 import shutil
 import site
@@ -20,7 +19,7 @@ import zipfile
 import pytest
 
 from aoi_jax import config
-
+from conftest import subprocess_env
 from test_cli import ROOT, TINY
 
 SOURCES = ("setup.cfg", "pyproject.toml", "README.md", "aoi_jax", "configs")
@@ -78,8 +77,7 @@ def test_installed_wheel_trains_a_shipped_config_by_name(wheel, tmp_path, ndigit
                                                   ).stdout.split()]
     (purelib / "outer.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q", wheel])
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
+    env = {k: v for k, v in subprocess_env(JAX_PLATFORMS="cpu", TQDM_DISABLE="1").items() if k != "PYTHONPATH"}
     where = run([python, "-c", "import aoi_jax; print(aoi_jax.__file__)"], cwd=tmp_path, env=env).stdout
     assert pathlib.Path(where.strip()).is_relative_to(venv)
     args = ["--config", "ndigits", "--workdir", "run", "--data-dir", ndigits_dir, "--no-eval"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from aoi_jax import parallel
-from conftest import two_device_env
+from conftest import subprocess_env, two_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ print("RESULT" + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def two_devices():
-    env = two_device_env(os.environ)
+    env = two_device_env(subprocess_env())
     env.update(PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)

@@ -3,7 +3,6 @@ $TQDM_DISABLE; cache builds reported through ``data.load``; and a training run w
 holds no carriage returns and one line per epoch."""
 
 import io
-import os
 import re
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from tqdm import tqdm
 
 import fake_event_data as fake
 from aoi_jax import config, data, progress
+from conftest import subprocess_env
 
 from test_cli import ROOT, train_args
 
@@ -134,8 +134,7 @@ def test_data_load_reports_cache_builds(tmp_path):
 def test_training_log_in_a_file_has_no_bar_frames(tmp_path, ndigits_dir):
     """train.py with stdout and stderr to a file, TQDM_DISABLE unset: no carriage return, exactly one line per
     epoch, no bar text."""
-    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
-    env["JAX_PLATFORMS"] = "cpu"
+    env = {k: v for k, v in subprocess_env(JAX_PLATFORMS="cpu").items() if k != "TQDM_DISABLE"}
     log = tmp_path / "log"
     args = train_args(ndigits_dir, tmp_path / "run", "train.epochs=2", "train.batch_size=512")
     with open(log, "w") as f:

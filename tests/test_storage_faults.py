@@ -22,12 +22,11 @@ from flax import nnx
 from aoi_jax import checkpoint, config, data, integrity, models, parallel, step as step_lib
 from aoi_jax.config import DataConfig
 from aoi_jax.data import ndigits
-from conftest import two_device_env
+from conftest import TINY_SCRIPT, subprocess_env, two_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", TQDM_DISABLE="1", PYTHONPATH=str(ROOT))
-TINY = ["model.channels=(4, 8)", "train.batch_size=128", "data.timesteps=3", "eval.epsilons=(0.0, 0.05)",
-        "eval.bins=20", "eval.batch_size=2048"]
+ENV = subprocess_env(JAX_PLATFORMS="cpu", TQDM_DISABLE="1", PYTHONPATH=str(ROOT))
+TINY = list(TINY_SCRIPT)
 # a process under a file-size limit that compiles programs no earlier process has compiled must not write them
 # to the session's XLA compilation cache: an entry over the limit is a warning on stderr, not the failure under test
 LIMITED_ENV = dict(ENV, JAX_ENABLE_COMPILATION_CACHE="false")
@@ -317,20 +316,19 @@ def assert_storage_message(proc, path):
 
 
 def test_train_under_a_file_size_limit_at_the_first_save_and_mid_run_then_ends_bit_identical(tmp_path,
-                                                                                             ndigits_dir):
+                                                                                             ndigits_dir,
+                                                                                             reference_run):
     """train.py (2 epochs) with a 4 KiB file-size limit: the first checkpoint cannot be written, exit 1 with a
     short message naming its step folder and no step left. Again without a limit until the first checkpoint
     exists, then with the limit (``prlimit`` on the running process): the second save fails the same way
-    and step 1 is kept. Without a limit, the same command ends exactly as an uninterrupted run.
+    and step 1 is kept. Without a limit, the same command ends exactly as an uninterrupted run (the session's
+    ``reference_run``, tests/conftest.py: the same command in another folder).
 
     The uninterrupted run goes first: it leaves every program the limited runs compile in the session's XLA
     compilation cache (tests/conftest.py), which they then only read (an entry written under the limit would
     be a warning on stderr, not the failure under test)."""
     ndigits.load_frames(ndigits_dir, 3)                   # the frame cache exists: the limit hits checkpoints
     ckpts = tmp_path / "run" / "checkpoints"
-    reference = subprocess.run(train(ndigits_dir, tmp_path / "reference", "train.epochs=2"), cwd=tmp_path,
-                               env=ENV, capture_output=True, text=True, timeout=600)
-    assert reference.returncode == 0, reference.stderr[-3000:]
     args = train(ndigits_dir, tmp_path / "run", "train.epochs=2")
     proc = subprocess.run(limited(4096, args), cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert_storage_message(proc, ckpts / str(SPE))
@@ -352,8 +350,8 @@ def test_train_under_a_file_size_limit_at_the_first_save_and_mid_run_then_ends_b
 
     proc = subprocess.run(args, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert learnt(tmp_path / "run") == learnt(tmp_path / "reference")
-    jax.tree.map(np.testing.assert_array_equal, final_state(tmp_path / "run"), final_state(tmp_path / "reference"))
+    assert learnt(tmp_path / "run") == learnt(reference_run)
+    jax.tree.map(np.testing.assert_array_equal, final_state(tmp_path / "run"), final_state(reference_run))
 
 
 # ----------------------------------------------------------------------------------------------- devices

@@ -24,6 +24,7 @@ import pytest
 from flax import nnx
 
 from aoi_jax import checkpoint, config, input_pipeline, neurons, rundir, training
+from conftest import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "ndigits.py")
@@ -233,7 +234,7 @@ def test_a_second_process_holding_the_workdir_is_refused(run, ndigits_dir, tmp_p
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom aoi_jax import rundir\n"
          "with rundir.workdir_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)\n",
-         str(workdir)], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+         str(workdir)], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=subprocess_env(JAX_PLATFORMS="cpu"))
     try:
         assert holder.stdout.readline() == "locked\n"
         before = files(workdir)
