@@ -13,22 +13,24 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # The suite compiles with fewer optimisations than XLA's defaults: on XLA:CPU much of the suite's time is
-# compiling, and the tests check values, not speed. Two sets, measured on the 2-core machine (docs/performance.md,
-# "Test suite time"):
-# - this process (a pytest worker) compiles thousands of small programs and runs each a few times: LLVM level 0
-#   without its expensive passes, and XLA:CPU's legacy elemental emitters instead of its newer fusion emitters,
-#   which take longer to compile;
-# - the train.py, evaluate.py and other jax processes the tests start (``subprocess_env``) spend more of their
-#   time running than compiling: LLVM level 1 without the expensive passes, whose code runs faster.
-# Set here, before jax creates its CPU client (XLA reads XLA_FLAGS once, then). Neither set enables fast-math (off
-# by default on CPU), but transcendental functions may round differently under the two sets, so a test that
-# compares values a subprocess computes with values computed here gives it this process's environment and flags
-# (tests/test_checkpoint.py). The whole suite passes under either set. AOI_JAX_TEST_OPTIMISED=1 runs the suite
-# with XLA's default compilation.
+# compiling, and the tests check values, not speed. Measured on the 2-core machine (docs/performance.md, "Test
+# suite time"):
+# - this process (a pytest worker) compiles thousands of small programs and runs each a few times: XLA:CPU's
+#   legacy elemental emitters instead of its newer fusion emitters, which take longer to compile, and LLVM level 0
+#   without its expensive passes (jax's ``jax_disable_most_optimizations``, per compile);
+# - the files that train whole epochs in this process (``TRAINS_IN_PROCESS``) and the train.py, evaluate.py and
+#   other jax processes the tests start (``subprocess_env``) spend more of their time running than compiling:
+#   LLVM level 1 without the expensive passes, whose code runs faster.
+# XLA_FLAGS is set here, before jax creates its CPU client (XLA reads it once, then). No setting enables fast-math
+# (off by default on CPU), but transcendental functions may round differently under different settings, so no
+# test compares values computed in a subprocess with values computed here (a subprocess writes what it started
+# from, e.g. tests/test_checkpoint.py). The whole suite passes under each setting. AOI_JAX_TEST_OPTIMISED=1 runs
+# the suite with XLA's default compilation.
 OPTIMISED = os.environ.get("AOI_JAX_TEST_OPTIMISED") == "1"
-WORKER_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+WORKER_XLA_FLAGS = ("--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true "
                     "--xla_cpu_use_fusion_emitters=false")
 SUBPROCESS_XLA_FLAGS = "--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true"
+TRAINS_IN_PROCESS = ("test_training.py", "test_sweep.py", "test_notebook.py")
 _USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
 if not OPTIMISED:
     os.environ["XLA_FLAGS"] = f"{_USER_XLA_FLAGS} {WORKER_XLA_FLAGS}".strip()
@@ -73,6 +75,16 @@ def pytest_configure(config):
     jax.config.update("jax_persistent_cache_min_compile_time_secs",
                       float(COMPILE_CACHE_ENV["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Each test compiles at LLVM level 0 (``jax_disable_most_optimizations``) unless its file trains whole
+    epochs in this process (``TRAINS_IN_PROCESS``): then at level 1, from ``WORKER_XLA_FLAGS``. Set for the
+    test's whole protocol, so that the fixtures its setup builds compile the same way."""
+    if not OPTIMISED:
+        jax.config.update("jax_disable_most_optimizations", item.path.name not in TRAINS_IN_PROCESS)
+    yield
 
 
 def pytest_xdist_auto_num_workers(config):

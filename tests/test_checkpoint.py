@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from aoi_jax import checkpoint, config, models, step
+from conftest import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPE = (8, 8, 2)
@@ -149,10 +150,12 @@ def test_missing_checkpoint(tmp_path):
 SAVER = """
 import sys
 import jax
+import numpy as np
 from flax import nnx
 from aoi_jax import checkpoint, config, models, step
 cfg = config.Config(model=config.ModelConfig(channels=(256, 512), num_classes=3))
 init = step.init_state(models.build(cfg.model, (8, 8, 2), rngs=nnx.Rngs(1)), step.make_optimizer(cfg.optim, 10))[1]
+np.savez(sys.argv[2], *[np.asarray(x) for x in jax.tree.leaves(init.params)])
 for s in range(1, 10000):
     state = init._replace(step=jax.numpy.asarray(s, jax.numpy.int32), params=jax.tree.map(lambda x: x + s, init.params))
     checkpoint.save(sys.argv[1], state, cfg, (8, 8, 2))
@@ -164,9 +167,8 @@ def test_save_killed_mid_write_keeps_the_previous_steps(tmp_path):
     """A process saving step after step (10 MB each) is killed with SIGKILL while orbax writes a step: the
     steps before it restore exactly, the half-written one is never listed, and it can be saved anew."""
     directory = tmp_path / "ckpt"
-    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(directory)], cwd=ROOT, stdout=subprocess.PIPE,
-                            text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))   # this process's XLA flags:
-    # its parameters are compared with those initialised here (tests/conftest.py, WORKER_XLA_FLAGS)
+    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(directory), str(tmp_path / "init.npz")], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True, env=subprocess_env(JAX_PLATFORMS="cpu"))
     try:
         assert proc.stdout.readline() == "1\n"                            # step 1 saved and recorded
         deadline = time.time() + 120
@@ -184,7 +186,10 @@ def test_save_killed_mid_write_keeps_the_previous_steps(tmp_path):
     init = step.init_state(models.build(cfg.model, (8, 8, 2), rngs=nnx.Rngs(1)), step.make_optimizer(cfg.optim, 10))[1]
     _, state, _, _ = checkpoint.restore(directory)
     assert int(state.step) == latest
-    jax.tree.map(np.testing.assert_array_equal, state.params, jax.tree.map(lambda x: x + latest, init.params))
+    with np.load(tmp_path / "init.npz") as saved:                        # the saver's initial parameters
+        for got, x in zip(jax.tree.leaves(state.params), [saved[f"arr_{i}"] for i in range(len(saved.files))],
+                          strict=True):
+            np.testing.assert_array_equal(got, x + latest)
     redo = init._replace(step=jax.numpy.asarray(latest + 1, jax.numpy.int32))
     for s in checkpoint.all_steps(directory):
         if s > latest:

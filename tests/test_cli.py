@@ -209,11 +209,12 @@ def test_divergence_stops_with_an_error_and_saves_nothing(ndigits_dir, tmp_path)
     assert last.removeprefix("FloatingPointError: ") in (tmp_path / "w" / "train.log").read_text()
 
 
-def test_kill_9_mid_run_then_the_same_command_ends_bit_identical(ndigits_dir, tmp_path, reference_run):
+def test_kill_9_mid_run_then_the_same_command_ends_bit_identical(ndigits_dir, tmp_path, request):
     """One run killed with SIGKILL once its first checkpoint exists (typically inside epoch 2), then started
     again with the same command, ends exactly as an uninterrupted run (the session's ``reference_run``,
     tests/conftest.py: the same command in another folder): parameters, batch statistics, optimiser state, step
-    and every learning metric, bit for bit, with one metrics line per epoch."""
+    and every learning metric, bit for bit, with one metrics line per epoch. The reference is asked for only
+    after the kill and the resumed run, so that neither waits while another worker builds it."""
     env = subprocess_env(JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
     args = ["--no-eval", "--set", "train.epochs=2"]
     killed = subprocess.Popen(command("train.py", *train_args(ndigits_dir, "run"), *args), cwd=tmp_path, env=env,
@@ -231,6 +232,7 @@ def test_kill_9_mid_run_then_the_same_command_ends_bit_identical(ndigits_dir, tm
         assert killed.wait() == -signal.SIGKILL
     proc = script("train.py", *train_args(ndigits_dir, "run"), *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    reference_run = request.getfixturevalue("reference_run")
     lines = {name: [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
              for name, workdir in (("reference", reference_run), ("run", tmp_path / "run"))}
     assert [r["epoch"] for r in lines["run"]] == [1, 2]
