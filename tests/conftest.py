@@ -42,7 +42,10 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # Persistent-cache settings for this process and, through the environment, for every subprocess a test starts
-# (train.py, evaluate.py, a second device count): compiles over 0.1 s are stored.
+# (train.py, evaluate.py, a second device count): compiles over 0.1 s are stored. The subprocesses store every
+# compile (``subprocess_env``): a train.py run compiles about 40 small programs (model initialisation, metrics)
+# that the next run of the same settings then loads; this process compiles thousands of distinct small programs,
+# which would be written and never read.
 COMPILE_CACHE_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1",
                      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
@@ -186,11 +189,14 @@ def trained_ndigits(tmp_path_factory, ndigits_dir):
 
 def subprocess_env(**extra) -> dict:
     """The environment of a jax process a test starts: this one's, ``extra`` added, with the subprocesses'
-    XLA flags (``SUBPROCESS_XLA_FLAGS``) in place of the worker's. The compilation cache keys include the flags,
-    so the two sets never share an entry."""
+    XLA flags (``SUBPROCESS_XLA_FLAGS``) in place of the worker's (the compilation cache keys include the flags,
+    so the two sets never share an entry) and, where the session's cache is in use, every compile stored."""
     env = dict(os.environ, **extra)
     if not OPTIMISED:
         env["XLA_FLAGS"] = f"{_USER_XLA_FLAGS} {SUBPROCESS_XLA_FLAGS}".strip()
+    if env.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS") == COMPILE_CACHE_ENV[
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]:                   # set by pytest_configure
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return env
 
 
