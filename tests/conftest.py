@@ -1,6 +1,7 @@
 """Shared test setup: CPU only, XLA:CPU with fewer optimisations, strict rank promotion, a seeded key, no
-network, no data written outside the session's temporary folder, one XLA compilation cache per session (shared with the subprocesses the tests
-start), and one N-Digits data folder shared by the tests that train."""
+network, no data written outside the session's temporary folder, one XLA compilation cache per session (shared
+with the subprocesses the tests start), one N-Digits data folder shared by the tests that train, and the runs
+several test files compare with (a tiny trained run, a two-epoch train.py run)."""
 
 import fcntl
 import os
@@ -20,7 +21,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 #   without its expensive passes (jax's ``jax_disable_most_optimizations``, per compile);
 # - the files that train whole epochs in this process (``TRAINS_IN_PROCESS``) and the train.py, evaluate.py and
 #   other jax processes the tests start (``subprocess_env``) spend more of their time running than compiling:
-#   LLVM level 1 without the expensive passes, whose code runs faster.
+#   LLVM level 1 without the expensive passes, whose code runs faster (in this process still with the legacy
+#   emitters, in the subprocesses with XLA's default ones).
 # XLA_FLAGS is set here, before jax creates its CPU client (XLA reads it once, then). No setting enables fast-math
 # (off by default on CPU), but transcendental functions may round differently under different settings, so no
 # test compares values computed in a subprocess with values computed here (a subprocess writes what it started
