@@ -27,7 +27,7 @@ TABLE_EPSILONS = (0.0, 0.01, 0.05)  # the epsilons of the printed table (the rep
 
 def _pyplot():
     """matplotlib's ``pyplot`` on the Agg backend (files only, no display). Imported at the first figure, not
-    with this module: a process that writes no figure does not spend the half second importing it."""
+    with this module: a process that writes no figure does not import matplotlib at all."""
     import matplotlib
 
     matplotlib.use("Agg")

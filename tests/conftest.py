@@ -208,6 +208,16 @@ TINY_SCRIPT = ("model.channels=(4, 8)", "train.batch_size=128", "data.timesteps=
                "eval.bins=20", "eval.batch_size=2048")
 
 
+def script_args(data_dir, workdir, *overrides) -> list[str]:
+    """train.py's arguments for configs/ndigits.py with ``TINY_SCRIPT`` and then ``overrides`` set, reading the
+    data in ``data_dir`` and writing into ``workdir``."""
+    args = ["--config", str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "ndigits.py"), "--workdir",
+            str(workdir), "--data-dir", str(data_dir)]
+    for item in (*TINY_SCRIPT, *overrides):
+        args += ["--set", item]
+    return args
+
+
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory, ndigits_dir) -> pathlib.Path:
     """The workdir of one uninterrupted ``train.py --config configs/ndigits.py --no-eval`` run of ``TINY_SCRIPT``
@@ -221,11 +231,8 @@ def reference_run(tmp_path_factory, ndigits_dir) -> pathlib.Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (root / "reference_run.done").exists():
             shutil.rmtree(workdir, ignore_errors=True)            # what a failed attempt left
-            repo = pathlib.Path(__file__).resolve().parents[1]
-            args = [sys.executable, str(repo / "train.py"), "--config", str(repo / "configs" / "ndigits.py"),
-                    "--workdir", str(workdir), "--data-dir", str(ndigits_dir), "--no-eval"]
-            for item in (*TINY_SCRIPT, "train.epochs=2"):
-                args += ["--set", item]
+            args = [sys.executable, str(pathlib.Path(__file__).resolve().parents[1] / "train.py"), "--no-eval",
+                    *script_args(ndigits_dir, workdir, "train.epochs=2")]
             proc = subprocess.run(args, cwd=root, env=subprocess_env(JAX_PLATFORMS="cpu", TQDM_DISABLE="1"),
                                   capture_output=True, text=True, timeout=600)
             assert proc.returncode == 0, proc.stderr[-3000:]

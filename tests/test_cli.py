@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from aoi_jax import checkpoint, reporting, xla_tuning
-from conftest import TINY_SCRIPT, subprocess_env
+from conftest import TINY_SCRIPT, script_args, subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["train.epochs=1", *TINY_SCRIPT]
@@ -35,10 +35,7 @@ def script(name, *args, cwd):
 
 
 def train_args(data_dir, workdir, *overrides):
-    args = ["--config", str(ROOT / "configs" / "ndigits.py"), "--workdir", str(workdir), "--data-dir", str(data_dir)]
-    for item in TINY + list(overrides):
-        args += ["--set", item]
-    return args
+    return script_args(data_dir, workdir, "train.epochs=1", *overrides)
 
 
 @pytest.fixture(scope="module")

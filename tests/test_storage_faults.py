@@ -22,15 +22,14 @@ from flax import nnx
 from aoi_jax import checkpoint, config, data, integrity, models, parallel, step as step_lib
 from aoi_jax.config import DataConfig
 from aoi_jax.data import ndigits
-from conftest import TINY_SCRIPT, subprocess_env, two_device_env
+from conftest import script_args, subprocess_env, two_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = subprocess_env(JAX_PLATFORMS="cpu", TQDM_DISABLE="1", PYTHONPATH=str(ROOT))
-TINY = list(TINY_SCRIPT)
 # a process under a file-size limit that compiles programs no earlier process has compiled must not write them
 # to the session's XLA compilation cache: an entry over the limit is a warning on stderr, not the failure under test
 LIMITED_ENV = dict(ENV, JAX_ENABLE_COMPILATION_CACHE="false")
-SPE = 1438 // 128                                            # optimiser steps per epoch of TINY
+SPE = 1438 // 128                                     # optimiser steps per epoch of conftest's TINY_SCRIPT
 
 
 LAUNCH = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
@@ -291,11 +290,7 @@ def test_load_passes_a_progress_to_the_build(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------- train.py
 
 def train(data_dir, workdir, *overrides):
-    args = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "ndigits.py"), "--workdir",
-            str(workdir), "--data-dir", str(data_dir), "--no-eval"]
-    for item in TINY + list(overrides):
-        args += ["--set", item]
-    return args
+    return [sys.executable, str(ROOT / "train.py"), "--no-eval", *script_args(data_dir, workdir, *overrides)]
 
 
 def final_state(workdir):

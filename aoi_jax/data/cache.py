@@ -109,7 +109,7 @@ def offline(name: str) -> type:
     """A subclass of tonic's data set class ``tonic.datasets.<name>``, of the same name, whose
     ``_check_exists`` is True (the caller ran ``require_files``) and whose ``download`` raises: reading only,
     through tonic's own code. tonic is imported here, at the first read of one of its data sets, so that a
-    process that never reads one (N-Digits, CIFAR) does not spend the half second importing it."""
+    process that never reads one (N-Digits, CIFAR) does not import tonic at all."""
     import tonic.datasets
 
     cls = getattr(tonic.datasets, name)
