@@ -15,27 +15,23 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # The suite compiles with fewer optimisations than XLA's defaults: on XLA:CPU much of the suite's time is
 # compiling, and the tests check values, not speed. Measured on the 2-core machine (docs/performance.md, "Test
-# suite time"):
-# - this process (a pytest worker) compiles thousands of small programs and runs each a few times: XLA:CPU's
-#   legacy elemental emitters instead of its newer fusion emitters, which take longer to compile, and LLVM level 0
-#   without its expensive passes (jax's ``jax_disable_most_optimizations``, per compile);
-# - the files that train whole epochs in this process (``TRAINS_IN_PROCESS``) and the train.py, evaluate.py and
-#   other jax processes the tests start (``subprocess_env``) spend more of their time running than compiling:
-#   LLVM level 1 without the expensive passes, whose code runs faster (in this process still with the legacy
-#   emitters, in the subprocesses with XLA's default ones).
+# suite time"), every jax process of the suite (the pytest workers and the train.py, evaluate.py and other jax
+# processes the tests start, ``subprocess_env``) compiles with ``TEST_XLA_FLAGS``: XLA:CPU's legacy elemental
+# emitters instead of its newer fusion emitters, which take longer to compile, and LLVM level 1 without its
+# expensive passes. This process (a pytest worker) compiles thousands of small programs and runs each a few
+# times: those compile at LLVM level 0 (jax's ``jax_disable_most_optimizations``, per compile), except in the
+# files that train whole epochs in this process (``TRAINS_IN_PROCESS``), whose level-1 code runs faster.
 # XLA_FLAGS is set here, before jax creates its CPU client (XLA reads it once, then). No setting enables fast-math
 # (off by default on CPU), but transcendental functions may round differently under different settings, so no
 # test compares values computed in a subprocess with values computed here (a subprocess writes what it started
 # from, e.g. tests/test_checkpoint.py). The whole suite passes under each setting. AOI_JAX_TEST_OPTIMISED=1 runs
 # the suite with XLA's default compilation.
 OPTIMISED = os.environ.get("AOI_JAX_TEST_OPTIMISED") == "1"
-WORKER_XLA_FLAGS = ("--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true "
-                    "--xla_cpu_use_fusion_emitters=false")
-SUBPROCESS_XLA_FLAGS = "--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true"
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true "
+                  "--xla_cpu_use_fusion_emitters=false")
 TRAINS_IN_PROCESS = ("test_training.py", "test_sweep.py", "test_notebook.py")
-_USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
-if not OPTIMISED:
-    os.environ["XLA_FLAGS"] = f"{_USER_XLA_FLAGS} {WORKER_XLA_FLAGS}".strip()
+if not OPTIMISED and TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):      # pytest-xdist workers inherit it
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -85,7 +81,7 @@ def pytest_configure(config):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """Each test compiles at LLVM level 0 (``jax_disable_most_optimizations``) unless its file trains whole
-    epochs in this process (``TRAINS_IN_PROCESS``): then at level 1, from ``WORKER_XLA_FLAGS``. Set for the
+    epochs in this process (``TRAINS_IN_PROCESS``): then at level 1, from ``TEST_XLA_FLAGS``. Set for the
     test's whole protocol, so that the fixtures its setup builds compile the same way."""
     if not OPTIMISED:
         jax.config.update("jax_disable_most_optimizations", item.path.name not in TRAINS_IN_PROCESS)
@@ -190,12 +186,10 @@ def trained_ndigits(tmp_path_factory, ndigits_dir):
 
 
 def subprocess_env(**extra) -> dict:
-    """The environment of a jax process a test starts: this one's, ``extra`` added, with the subprocesses'
-    XLA flags (``SUBPROCESS_XLA_FLAGS``) in place of the worker's (the compilation cache keys include the flags,
-    so the two sets never share an entry) and, where the session's cache is in use, every compile stored."""
+    """The environment of a jax process a test starts: this one's (``TEST_XLA_FLAGS`` included, and LLVM level 1:
+    ``jax_disable_most_optimizations`` is this process's setting, not the environment's), ``extra`` added and,
+    where the session's cache is in use, every compile stored."""
     env = dict(os.environ, **extra)
-    if not OPTIMISED:
-        env["XLA_FLAGS"] = f"{_USER_XLA_FLAGS} {SUBPROCESS_XLA_FLAGS}".strip()
     if env.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS") == COMPILE_CACHE_ENV[
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]:                   # set by pytest_configure
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
@@ -223,8 +217,10 @@ def reference_run(tmp_path_factory, ndigits_dir) -> pathlib.Path:
     """The workdir of one uninterrupted ``train.py --config configs/ndigits.py --no-eval`` run of ``TINY_SCRIPT``
     and ``train.epochs=2``: what a run killed with SIGKILL (tests/test_cli.py) and a run stopped by a file-size
     limit (tests/test_storage_faults.py) must end equal to, bit for bit, once resumed with the same command.
-    Built once per session by the first pytest-xdist worker that asks (the others wait on a lock, then read
-    it). Shared and read-only."""
+    Its stdout and stderr go to the file ``reference_run.log`` beside the workdir, with $TQDM_DISABLE unset, as a
+    batch job's would: the log that tests/test_progress.py reads (no other test reads the output). Built once
+    per session by the first pytest-xdist worker that asks (the others wait on a lock, then read it). Shared
+    and read-only."""
     root = session_folder(tmp_path_factory)
     workdir = root / "reference_run"
     with open(root / "reference_run.lock", "w") as lock:
@@ -233,9 +229,10 @@ def reference_run(tmp_path_factory, ndigits_dir) -> pathlib.Path:
             shutil.rmtree(workdir, ignore_errors=True)            # what a failed attempt left
             args = [sys.executable, str(pathlib.Path(__file__).resolve().parents[1] / "train.py"), "--no-eval",
                     *script_args(ndigits_dir, workdir, "train.epochs=2")]
-            proc = subprocess.run(args, cwd=root, env=subprocess_env(JAX_PLATFORMS="cpu", TQDM_DISABLE="1"),
-                                  capture_output=True, text=True, timeout=600)
-            assert proc.returncode == 0, proc.stderr[-3000:]
+            env = {k: v for k, v in subprocess_env(JAX_PLATFORMS="cpu").items() if k != "TQDM_DISABLE"}
+            with open(root / "reference_run.log", "w") as log:
+                proc = subprocess.run(args, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600)
+            assert proc.returncode == 0, (root / "reference_run.log").read_text()[-3000:]
             (root / "reference_run.done").touch()
     return workdir
 

@@ -4,17 +4,12 @@ holds no carriage returns and one line per epoch."""
 
 import io
 import re
-import subprocess
-import sys
 import warnings
 
 from tqdm import tqdm
 
 import fake_event_data as fake
 from aoi_jax import config, data, progress
-from conftest import subprocess_env
-
-from test_cli import ROOT, train_args
 
 
 class FakeClock:
@@ -131,17 +126,10 @@ def test_data_load_reports_cache_builds(tmp_path):
     assert len(passes) == 2 and train.frames.shape[:2] == (4, 2)
 
 
-def test_training_log_in_a_file_has_no_bar_frames(tmp_path, ndigits_dir):
-    """train.py with stdout and stderr to a file, TQDM_DISABLE unset: no carriage return, exactly one line per
-    epoch, no bar text."""
-    env = {k: v for k, v in subprocess_env(JAX_PLATFORMS="cpu").items() if k != "TQDM_DISABLE"}
-    log = tmp_path / "log"
-    args = train_args(ndigits_dir, tmp_path / "run", "train.epochs=2", "train.batch_size=512")
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--no-eval"], cwd=tmp_path, env=env,
-                              stdout=f, stderr=subprocess.STDOUT, timeout=600)
-    text = log.read_text()
-    assert proc.returncode == 0, text[-3000:]
+def test_training_log_in_a_file_has_no_bar_frames(reference_run):
+    """train.py (two epochs) with stdout and stderr to a file, TQDM_DISABLE unset (the session's
+    ``reference_run``, tests/conftest.py): no carriage return, exactly one line per epoch, no bar text."""
+    text = (reference_run.parent / "reference_run.log").read_text()
     assert "\r" not in text and "it/s" not in text
     epoch_lines = [x for x in text.splitlines() if re.search(r" epoch +\d+ +loss ", x)]
     assert [re.search(r"epoch +(\d+)", x).group(1) for x in epoch_lines] == ["1", "2"]

@@ -407,6 +407,7 @@ def test_resume_from_2_to_1_and_back_to_2_devices_continues_and_evaluates_the_sa
                               timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         reports[n] = json.loads((tmp_path / f"eval{n}" / "report.json").read_text())
+        assert reports[n]["config"]["eval"]["calib_dropout"] == 0.0          # trained with configs/ndigits.py's 0.3
     np.testing.assert_allclose(reports[1]["accuracy_per_timestep"], reports[2]["accuracy_per_timestep"], atol=1e-6)
     for rule in reports[1]["rules"]:
         np.testing.assert_allclose(reports[1]["rules"][rule]["accuracy"], reports[2]["rules"][rule]["accuracy"],

@@ -312,14 +312,6 @@ def test_evaluation_warns_about_non_finite_parameters_and_logits(run):
     assert [str(w.message) for w in caught] == [f"{m}: this report's numbers are meaningless" for m in report["warnings"]]
 
 
-def test_held_out_validation_split_is_not_trained_on_and_calibrates(ndigits_dir, tmp_path):
-    """data.validation_fraction = 0.2 holds 287 of N-Digits' 1438 training samples out (round(0.2 n_c) of
-    each class): training steps count the other 1151; Top-K calibrates on the 287 (eval.calibration)."""
-    (result,) = training.train_and_evaluate(
-        tiny(ndigits_dir, "data.validation_fraction=0.2", "eval.calibration=validation", "eval.calib_dropout=0.0"),
-        tmp_path / "run")
-    assert checkpoint.latest_step(tmp_path / "run" / "checkpoints") == 1151 // 64
-    assert result.report["n_calibration"] == 287 and result.report["n_test"] == 359
 
 
 def test_train_nmnist_on_fake_folder(tmp_path):
@@ -359,13 +351,14 @@ def read_events(folder):
 
 
 VALIDATED = ("data.validation_fraction=0.2", "train.batch_size=128", "train.epochs=2", "train.checkpoint_keep=1",
-             "train.best_metric=val_accuracy")
+             "train.best_metric=val_accuracy", "eval.calibration=validation", "eval.calib_dropout=0.0")
 
 
 @pytest.fixture(scope="module")
 def validated(tmp_path_factory, ndigits_dir):
     """Two epochs with a held-out validation split, the best checkpoint by val_accuracy kept beside the newest
-    one, a callback collecting each record and the TensorBoard writer; not evaluated."""
+    one, a callback collecting each record and the TensorBoard writer; evaluated with Top-K calibrated on the
+    validation split."""
     from aoi_jax import tensorboard
 
     workdir = tmp_path_factory.mktemp("validated") / "run"
@@ -373,16 +366,25 @@ def validated(tmp_path_factory, ndigits_dir):
     callbacks = [lambda member, record: seen.append((member.name, record))]
     if importlib.util.find_spec("tensorboardX") is not None:
         callbacks.append(tensorboard.TensorBoard(workdir))
-    (result,) = training.train_and_evaluate(tiny(ndigits_dir, *VALIDATED), workdir, run_eval=False,
+    (result,) = training.train_and_evaluate(tiny(ndigits_dir, *VALIDATED), workdir,
                                             callback=lambda m, r: [c(m, r) for c in callbacks])
     for c in callbacks[1:]:
         c.close()
     return workdir, result, seen
 
 
+def test_held_out_validation_split_is_not_trained_on_and_calibrates(validated):
+    """data.validation_fraction = 0.2 holds 287 of N-Digits' 1438 training samples out (round(0.2 n_c) of
+    each class): training steps count the other 1151 (8 steps of 128 per epoch); Top-K calibrates on the 287
+    (eval.calibration = validation)."""
+    workdir, result, _ = validated
+    assert checkpoint.latest_step(workdir / "checkpoints") == 2 * (1151 // 128)
+    assert result.report["n_calibration"] == 287 and result.report["n_test"] == 359
+
+
 def test_each_epoch_logs_validation_next_to_test_and_the_learning_rate(validated, ndigits_dir):
     """val_accuracy and val_loss of the held-out 287 samples, computed again here from the checkpoint (the loss
-    by ``losses.mean_loss``); lr is the cosine schedule at each epoch's first step (9 steps per epoch)."""
+    by ``losses.mean_loss``); lr is the cosine schedule at each epoch's first step (8 steps per epoch)."""
     from aoi_jax import data, evaluation, losses, parallel, step
 
     workdir, result, _ = validated
