@@ -33,11 +33,8 @@ TRAINS_IN_PROCESS = ("test_training.py", "test_sweep.py", "test_notebook.py")
 if not OPTIMISED and TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):      # pytest-xdist workers inherit it
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # Persistent-cache settings for this process and, through the environment, for every subprocess a test starts
 # (train.py, evaluate.py, a second device count): compiles over 0.1 s are stored. The subprocesses store every
@@ -57,25 +54,26 @@ def session_folder(factory) -> pathlib.Path:
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config):
-    """One XLA compilation cache for the whole session, in ``<basetemp>/xla_cache``: the many tests (and the
-    subprocesses they start) that compile the same program with the same shapes and options, e.g. the train
-    step of the same tiny model built again by another test, load the executable XLA compiled the first time
-    instead of compiling it again. A cache hit is the identical executable, so results are bit for bit those
-    of a fresh compile; the folder is new in every session, so nothing is carried over between runs (unless
-    ``$JAX_COMPILATION_CACHE_DIR`` is set already: then that cache is used as it is;
-    ``JAX_ENABLE_COMPILATION_CACHE=false`` turns it off). With pytest-xdist the workers share one cache, in
-    the session's common folder. Set here, before any test module is imported,
-    because jax decides at its first compile whether to use a cache."""
+    """Strict rank promotion in every process that runs tests, and one XLA compilation cache for the whole
+    session, in ``<basetemp>/xla_cache``: the many tests (and the subprocesses they start) that compile the
+    same program with the same shapes and options, e.g. the train step of the same tiny model built again by
+    another test, load the executable XLA compiled the first time instead of compiling it again. A cache hit is
+    the identical executable, so results are bit for bit those of a fresh compile; the folder is new in every
+    session, so nothing is carried over between runs (unless ``$JAX_COMPILATION_CACHE_DIR`` is set already:
+    then that cache is used as it is; ``JAX_ENABLE_COMPILATION_CACHE=false`` turns it off). With pytest-xdist
+    the workers share one cache, in the session's common folder: the controller, which runs no test and never
+    imports jax (its workers start sooner), sets it in the environment the workers inherit. Set here, before any
+    test module is imported, because jax decides at its first compile whether to use a cache."""
     factory = getattr(config, "_tmp_path_factory", None)
-    if factory is None or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    if factory is not None and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        folder = session_folder(factory) / "xla_cache"
+        folder.mkdir(exist_ok=True)
+        os.environ.update(COMPILE_CACHE_ENV, JAX_COMPILATION_CACHE_DIR=str(folder))
+    if config.pluginmanager.has_plugin("dsession"):                  # the pytest-xdist controller
         return
-    folder = session_folder(factory) / "xla_cache"
-    folder.mkdir(exist_ok=True)
-    os.environ.update(COMPILE_CACHE_ENV, JAX_COMPILATION_CACHE_DIR=str(folder))
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                      float(COMPILE_CACHE_ENV["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    import jax                                                        # reads the cache settings from the environment
+
+    jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -84,8 +82,23 @@ def pytest_runtest_protocol(item, nextitem):
     epochs in this process (``TRAINS_IN_PROCESS``): then at level 1, from ``TEST_XLA_FLAGS``. Set for the
     test's whole protocol, so that the fixtures its setup builds compile the same way."""
     if not OPTIMISED:
+        import jax
+
         jax.config.update("jax_disable_most_optimizations", item.path.name not in TRAINS_IN_PROCESS)
     yield
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """A pytest-xdist worker ends here, its last result already with the controller (pytest-xdist sends it
+    from ``pytest_sessionfinish``, before this hook): without the interpreter's teardown, jax's clean-up of the
+    thousands of programs the worker compiled and then every object, which the controller would wait for. That
+    wait was 4-6 s after the last test of every run (docs/performance.md); nothing of the session is lost, as
+    its files are written and its results reported."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def pytest_xdist_auto_num_workers(config):
@@ -114,6 +127,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def key():
+    import jax
+
     return jax.random.key(0)
 
 
