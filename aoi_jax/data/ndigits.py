@@ -187,7 +187,10 @@ def _thresholds(params: NDigitsParams, seed: int) -> tuple[np.ndarray, np.ndarra
 
 
 def _simulate_chunk(img, rngs, params, c_on, c_off, path, progress, done, total):
-    """Events of one chunk of samples: arrays (sample-in-chunk, x, y, t [us float], on) over all steps."""
+    """Events of one chunk of samples: arrays (sample-in-chunk, x, y, t [us float], on) over all steps.
+
+    Pixels are addressed by their flat index ``(b * n + y) * n + x`` into the (B, n, n) arrays (one gather per
+    array instead of three index arrays)."""
     B, n = len(img), params.sensor_px
     dt = float(params.dt_us)
     L_prev = _render(img, params, path[0])
@@ -195,36 +198,41 @@ def _simulate_chunk(img, rngs, params, c_on, c_off, path, progress, done, total)
     L_ref = L_prev - np.where(u > 0, u * c_on, u * c_off)  # u ~ U(-C_off, C_on)
     last = np.full((B, n, n), -np.inf)
     c_min = np.minimum(c_on, c_off)
+    c_on_flat, c_off_flat = c_on.ravel(), c_off.ravel()
+    ref_flat, last_flat = L_ref.reshape(-1), last.reshape(-1)  # views: writes land in L_ref and last
     out = []
     for k in range(1, len(path)):
         L = _render(img, params, path[k])
         d = L - L_ref
-        b, y, x = np.nonzero(np.abs(d) >= c_min)
-        if len(b):
-            dd = d[b, y, x]
+        flat = np.flatnonzero(np.abs(d) >= c_min)
+        if len(flat):
+            dd = d.reshape(-1)[flat]
+            pix = flat % (n * n)
             on = dd > 0
-            C = np.where(on, c_on[y, x], c_off[y, x])
+            C = np.where(on, c_on_flat[pix], c_off_flat[pix])
             cnt = np.floor(np.abs(dd) / C).astype(np.int64)
             fire = cnt > 0
-            b, y, x, dd, on, C, cnt = (a[fire] for a in (b, y, x, dd, on, C, cnt))
+            flat, dd, on, C, cnt = (a[fire] for a in (flat, dd, on, C, cnt))
             sgn = np.where(on, 1.0, -1.0)
-            lp, lr = L_prev[b, y, x].astype(np.float64), L_ref[b, y, x].astype(np.float64)
-            dl = np.maximum(np.abs(L[b, y, x] - lp), 1e-12)  # L crossed at least one level since t_{k-1}
+            lp, lr = L_prev.reshape(-1)[flat].astype(np.float64), ref_flat[flat].astype(np.float64)
+            dl = np.maximum(np.abs(L.reshape(-1)[flat] - lp), 1e-12)  # L crossed at least one level since t_{k-1}
             C64 = C.astype(np.float64)
             frac1 = np.clip(sgn * (lr + sgn * C64 - lp) / dl, 0.0, 1.0)  # first crossing within the step
             t1 = (k - 1) * dt + frac1 * dt
             s = C64 / dl * dt  # spacing of successive crossings (linear L within the step)
-            lt = last[b, y, x]
+            lt = last_flat[flat]
             j0 = np.maximum(0.0, np.ceil((lt + params.refractory_us - t1) / s))  # first event past refractory
             m = np.maximum(1.0, np.ceil(params.refractory_us / s - 1e-9))  # keep every m-th crossing
             kept = np.maximum(0, (cnt - j0 + m - 1) // m).astype(np.int64)
-            L_ref[b, y, x] += (sgn * cnt * C).astype(np.float32)
+            ref_flat[flat] += (sgn * cnt * C).astype(np.float32)
             has = kept > 0
-            last[b[has], y[has], x[has]] = t1[has] + (j0[has] + (kept[has] - 1) * m[has]) * s[has]
-            rep = np.repeat(np.arange(len(b)), kept)
+            last_flat[flat[has]] = t1[has] + (j0[has] + (kept[has] - 1) * m[has]) * s[has]
+            rep = np.repeat(np.arange(len(flat)), kept)
             q = np.arange(len(rep)) - np.repeat(np.cumsum(kept) - kept, kept)
             ts = t1[rep] + (j0[rep] + q * m[rep]) * s[rep]
-            out.append((b[rep], x[rep], y[rep], np.minimum(ts, k * dt), on[rep]))
+            b, yx = np.divmod(flat[rep], n * n)
+            y, x = np.divmod(yx, n)
+            out.append((b, x, y, np.minimum(ts, k * dt), on[rep]))
         L_prev = L
         if progress is not None:
             progress(done + k * B // (len(path) - 1), total)
