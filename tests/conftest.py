@@ -1,7 +1,7 @@
 """Shared test setup: CPU only, XLA:CPU with fewer optimisations, strict rank promotion, a seeded key, no
 network, no data written outside the session's temporary folder, one XLA compilation cache per session (shared
-with the subprocesses the tests start), one N-Digits data folder shared by the tests that train, and the runs
-several test files compare with (a tiny trained run, a two-epoch train.py run)."""
+with the subprocesses the tests start), one N-Digits data folder shared by the tests that train, and the two-epoch
+train.py run that several test files compare with."""
 
 import fcntl
 import os
@@ -170,34 +170,6 @@ def ndigits_dir(tmp_path_factory):
         fcntl.flock(lock, fcntl.LOCK_EX)
         ndigits.load_events(root)
     return root
-
-
-# The tiny N-Digits run of ``trained_ndigits`` (``--set`` overrides of configs/ndigits.py).
-TINY_NDIGITS = ("model.channels=(4, 8)", "train.epochs=1", "train.batch_size=64", "data.timesteps=4",
-                "eval.epsilons=(0.0, 0.05)", "eval.bins=20")
-
-
-@pytest.fixture(scope="session")
-def trained_ndigits(tmp_path_factory, ndigits_dir):
-    """``(workdir, cfg, results)``: one tiny N-Digits run trained and evaluated once per session, for every test
-    that needs a finished run (a checkpoint to restore, evaluate or load, a report to check).
-
-    ``cfg = config.load("configs/ndigits.py", TINY_NDIGITS + ["data.data_dir=<ndigits_dir>"])``: small_snn with
-    channels (4, 8), T = 4, batch 64, 1 epoch = 1438 // 64 = 22 optimiser steps, seed 0, the config's loss,
-    RCS and schedule; evaluated at epsilons (0, 0.05) with 20 calibration bins. ``workdir`` (``<tmp>/run``)
-    holds what ``training.train_and_evaluate(cfg, workdir)`` leaves: config.json, metrics.jsonl (one line),
-    .lock and checkpoints/ with step 22 (no train.log or report.json: train.py writes those, the library
-    returns the report).
-    ``results`` is what that call returned (one ``RunResult``, ``result.report`` the evaluation report).
-    The same run as test_training's ``run`` fixture. Shared and read-only: a test that changes, resumes or
-    damages it works on a copy (``shutil.copytree(workdir, tmp_path / "run")``)."""
-    from aoi_jax import config, training
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    cfg = config.load(root / "configs" / "ndigits.py", [*TINY_NDIGITS, f"data.data_dir={ndigits_dir}"])
-    workdir = tmp_path_factory.mktemp("trained_ndigits") / "run"
-    results = training.train_and_evaluate(cfg, workdir)
-    return workdir, cfg, results
 
 
 def subprocess_env(**extra) -> dict:

@@ -57,20 +57,21 @@ def assert_same_state(a, b):
 
 
 @pytest.fixture(scope="module")
-def run(trained_ndigits):
-    """``(root, result)``: the session's tiny run (conftest ``trained_ndigits``: ``tiny(ndigits_dir)`` trained and
-    evaluated) in ``root / "run"``. Read-only: tests that change it work on a copy."""
-    workdir, cfg, (result,) = trained_ndigits
-    assert cfg == tiny(cfg.data.data_dir)
-    return workdir.parent, result
+def run(tmp_path_factory, ndigits_dir):
+    """``(root, result)``: one tiny run of two epochs, ``tiny(ndigits_dir, "train.epochs=2")`` (small_snn with
+    channels (4, 8), T = 4, batch 64: SPE = 22 optimiser steps per epoch), trained and evaluated, in
+    ``root / "run"``: config.json, metrics.jsonl (two lines), .lock and checkpoints/ with steps SPE and 2 SPE (no
+    train.log or report.json: train.py writes those, the library returns the report). Read-only: tests that
+    change, resume or damage it work on a copy."""
+    root = tmp_path_factory.mktemp("tiny")
+    (result,) = training.train_and_evaluate(tiny(ndigits_dir, "train.epochs=2"), root / "run")
+    return root, result
 
 
 @pytest.fixture(scope="module")
-def two_epochs(tmp_path_factory, ndigits_dir):
-    """A 2-epoch run, not evaluated: checkpoints at steps SPE and 2 SPE. Tests work on copies."""
-    workdir = tmp_path_factory.mktemp("two_epochs") / "run"
-    training.train_and_evaluate(tiny(ndigits_dir, "train.epochs=2"), workdir, run_eval=False)
-    return workdir
+def two_epochs(run):
+    """The workdir of ``run``: two epochs, checkpoints at steps SPE and 2 SPE. Tests work on copies."""
+    return run[0] / "run"
 
 
 def copy(workdir, tmp_path):
@@ -83,14 +84,15 @@ def test_a_run_writes_metrics_checkpoints_and_returns_its_report(run):
     workdir = root / "run"
     assert result.member.name == "" and result.workdir == workdir
     lines = metrics(workdir)
-    assert [r["epoch"] for r in lines] == [1] and lines[0]["step"] == SPE
+    assert [r["epoch"] for r in lines] == [1, 2] and [r["step"] for r in lines] == [SPE, 2 * SPE]
     assert {"train_loss", "train_task", "train_rcs", "train_accuracy", "test_accuracy", "images_per_s"} <= set(lines[0])
     assert json.loads((workdir / "config.json").read_text())["model"]["channels"] == [4, 8]
-    assert checkpoint.latest_step(workdir / "checkpoints") == SPE
-    assert checkpoint.stored_meta(workdir / "checkpoints", SPE)["record"] == lines[0]   # kept with the state
+    assert checkpoint.latest_step(workdir / "checkpoints") == 2 * SPE
+    for line in lines:                                                             # kept with the state
+        assert checkpoint.stored_meta(workdir / "checkpoints", line["step"])["record"] == line
     report = result.report
     assert len(report["accuracy_per_timestep"]) == 4
-    assert report["accuracy_per_timestep"][-1] == pytest.approx(lines[0]["test_accuracy"])   # same checkpoint
+    assert report["accuracy_per_timestep"][-1] == pytest.approx(lines[-1]["test_accuracy"])   # same checkpoint
     assert report["oct"]["accuracy"] == pytest.approx(report["accuracy_per_timestep"][-1])
     assert set(report["rules"]) == {"topk", "confidence", "entropy", "spikecp"}
     assert report["anytime"]["agrees_with_apply_topk"] and report["anytime"]["spikes_agree_with_multistep"]
@@ -123,11 +125,12 @@ def test_the_report_costs_each_exit(run):
 def test_rerun_resumes_and_a_different_config_is_refused_naming_the_keys(run, ndigits_dir, tmp_path):
     workdir = copy(run[0] / "run", tmp_path)
     before = files(workdir)
-    (again,) = training.train_and_evaluate(tiny(ndigits_dir), workdir, run_eval=False)   # nothing left
+    (again,) = training.train_and_evaluate(tiny(ndigits_dir, "train.epochs=2"), workdir, run_eval=False)  # done
     assert again.report is None
-    assert len(metrics(workdir)) == 1
+    assert len(metrics(workdir)) == 2
     with pytest.raises(ValueError) as e:
-        training.train_and_evaluate(tiny(ndigits_dir, "reg.alpha=0.01", "optim.momentum=0.8"), workdir)
+        training.train_and_evaluate(tiny(ndigits_dir, "train.epochs=2", "reg.alpha=0.01", "optim.momentum=0.8"),
+                                    workdir)
     assert str(e.value) == (f"{workdir} holds checkpoints of a different config (reg.alpha: stored 0.002, "
                             "requested 0.01, optim.momentum: stored 0.9, requested 0.8); use another --workdir (a run "
                             "continues only with the same config; train.epochs may change)")
@@ -138,13 +141,13 @@ def test_the_checkpoint_config_decides_not_config_json(run, ndigits_dir, tmp_pat
     """config.json overwritten with another config (as two racing runs left it): the checkpoints' stored config
     is what a rerun is checked against, and config.json is rewritten to match it."""
     workdir = copy(run[0] / "run", tmp_path)
-    (workdir / "config.json").write_text(config.to_json(tiny(ndigits_dir, "reg.alpha=0.01")))
+    (workdir / "config.json").write_text(config.to_json(tiny(ndigits_dir, "train.epochs=2", "reg.alpha=0.01")))
     with pytest.raises(ValueError, match=r"\(reg\.alpha: stored 0\.002, requested 0\.01\)"):
-        training.train_and_evaluate(tiny(ndigits_dir, "reg.alpha=0.01"), workdir, run_eval=False)
-    training.train_and_evaluate(tiny(ndigits_dir), workdir, run_eval=False)
+        training.train_and_evaluate(tiny(ndigits_dir, "train.epochs=2", "reg.alpha=0.01"), workdir, run_eval=False)
+    training.train_and_evaluate(tiny(ndigits_dir, "train.epochs=2"), workdir, run_eval=False)
     stored = json.loads((workdir / "config.json").read_text())
     assert stored.pop("xla_options") == {"train": {}, "evaluation": {}}        # XLA's defaults, next to the config
-    assert config.from_dict(stored) == tiny(ndigits_dir)
+    assert config.from_dict(stored) == tiny(ndigits_dir, "train.epochs=2")
 
 
 def test_damaged_newest_checkpoint_is_set_aside_and_the_epoch_retrained_bit_identically(
@@ -240,7 +243,7 @@ def test_a_second_process_holding_the_workdir_is_refused(run, ndigits_dir, tmp_p
         before = files(workdir)
         with pytest.raises(RuntimeError, match=rf"^workdir {workdir} in use by PID {holder.pid} \(it holds the "
                                                rf"lock {workdir / '.lock'}\)"):
-            training.train_and_evaluate(tiny(ndigits_dir, "train.epochs=2"), workdir)
+            training.train_and_evaluate(tiny(ndigits_dir, "train.epochs=3"), workdir)
         assert files(workdir) == before
     finally:
         holder.kill()
