@@ -86,7 +86,9 @@ print("RESULT" + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def two_devices():
-    env = two_device_env(subprocess_env())
+    """The script's results, run once on two CPU devices. Like the unit tests in the worker (and unlike a
+    train.py run) it compiles several programs and runs each three times: LLVM level 0 (tests/conftest.py)."""
+    env = two_device_env(subprocess_env(JAX_DISABLE_MOST_OPTIMIZATIONS="1"))
     env.update(PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
