@@ -375,13 +375,18 @@ def set_aside(directory, step: int) -> pathlib.Path:
 
 
 def abstract_state(cfg: config_lib.Config, input_shape, total_steps: int = 1):
-    """(graphdef, TrainState of ShapeDtypeStructs) for the model and optimiser ``cfg`` describes."""
+    """(graphdef, TrainState of ShapeDtypeStructs) for the model and optimiser ``cfg`` describes: traced once
+    with ``jax.eval_shape``, so no parameter is initialised or computed (the graphdef is static structure)."""
+    graphdefs = []
+
     def init():
         model = models.build(cfg.model, input_shape, rngs=nnx.Rngs(0))
-        return step_lib.init_state(model, step_lib.make_optimizer(cfg.optim, total_steps))
+        graphdef, state = step_lib.init_state(model, step_lib.make_optimizer(cfg.optim, total_steps))
+        graphdefs.append(graphdef)
+        return state
 
-    graphdef, _ = init()
-    return graphdef, jax.eval_shape(lambda: init()[1])
+    state = jax.eval_shape(init)
+    return graphdefs[0], state
 
 
 def _path(path) -> str:

@@ -183,18 +183,29 @@ def place(tree, mesh):
                         jax.device_get(tree))
 
 
-def init_members(member_list: Sequence[Member], input_shape, optimizer: optax.GradientTransformation):
+def init_members(member_list: Sequence[Member], input_shape, optimizer: optax.GradientTransformation, *,
+                 shapes_only: bool = False):
     """Builds every member's model and optimiser state exactly as its single run would.
 
     Member m is initialised from ``step.run_keys(m.cfg.seed).init`` (``models.build``, then
     ``step.init_state``).
 
+    Args:
+      shapes_only: trace the initialisation only (``jax.eval_shape``): the states are ShapeDtypeStructs and
+        nothing is computed, for a run that restores its states from checkpoints.
     Returns:
       (graphdef, stacked TrainState (M, ...)).
     """
-    states = []
-    for m in member_list:
-        model = models.build(m.cfg.model, input_shape, rngs=nnx.Rngs(step_lib.run_keys(m.cfg.seed).init))
-        graphdef, state = step_lib.init_state(model, optimizer)
-        states.append(state)
-    return graphdef, stack(states)
+    graphdefs = []
+
+    def init():
+        states = []
+        for m in member_list:
+            model = models.build(m.cfg.model, input_shape, rngs=nnx.Rngs(step_lib.run_keys(m.cfg.seed).init))
+            graphdef, state = step_lib.init_state(model, optimizer)
+            graphdefs.append(graphdef)
+            states.append(state)
+        return stack(states)
+
+    states = jax.eval_shape(init) if shapes_only else init()
+    return graphdefs[0], states

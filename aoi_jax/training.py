@@ -37,6 +37,7 @@ Logs go to the ``aoi_jax`` logger; progress bars through the ``progress`` argume
 
 import dataclasses
 import logging
+import math
 import pathlib
 import time
 from collections.abc import Callable
@@ -237,9 +238,9 @@ def _train_and_evaluate(run: rundir.RunDir, run_eval, strategy, tuning, progress
 
     optimizer = step.make_optimizer(base.optim, total_steps)
     schedule = step.learning_rate(base.optim, total_steps)
-    graphdef, states = sweep_lib.init_members(members, input_shape, optimizer)
+    graphdef, states = sweep_lib.init_members(members, input_shape, optimizer, shapes_only=resume is not None)
     log.info("model %s: %d parameters per member", base.model.name,
-             sum(x[0].size for x in jax.tree.leaves(states.params)))
+             sum(math.prod(x.shape[1:]) for x in jax.tree.leaves(states.params)))
     if resume is not None:
         states = sweep_lib.stack(run.restore())
         log.info("resumed from step %d (epoch %d)%s", resume, done, "" if run.stored_epochs == base.train.epochs else

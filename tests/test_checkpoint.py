@@ -52,6 +52,18 @@ def test_roundtrip_with_neuron_settings_and_record(tmp_path):
     assert checkpoint.check(tmp_path, 7) is None and (tmp_path / "7" / checkpoint.RECORD).is_file()
 
 
+def test_abstract_state_is_the_initialised_state_without_computing_it():
+    """What ``restore`` restores against: the graphdef and every leaf's shape and dtype of a real
+    initialisation (learnt thresholds included), as ShapeDtypeStructs."""
+    cfg = small_cfg(kind="plif", learn_vth=True)
+    graphdef, state = step.init_state(models.build(cfg.model, SHAPE, rngs=nnx.Rngs(1)),
+                                      step.make_optimizer(cfg.optim, 10))
+    abstract_graphdef, abstract = checkpoint.abstract_state(cfg, SHAPE, 10)
+    assert abstract_graphdef == graphdef
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), abstract) == jax.tree.map(lambda x: (x.shape, x.dtype), state)
+
+
 def test_keeps_last_two_and_ignores_unfinished(tmp_path):
     cfg = small_cfg()
     for s in (1, 2, 3):

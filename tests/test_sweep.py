@@ -101,11 +101,16 @@ def test_init_members_matches_single_init():
     cfg = tiny_cfg()
     mem = sweep_lib.members(cfg, config.parse_sweep(["seed=0,5"]))
     opt = step.make_optimizer(cfg.optim, 10)
-    _, states = sweep_lib.init_members(mem, (8, 8, 2), opt)
+    graphdef, states = sweep_lib.init_members(mem, (8, 8, 2), opt)
     for i, seed in enumerate((0, 5)):
         init_key, _ = jax.random.split(jax.random.key(seed))              # step.run_keys, by hand
         _, want = step.init_state(models.build(cfg.model, (8, 8, 2), rngs=nnx.Rngs(init_key)), opt)
         jax.tree.map(np.testing.assert_array_equal, sweep_lib.unstack(states, 2)[i], want)
+    # shapes_only (a resumed run): the same structure, shapes and dtypes, nothing computed
+    graphdef_only, shapes = sweep_lib.init_members(mem, (8, 8, 2), opt, shapes_only=True)
+    assert graphdef_only == graphdef
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), shapes) == jax.tree.map(lambda x: (x.shape, x.dtype), states)
 
 
 def test_member_mesh_size_divides_the_members():
