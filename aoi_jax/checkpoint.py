@@ -375,18 +375,10 @@ def set_aside(directory, step: int) -> pathlib.Path:
 
 
 def abstract_state(cfg: config_lib.Config, input_shape, total_steps: int = 1):
-    """(graphdef, TrainState of ShapeDtypeStructs) for the model and optimiser ``cfg`` describes: traced once
-    with ``jax.eval_shape``, so no parameter is initialised or computed (the graphdef is static structure)."""
-    graphdefs = []
-
-    def init():
-        model = models.build(cfg.model, input_shape, rngs=nnx.Rngs(0))
-        graphdef, state = step_lib.init_state(model, step_lib.make_optimizer(cfg.optim, total_steps))
-        graphdefs.append(graphdef)
-        return state
-
-    state = jax.eval_shape(init)
-    return graphdefs[0], state
+    """(graphdef, TrainState of ShapeDtypeStructs) for the model and optimiser ``cfg`` describes, nothing
+    initialised (``step.abstract_init``)."""
+    return step_lib.abstract_init(lambda: step_lib.init_state(
+        models.build(cfg.model, input_shape, rngs=nnx.Rngs(0)), step_lib.make_optimizer(cfg.optim, total_steps)))
 
 
 def _path(path) -> str:

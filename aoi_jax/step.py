@@ -12,6 +12,7 @@ XLA compiler options are the caller's choice (``compiler_options=``; ``aoi_jax.x
 measured XLA:CPU ones), never hard-wired here.
 """
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -108,6 +109,20 @@ def init_state(model: nnx.Module, optimizer: optax.GradientTransformation):
     """Splits ``model`` once; returns ``(graphdef, TrainState)`` at step 0."""
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     return graphdef, TrainState(jnp.zeros((), jnp.int32), params, batch_stats, optimizer.init(params))
+
+
+def abstract_init(init: Callable[[], tuple[Any, Any]]):
+    """``init() -> (graphdef, state)`` traced once with ``jax.eval_shape``: the same graphdef (static structure)
+    and the state as ShapeDtypeStructs, without initialising or computing anything."""
+    graphdefs = []
+
+    def state_only():
+        graphdef, state = init()
+        graphdefs.append(graphdef)
+        return state
+
+    state = jax.eval_shape(state_only)
+    return graphdefs[0], state
 
 
 def loss_fn(params, batch_stats, batch, weights: LossWeights, *, graphdef, cfg: Config):

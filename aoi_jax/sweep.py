@@ -191,21 +191,17 @@ def init_members(member_list: Sequence[Member], input_shape, optimizer: optax.Gr
     ``step.init_state``).
 
     Args:
-      shapes_only: trace the initialisation only (``jax.eval_shape``): the states are ShapeDtypeStructs and
+      shapes_only: trace the initialisation only (``step.abstract_init``): the states are ShapeDtypeStructs and
         nothing is computed, for a run that restores its states from checkpoints.
     Returns:
       (graphdef, stacked TrainState (M, ...)).
     """
-    graphdefs = []
-
     def init():
         states = []
         for m in member_list:
             model = models.build(m.cfg.model, input_shape, rngs=nnx.Rngs(step_lib.run_keys(m.cfg.seed).init))
             graphdef, state = step_lib.init_state(model, optimizer)
-            graphdefs.append(graphdef)
             states.append(state)
-        return stack(states)
+        return graphdef, stack(states)
 
-    states = jax.eval_shape(init) if shapes_only else init()
-    return graphdefs[0], states
+    return step_lib.abstract_init(init) if shapes_only else init()
